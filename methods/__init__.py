@@ -1,0 +1,3 @@
+"""Built-in token-reduction methods; importing this package registers them."""
+
+from . import tome  # noqa: F401

@@ -1,0 +1,230 @@
+"""Token-merging primitives shared by every method: one implementation each.
+
+Vocabulary (ToMe's): tokens are split into a source set A and a destination set B; each source finds its
+most similar destination (cosine similarity of a *metric*), and the ``r`` sources with the most similar
+destinations are merged into them. The rest of A stays ("unmerged").
+
+* :func:`best_destinations` - cosine scores and each source's best destination.
+* :func:`select_pairs` - the ``r`` best (source, destination) pairs from those scores.
+* :class:`AlternateMerge` - ViT-style split (even tokens -> A, odd -> B), protected prefix tokens kept in
+  front, as in the official ToMe.
+* :class:`GridMerge` - ToMe-for-SD split: one destination per ``sy x sx`` window of the token grid
+  (:func:`grid_destinations`), with ``unmerge`` to give every original token its value back.
+* :func:`merge_wavg` / :func:`merge_source` - size-weighted averaging and source tracing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def best_destinations(
+    a: torch.Tensor, b: torch.Tensor, protect_a: int = 0, protect_b: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each source row of ``a`` [B, Na, C]: the best cosine similarity to ``b`` and its index.
+
+    The first ``protect_a`` sources and ``protect_b`` destinations never take part (score -inf).
+    """
+    a = a / a.norm(dim=-1, keepdim=True)
+    b = b / b.norm(dim=-1, keepdim=True)
+    scores = a @ b.transpose(-1, -2)
+    if protect_a:
+        scores[..., :protect_a, :] = -math.inf
+    if protect_b:
+        scores[..., :protect_b] = -math.inf
+    return scores.max(dim=-1)
+
+
+def select_pairs(
+    node_max: torch.Tensor, node_idx: torch.Tensor, r: int, sort_unmerged: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``r`` sources with the highest best-similarity, as (unmerged, source, destination) indices.
+
+    Each index tensor is [B, n, 1]. ``sort_unmerged`` keeps the unmerged sources in their original order
+    (needed where position matters, e.g. the ViT cls token at index 0).
+    """
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx = edge_idx[..., r:, :]
+    src_idx = edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    if sort_unmerged:
+        unm_idx = unm_idx.sort(dim=1)[0]
+    return unm_idx, src_idx, dst_idx
+
+
+class BipartiteMerge:
+    """Merges sources into destinations given fixed pairs; reusable on any tensor with the same tokens.
+
+    Because it holds only indices it can be cached and applied again at a later step (CA-ToMe) with no
+    similarity, sort or random work.
+    """
+
+    def __init__(self, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor) -> None:
+        self.unm_idx = unm_idx
+        self.src_idx = src_idx
+        self.dst_idx = dst_idx
+        self.r = src_idx.shape[-2]
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def join(self, unm: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        return torch.cat([unm, dst], dim=1)
+
+    def __call__(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        """Merge ``x`` [B, N, C] to [B, N - r, C]; ``mode`` is a ``scatter_reduce`` reduction."""
+        src, dst = self.split(x)
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=self.unm_idx.expand(n, t1 - self.r, c))
+        src = src.gather(dim=-2, index=self.src_idx.expand(n, self.r, c))
+        dst = dst.scatter_reduce(-2, self.dst_idx.expand(n, self.r, c), src, reduce=mode)
+        return self.join(unm, dst)
+
+
+class AlternateMerge(BipartiteMerge):
+    """ViT split: even positions are sources, odd are destinations; the first ``num_protected`` tokens
+    (cls, distillation, registers) are never merged and stay at the front in their order."""
+
+    def __init__(self, unm_idx, src_idx, dst_idx, num_protected: int) -> None:
+        super().__init__(unm_idx, src_idx, dst_idx)
+        self.num_protected = num_protected
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[..., ::2, :], x[..., 1::2, :]
+
+    def join(self, unm: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        p = self.num_protected
+        if p <= 1:  # a protected token 0 is the first unmerged source (unm is sorted)
+            return torch.cat([unm, dst], dim=1)
+        # Protected token k sits in A (k even) or B (k odd); put them back in their original order.
+        front = [unm[:, k // 2 : k // 2 + 1] if k % 2 == 0 else dst[:, k // 2 : k // 2 + 1] for k in range(p)]
+        return torch.cat([*front, unm[:, (p + 1) // 2 :], dst[:, p // 2 :]], dim=1)
+
+
+def alternate_matching(metric: torch.Tensor, r: int, num_protected: int = 0) -> AlternateMerge | None:
+    """ToMe's bipartite soft matching for ViTs; ``r`` is capped at half the unprotected tokens."""
+    t = metric.shape[1]
+    r = min(r, (t - num_protected) // 2)
+    if r <= 0:
+        return None
+    with torch.no_grad():
+        a, b = metric[..., ::2, :], metric[..., 1::2, :]
+        node_max, node_idx = best_destinations(a, b, (num_protected + 1) // 2, num_protected // 2)
+        pairs = select_pairs(node_max, node_idx, r, sort_unmerged=num_protected > 0)
+    return AlternateMerge(*pairs, num_protected=num_protected)
+
+
+def merge_wavg(
+    merge: BipartiteMerge, x: torch.Tensor, size: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge of ``x``; returns the merged tokens and their new sizes [B, N', 1]."""
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    x = merge(x * size, mode="sum")
+    size = merge(size, mode="sum")
+    return x / size, size
+
+
+def merge_source(merge: BipartiteMerge, x: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+    """Track which input tokens each merged token covers: a [B, N', N_input] 0/1 matrix."""
+    if source is None:
+        n, t, _ = x.shape
+        source = torch.eye(t, device=x.device, dtype=x.dtype)[None].expand(n, t, t)
+    return merge(source, mode="amax")
+
+
+# --- ToMe for Stable Diffusion: 2-D strided destinations ----------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _top_left_destinations(h: int, w: int, sx: int, sy: int, device: torch.device):
+    # Without randomness the split depends only on the grid, so it is built once per shape.
+    return _grid_split(h, w, sx, sy, torch.zeros(h // sy, w // sx, 1, dtype=torch.int64, device=device))
+
+
+def _grid_split(h: int, w: int, sx: int, sy: int, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sources and destinations of an h x w grid given each window's destination ``offset`` in [0, sx*sy)."""
+    hsy, wsx = h // sy, w // sx
+    is_src = torch.ones(hsy, wsx, sy * sx, dtype=torch.int64, device=offset.device)
+    is_src.scatter_(dim=2, index=offset, value=0)
+    is_src = is_src.view(hsy, wsx, sy, sx).transpose(1, 2).reshape(hsy * sy, wsx * sx)
+    if hsy * sy < h or wsx * sx < w:  # rows/columns beyond the last full window are always sources
+        full = torch.ones(h, w, dtype=torch.int64, device=offset.device)
+        full[: hsy * sy, : wsx * sx] = is_src
+        is_src = full
+    # A stable sort puts destinations (0) first, each set in raster order, without a host sync.
+    order = torch.argsort(is_src.reshape(1, -1, 1), dim=1, stable=True)
+    num_dst = hsy * wsx
+    return order[:, num_dst:, :], order[:, :num_dst, :]
+
+
+def grid_destinations(
+    h: int, w: int, sx: int, sy: int, generator: torch.Generator | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source, destination) token indices [1, n, 1] with one destination per ``sy x sx`` window.
+
+    The destination is random within each window when a ``generator`` is given (drawn exactly as tomesd
+    draws it, so a generator in the same state picks the same tokens), else the top-left token.
+    """
+    if generator is None:
+        return _top_left_destinations(h, w, sx, sy, torch.device(device))
+    offset = torch.randint(sy * sx, size=(h // sy, w // sx, 1), device=generator.device, generator=generator)
+    return _grid_split(h, w, sx, sy, offset.to(device))
+
+
+class GridMerge(BipartiteMerge):
+    """Merge/unmerge over a fixed (source, destination) split of the token grid."""
+
+    def __init__(self, unm_idx, src_idx, dst_idx, a_idx: torch.Tensor, b_idx: torch.Tensor) -> None:
+        super().__init__(unm_idx, src_idx, dst_idx)
+        self.a_idx = a_idx
+        self.b_idx = b_idx
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, _, c = x.shape
+        src = x.gather(dim=1, index=self.a_idx.expand(n, -1, c))
+        dst = x.gather(dim=1, index=self.b_idx.expand(n, -1, c))
+        return src, dst
+
+    def unmerge(self, x: torch.Tensor) -> torch.Tensor:
+        """Give each of the original N tokens the value of the token it was merged into."""
+        unm_len = self.unm_idx.shape[1]
+        unm, dst = x[..., :unm_len, :], x[..., unm_len:, :]
+        n, _, c = unm.shape
+        src = dst.gather(dim=-2, index=self.dst_idx.expand(n, self.r, c))
+        num_src, num_dst = self.a_idx.shape[1], self.b_idx.shape[1]
+        out = torch.zeros(n, num_src + num_dst, c, device=x.device, dtype=x.dtype)
+        a_idx = self.a_idx.expand(n, num_src, 1)
+        out.scatter_(dim=-2, index=self.b_idx.expand(n, num_dst, c), src=dst)
+        out.scatter_(dim=-2, index=a_idx.gather(dim=1, index=self.unm_idx).expand(n, unm_len, c), src=unm)
+        out.scatter_(dim=-2, index=a_idx.gather(dim=1, index=self.src_idx).expand(n, self.r, c), src=src)
+        return out
+
+
+def grid_matching(
+    metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, r: int | None = None, threshold: float | None = None
+) -> GridMerge | None:
+    """Match each source of the split to its most similar destination and keep the best pairs.
+
+    Exactly one of ``r`` (a fixed count, ToMe) or ``threshold`` (every source whose best cosine similarity
+    reaches it, counted as the maximum over the batch, as the official CA-ToMe does) is given.
+    """
+    with torch.no_grad():
+        n, _, c = metric.shape
+        a = metric.gather(dim=1, index=a_idx.expand(n, -1, c))
+        b = metric.gather(dim=1, index=b_idx.expand(n, -1, c))
+        node_max, node_idx = best_destinations(a, b)
+        if threshold is not None:
+            r = int((node_max >= threshold).sum(dim=-1).max().item())
+        r = min(a.shape[1], int(r or 0))
+        if r <= 0:
+            return None
+        pairs = select_pairs(node_max, node_idx, r)
+    return GridMerge(*pairs, a_idx=a_idx, b_idx=b_idx)

@@ -1,0 +1,88 @@
+"""Name -> class registries for methods (and, through the same helper, tasks).
+
+Built-in methods register with the :func:`register_method` decorator when ``tokred.methods`` is imported;
+third-party packages declare an entry point in the group ``tokred.methods`` whose value is either a
+:class:`~tokred.method.Method` subclass (registered under the entry point's name) or a module that
+registers its methods on import.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+from .errors import UnknownMethodError
+from .method import Method
+
+METHOD_ENTRY_POINT_GROUP = "tokred.methods"
+
+
+class Registry:
+    """A name-keyed registry filled by a decorator, a built-in package and an entry-point group."""
+
+    def __init__(self, kind: str, builtin_package: str, entry_point_group: str, base: type) -> None:
+        self.kind = kind
+        self.builtin_package = builtin_package
+        self.entry_point_group = entry_point_group
+        self.base = base
+        self._items: dict[str, type] = {}
+        self._loaded = False
+
+    def register(self, name: str | None = None) -> Callable[[type], type]:
+        def decorator(cls: type) -> type:
+            key = name or getattr(cls, "name", "") or cls.__name__.lower()
+            if not isinstance(cls, type) or not issubclass(cls, self.base):
+                raise TypeError(f"can only register subclasses of {self.base.__name__}, got {cls!r}")
+            existing = self._items.get(key)
+            if existing is not None and existing is not cls:
+                raise ValueError(f"{self.kind} {key!r} is already registered by {existing.__module__}")
+            cls.name = key
+            self._items[key] = cls
+            return cls
+
+        return decorator
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        importlib.import_module(self.builtin_package)
+        for ep in entry_points(group=self.entry_point_group):
+            if ep.name in self._items:
+                continue
+            obj = ep.load()
+            if isinstance(obj, type) and issubclass(obj, self.base):
+                self.register(ep.name)(obj)
+
+    def names(self, pattern: str = "*") -> list[str]:
+        self._load()
+        return sorted(n for n in self._items if fnmatch.fnmatch(n, pattern))
+
+    def get(self, name: str) -> Any:
+        self._load()
+        try:
+            return self._items[name]
+        except KeyError:
+            valid = ", ".join(self.names()) or "none"
+            raise UnknownMethodError(f"unknown {self.kind} {name!r}; valid {self.kind}s: {valid}") from None
+
+
+methods = Registry("method", "tokred.methods", METHOD_ENTRY_POINT_GROUP, Method)
+
+
+def register_method(name: str | None = None) -> Callable[[type], type]:
+    """Class decorator: ``@register_method("tome")`` makes the method available by that name."""
+    return methods.register(name)
+
+
+def list_methods(pattern: str = "*") -> list[str]:
+    """Names of the registered methods matching a glob ``pattern``, sorted."""
+    return methods.names(pattern)
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered as ``name``; the error lists the valid names."""
+    return methods.get(name)
