@@ -80,7 +80,9 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
     ).eval()
     unet = tiny_sd_unet(cross_attention_dim=32, seed=seed)
     cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[scheduler]
-    sched = cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)
+    sched = cls(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
+    )
     if scheduler == "ddim":
         sched.register_to_config(clip_sample=False)
     pipe = StableDiffusionPipeline(
