@@ -7,7 +7,7 @@
 """
 
 from .api import apply, get_patch, remove
-from .errors import InvalidOptionError, TokredError, UnknownMethodError, UnsupportedModelError
+from .errors import InvalidOptionError, TokredError, UnknownMethodError, UnknownTaskError, UnsupportedModelError
 from .method import Method
 from .patch import Patch
 from .registry import get_method, list_methods, register_method
@@ -20,6 +20,7 @@ __all__ = [
     "Patch",
     "TokredError",
     "UnknownMethodError",
+    "UnknownTaskError",
     "UnsupportedModelError",
     "apply",
     "get_method",

@@ -12,6 +12,13 @@ class UnknownMethodError(TokredError, KeyError):
         return str(self.args[0])
 
 
+class UnknownTaskError(TokredError, KeyError):
+    """A task name that is not in the registry."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class InvalidOptionError(TokredError, ValueError):
     """An option that a method does not have, or a value outside its valid range."""
 

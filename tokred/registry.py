@@ -23,8 +23,11 @@ METHOD_ENTRY_POINT_GROUP = "tokred.methods"
 class Registry:
     """A name-keyed registry filled by a decorator, a built-in package and an entry-point group."""
 
-    def __init__(self, kind: str, builtin_package: str, entry_point_group: str, base: type) -> None:
+    def __init__(
+        self, kind: str, builtin_package: str, entry_point_group: str, base: type, error: type[Exception]
+    ) -> None:
         self.kind = kind
+        self.error = error
         self.builtin_package = builtin_package
         self.entry_point_group = entry_point_group
         self.base = base
@@ -67,10 +70,10 @@ class Registry:
             return self._items[name]
         except KeyError:
             valid = ", ".join(self.names()) or "none"
-            raise UnknownMethodError(f"unknown {self.kind} {name!r}; valid {self.kind}s: {valid}") from None
+            raise self.error(f"unknown {self.kind} {name!r}; valid {self.kind}s: {valid}") from None
 
 
-methods = Registry("method", "tokred.methods", METHOD_ENTRY_POINT_GROUP, Method)
+methods = Registry("method", "tokred.methods", METHOD_ENTRY_POINT_GROUP, Method, UnknownMethodError)
 
 
 def register_method(name: str | None = None) -> Callable[[type], type]:
