@@ -45,17 +45,31 @@ def apply(model: Any, method: str, *, seed: int | None = None, **options: Any) -
     return patch
 
 
+# Attributes under which pipelines hold the denoiser that tokred patches.
+DENOISER_ATTRS = ("unet", "transformer")
+
+
+def _patched_root(model: Any) -> Any:
+    """The module a patch lives on: ``model`` itself, or the pipeline's ``.unet`` / ``.transformer``."""
+    if hasattr(model, "_modules"):
+        return model
+    for name in DENOISER_ATTRS:
+        denoiser = getattr(model, name, None)
+        if denoiser is not None:
+            return denoiser
+    return model
+
+
+def get_patch(model: Any) -> Patch | None:
+    """The active patch on ``model`` (or the denoiser of a pipeline), if any."""
+    root = _patched_root(model)
+    return vars(root).get(PATCH_ATTR) if hasattr(root, "__dict__") else None
+
+
 def remove(model: Any) -> bool:
-    """Remove whatever tokred patched on ``model`` (or its ``.unet``). Returns whether there was a patch."""
-    root = model if hasattr(model, "_modules") else getattr(model, "unet", model)
-    patch = vars(root).get(PATCH_ATTR) if hasattr(root, "__dict__") else None
+    """Remove whatever tokred patched on ``model`` (or the denoiser of a pipeline). Returns whether there was one."""
+    patch = get_patch(model)
     if patch is None:
         return False
     patch.remove()
     return True
-
-
-def get_patch(model: Any) -> Patch | None:
-    """The active patch on ``model`` (or its ``.unet``), if any."""
-    root = model if hasattr(model, "_modules") else getattr(model, "unet", model)
-    return vars(root).get(PATCH_ATTR) if hasattr(root, "__dict__") else None

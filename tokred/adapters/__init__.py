@@ -6,10 +6,11 @@ from typing import Any
 
 from ..errors import UnsupportedModelError
 from .base import Adapter
+from .diffusers_mmdit import DiffusersMMDiTAdapter
 from .diffusers_unet import DiffusersUNetAdapter
 from .timm_vit import TimmViTAdapter
 
-ADAPTERS: list[type[Adapter]] = [TimmViTAdapter, DiffusersUNetAdapter]
+ADAPTERS: list[type[Adapter]] = [TimmViTAdapter, DiffusersUNetAdapter, DiffusersMMDiTAdapter]
 
 
 def register_adapter(adapter_cls: type[Adapter]) -> type[Adapter]:

@@ -44,3 +44,34 @@ class Adapter:
 
     def attach(self, patch: Patch) -> None:
         """Install the hooks that keep ``patch.state`` (steps, generations) up to date."""
+
+
+def attach_denoiser_state(
+    patch: Patch,
+    denoiser: torch.nn.Module,
+    scheduler: Any = None,
+    sample: tuple[str, int] = ("sample", 0),
+    timestep: tuple[str, int] = ("timestep", 1),
+) -> None:
+    """Keep ``patch.state`` in step with a diffusion denoiser (U-Net, MMDiT).
+
+    A forward pre-hook on ``denoiser`` reads the latent input ``sample`` and the ``timestep`` argument, each
+    given as ``(keyword, position)`` because pipelines pass them either way, records the latent size and
+    counts the call (a timestep that goes up starts a new generation, see
+    :meth:`~tokred.state.RunState.begin_call`). When the denoiser belongs to a pipeline, the pipeline's
+    ``scheduler.set_timesteps``, which every pipeline calls once at the start of a generation, resets the state.
+    """
+    state = patch.state
+    sample_name, sample_pos = sample
+    timestep_name, timestep_pos = timestep
+
+    def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[sample_pos] if len(args) > sample_pos else kwargs.get(sample_name)
+        t = args[timestep_pos] if len(args) > timestep_pos else kwargs.get(timestep_name)
+        if x is not None:
+            state.latent_size = (int(x.shape[-2]), int(x.shape[-1]))
+        state.begin_call(t)
+
+    patch.add_hook(denoiser.register_forward_pre_hook(before_forward, with_kwargs=True))
+    if scheduler is not None and hasattr(scheduler, "set_timesteps"):
+        patch.wrap_method(scheduler, "set_timesteps", lambda *a, **k: state.reset())

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..merge import identity
-from .base import Adapter, has_class_named
+from .base import Adapter, attach_denoiser_state, has_class_named
 
 if TYPE_CHECKING:
     from ..patch import Patch
@@ -82,18 +82,8 @@ class DiffusersUNetAdapter(Adapter):
                 )
 
     def attach(self, patch: Patch) -> None:
-        state = patch.state
-
-        def before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            sample = args[0] if args else kwargs.get("sample")
-            timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-            state.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
-            state.begin_call(timestep)
-
-        patch.add_hook(self.root.register_forward_pre_hook(before_forward, with_kwargs=True))
-        if self.scheduler is not None and hasattr(self.scheduler, "set_timesteps"):
-            # Every pipeline sets the timesteps once at the start of a generation.
-            patch.wrap_method(self.scheduler, "set_timesteps", lambda *a, **k: state.reset())
+        # UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states, ...)
+        attach_denoiser_state(patch, self.root, self.scheduler, sample=("sample", 0), timestep=("timestep", 1))
 
     @staticmethod
     def grid(latent_size: tuple[int, int], num_tokens: int) -> tuple[int, int, int] | None:

@@ -1,0 +1,87 @@
+"""Tiny Stable Diffusion 3 models built offline for the tests: random weights, real diffusers classes."""
+
+from __future__ import annotations
+
+import torch
+from tiny_models import tiny_clip_tokenizer
+
+
+def tiny_sd3_transformer(seed: int = 0, num_layers: int = 2, dual_attention_layers: tuple[int, ...] = ()):
+    """A small SD3Transformer2DModel: 16 latent channels, patch 2 (16x16 latents -> 8x8 = 64 image tokens),
+    2 heads of 8 channels, 64-wide text input. ``dual_attention_layers`` gives SD3.5-style blocks."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        caption_projection_dim=16,
+        pooled_projection_dim=64,
+        out_channels=16,
+        pos_embed_max_size=16,
+        dual_attention_layers=dual_attention_layers,
+    ).eval()
+
+
+def _tiny_clip_with_projection(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer.get_vocab()),
+            hidden_size=32,
+            intermediate_size=64,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+
+
+def tiny_sd3_pipeline(seed: int = 0, **transformer_kwargs):
+    """A complete StableDiffusion3Pipeline (two tiny CLIP encoders with projection, no T5: the pipeline then
+    uses zeros for it, a 16-channel VAE with scale factor 2, flow-matching Euler). Call it with
+    ``height=width=32`` for 16x16 latents and a short ``max_sequence_length``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    text_encoder = _tiny_clip_with_projection(tokenizer)
+    text_encoder_2 = _tiny_clip_with_projection(tokenizer_2)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=16,
+        norm_num_groups=16,
+        layers_per_block=1,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+    transformer = tiny_sd3_transformer(seed=seed, **transformer_kwargs)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
