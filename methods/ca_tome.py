@@ -1,0 +1,312 @@
+"""CA-ToMe: Cached Adaptive Token Merging (Saghatchian et al., arXiv 2501.00946; official package ``ca-tome``).
+
+Two changes to ToMe for Stable Diffusion:
+
+* **Adaptive (threshold) merging.** Instead of merging a fixed fraction of the tokens, every source token
+  whose most similar destination reaches the cosine similarity ``threshold`` is merged. As in the official
+  code the count ``r`` is the largest such count over the batch (so the classifier-free-guidance halves and
+  co-batched prompts share one ``r``), and the ``r`` most similar sources of each sample are merged.
+* **Cached pairs.** The merge pairs computed at one denoising step are kept and reused at the following
+  steps until the next step listed in ``compute_on``. A reused step does no similarity, sort or random work:
+  only the gathers and scatters of the cached merge run.
+
+Steps are counted per generation from 1 (the first U-Net call), as the official pipeline counts them, so
+the published schedules (:data:`CACHE_PRESETS`, equal to the official ``CacheConf`` lists) name the same
+steps; their leading 0 never matches. When a block has no cached pairs (the first call of a generation, or
+after a change of batch size, resolution or device) the pairs are computed whatever ``compute_on`` says:
+this is what the official code does on the first call of its first image, where its cache is empty.
+
+Stable Diffusion U-Net (``diffusers_unet``)
+    The layout options and their defaults are ToMe-SD's (``max_downsample=1``, ``sx=sy=2``,
+    ``use_rand=True``, merge for self-attention only); ToMe's ``ratio`` is replaced by ``threshold``
+    (default 0.7, the paper's) and ``compute_on`` (default ``"config_3"``, the paper's best schedule).
+    With ``use_rand=False`` and ``batch_independent=False`` the outputs equal the official code's at every
+    step (within float rounding). Differences from the official code, on purpose:
+
+    * State resets every generation. The official package keeps the previous image's last pairs (and its
+      random stream) and reuses them until the first step of ``compute_on`` of the next image; here the
+      pairs and the random destinations start afresh with every ``pipe(...)`` call, so the same seed gives
+      the same image twice. The first image matches the official one.
+    * Shape changes are safe: a new batch size, resolution or device between calls recomputes the pairs
+      instead of reusing pairs made for other tokens (the official code stops with a shape error).
+    * ``batch_independent=True`` makes each row of the batch independent of the others: each row gets its
+      own ``r`` and its own pairs, and merging blocks run once per row (a loop over the batch, slower for
+      large batches). The random destinations are drawn once per block and compute step and shared by all
+      rows, so the draw does not depend on the batch either; in this mode ``use_rand`` applies to odd
+      batches too (ToMe-SD, and the default mode here, fall back to top-left destinations for odd batches,
+      which would make a row's result depend on the batch size). A sample alone and in a batch then gives
+      the same output up to the float rounding of the rest of the U-Net's batched kernels.
+    * A threshold of 1 or more disables merging, as in the official code; thresholds outside [-1, 1] are
+      an error.
+
+    After each call, ``patch.state.call["ca_tome"]`` maps each merging block's name to a
+    :class:`BlockStat` (token count, merged count(s) and whether the pairs were computed or reused).
+
+timm ViTs (``timm_vit``)
+    ToMe's per-layer bipartite matching (alternating split, protected cls/distillation tokens, size-weighted
+    averages, proportional attention) with ``r`` chosen in each layer by the threshold instead of a fixed
+    schedule: ``r`` is the largest count over the batch of sources whose best key similarity reaches the
+    threshold, capped at half the unprotected tokens. Caching across steps does not apply to
+    classification (one forward, no denoising steps), so ``compute_on`` and the U-Net layout options are
+    not options for ViTs; per-image ``r`` needs images run one at a time. The default threshold 0.7 is the
+    SD value: ViT keys are often more similar than SD block inputs, so check accuracy (0.8-0.95 is a place
+    to start); no value has been tuned for ViTs.
+
+Speed measured on random weights says nothing about how many tokens a trained model merges at a given
+threshold: the merge count depends on how similar the trained features are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokred import Method, register_method
+from tokred.adapters.diffusers_unet import (
+    FULL_BLOCK,
+    KEEP,
+    BlockPlan,
+    DiffusersUNetAdapter,
+    SublayerPlan,
+    planned_block_forward,
+)
+from tokred.adapters.timm_vit import TimmViTAdapter
+from tokred.merge import AlternateMerge, GridMerge, best_destinations, grid_destinations, grid_matching, select_pairs
+from tokred.options import int_at_least, is_bool, is_int, number_in, one_of, option
+
+# The official CacheConf schedules (Table II of the paper); step 1 is the first U-Net call.
+CACHE_PRESETS: dict[str, tuple[int, ...]] = {
+    "config_1": (0, 1, 2, 3, 5, 10, 15, 25, 35),
+    "config_2": (0, 10, 11, 12, 15, 20, 25, 30, 35, 45),
+    "config_3": (0, 8, 11, 13, 20, 25, 30, 35, 45, 46, 47, 48, 49),
+    "config_4": (0, 9, 13, 14, 15, 28, 29, 32, 36, 45),
+    "adaptive": (0, 1, 5, 7, 10, 12, 15, 35, 40, 45, 46, 47, 48, 49, 50, 51),
+    "config_five": (0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50),
+}
+
+_STEP_LISTS = (list, tuple, set, frozenset, range)
+COMPUTE_ON_VALID = (
+    f"a preset name ({', '.join(CACHE_PRESETS)}; case-insensitive) or a list of step numbers "
+    "(ints >= 0; the first U-Net call of a generation is step 1)"
+)
+
+
+def _is_compute_on(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.lower() in CACHE_PRESETS
+    return isinstance(v, _STEP_LISTS) and all(is_int(s) and s >= 0 for s in v)
+
+
+def resolve_compute_on(value: str | Iterable[int]) -> frozenset[int]:
+    """The set of steps at which pairs are recomputed, from a preset name or a list of steps."""
+    if isinstance(value, str):
+        return frozenset(CACHE_PRESETS[value.lower()])
+    return frozenset(value)
+
+
+THRESHOLD_DOC = (
+    "cosine similarity a source token must reach with its best destination to be merged (the official "
+    "apply_patch's r); lower merges more. 0.7 is the paper's value; >= 1 disables merging"
+)
+
+
+@dataclass
+class CAToMeSDOptions:
+    threshold: float = option(0.7, valid="-1 <= threshold <= 1", check=number_in(-1.0, 1.0), doc=THRESHOLD_DOC)
+    compute_on: Any = option(
+        "config_3",
+        valid=COMPUTE_ON_VALID,
+        check=_is_compute_on,
+        doc="steps at which the merge pairs are recomputed; in between the last pairs are reused. "
+        "config_3 is the paper's best",
+    )
+    max_downsample: int = option(
+        1, valid="1, 2, 4 or 8", check=one_of(1, 2, 4, 8), doc="merge in blocks with at most this downsampling"
+    )
+    sx: int = option(2, valid="int >= 1", check=int_at_least(1), doc="destination stride along x")
+    sy: int = option(2, valid="int >= 1", check=int_at_least(1), doc="destination stride along y")
+    use_rand: bool = option(True, valid="bool", check=is_bool, doc="random destination in each window")
+    merge_attn: bool = option(True, valid="bool", check=is_bool, doc="merge for self-attention (recommended)")
+    merge_crossattn: bool = option(False, valid="bool", check=is_bool, doc="merge for cross-attention")
+    merge_mlp: bool = option(False, valid="bool", check=is_bool, doc="merge for the MLP (not recommended)")
+    batch_independent: bool = option(
+        False,
+        valid="bool",
+        check=is_bool,
+        doc="per-row r and pairs, so a sample's output does not depend on its batch (official: batch-max r)",
+    )
+
+
+@dataclass
+class CAToMeViTOptions:
+    threshold: float = option(
+        0.7,
+        valid="-1 <= threshold <= 1",
+        check=number_in(-1.0, 1.0),
+        doc="key cosine similarity a source must reach to be merged in each block; >= 1 disables merging. "
+        "Untuned for ViTs: try 0.8-0.95 and check accuracy",
+    )
+    prop_attn: bool = option(True, valid="bool", check=is_bool, doc="proportional attention: add log(size)")
+    trace_source: bool = option(
+        False, valid="bool", check=is_bool, doc="keep patch.state.call['source']: merged -> input tokens"
+    )
+
+
+@dataclass(frozen=True)
+class BlockStat:
+    """What one merging block did in one call: its token count, the merged count (one entry for the
+    batch, or one per row with ``batch_independent``) and whether the pairs were computed (not reused)."""
+
+    tokens: int
+    r: tuple[int, ...]
+    computed: bool
+
+
+def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_protected: int) -> AlternateMerge | None:
+    """ToMe's ViT bipartite matching with ``r`` = the batch maximum of sources reaching ``threshold``.
+
+    Uses the shared primitives; ``r`` is capped at half the unprotected tokens, as ToMe caps it.
+    """
+    if threshold >= 1:
+        return None
+    t, p = metric.shape[1], num_protected
+    with torch.no_grad():
+        a, b = metric[..., ::2, :], metric[..., 1::2, :]
+        node_max, node_idx = best_destinations(a, b, (p + 1) // 2, p // 2)
+        r = min(int((node_max >= threshold).sum(dim=-1).max().item()), (t - p) // 2)
+        if r <= 0:
+            return None
+        pairs = select_pairs(node_max, node_idx, r, sort_unmerged=p > 0)
+    return AlternateMerge(*pairs, num_protected=p)
+
+
+def _plan(merge: GridMerge | None, opts: CAToMeSDOptions) -> BlockPlan:
+    if merge is None:
+        return FULL_BLOCK
+    sub = SublayerPlan(merge, merge.unmerge)
+    return BlockPlan(
+        attn=sub if opts.merge_attn else KEEP,
+        cross=sub if opts.merge_crossattn else KEEP,
+        mlp=sub if opts.merge_mlp else KEEP,
+    )
+
+
+def _row(value: Any, i: int, batch: int) -> Any:
+    """Row ``i`` of a per-sample block argument; anything not batched (None, scalars) passes unchanged."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return value[i : i + 1]
+    if isinstance(value, dict):
+        return {k: _row(v, i, batch) for k, v in value.items()}
+    return value
+
+
+@register_method("ca_tome")
+class CAToMe(Method):
+    summary = "Cached Adaptive ToMe: threshold merging, pairs reused between steps (arXiv 2501.00946)"
+    options = {"timm_vit": CAToMeViTOptions, "diffusers_unet": CAToMeSDOptions}
+    presets = {
+        "timm_vit": {"threshold0.9": {"threshold": 0.9}, "threshold0.8": {"threshold": 0.8}},
+        "diffusers_unet": {
+            **{name: {"compute_on": name} for name in CACHE_PRESETS},
+            "threshold0.5": {"threshold": 0.5},
+            "threshold0.7": {"threshold": 0.7},
+            "threshold0.9": {"threshold": 0.9},
+        },
+    }
+
+    def install(self, patch) -> None:
+        if isinstance(patch.adapter, TimmViTAdapter):
+            self._install_vit(patch)
+        else:
+            self._install_unet(patch)
+
+    def _install_vit(self, patch) -> None:
+        threshold = self.options.threshold
+
+        def choose(index, metric, num_protected):
+            return threshold_alternate_matching(metric, threshold, num_protected)
+
+        patch.adapter.install_merging_blocks(
+            patch, choose, prop_attn=self.options.prop_attn, trace_source=self.options.trace_source
+        )
+
+    def _install_unet(self, patch) -> None:
+        opts: CAToMeSDOptions = self.options
+        adapter: DiffusersUNetAdapter = patch.adapter
+        state = patch.state
+        compute_on = resolve_compute_on(opts.compute_on)
+        names = {block: name for name, block in adapter.blocks}
+
+        def merges_for(block: torch.nn.Module, x: torch.Tensor) -> tuple[GridMerge | None, ...] | None:
+            """The block's merges for this call (one for the batch, or one per row); None: no merging."""
+            if opts.threshold >= 1:
+                return None
+            grid = adapter.grid(state.latent_size, x.shape[1])
+            if grid is None or grid[2] > opts.max_downsample:
+                return None
+            cache = state.scratch.setdefault("ca_tome", {})  # block -> (shape key, merges); reset per generation
+            key = (x.shape[0], x.shape[1], grid, x.device)
+            cached = cache.get(block)
+            computed = cached is None or cached[0] != key or state.step in compute_on
+            if computed:
+                h, w, _ = grid
+                # Default mode follows ToMe-SD: an odd batch cannot hold matching CFG halves, so destinations
+                # fall back to top-left. Batch-independent mode must not depend on the batch, so it does not.
+                use_rand = opts.use_rand and (opts.batch_independent or x.shape[0] % 2 == 0)
+                generator = state.generator(x.device) if use_rand else None
+                a_idx, b_idx = grid_destinations(h, w, opts.sx, opts.sy, generator, x.device)
+                if opts.batch_independent:
+                    merges = tuple(
+                        grid_matching(x[i : i + 1], a_idx, b_idx, threshold=opts.threshold) for i in range(x.shape[0])
+                    )
+                else:
+                    merges = (grid_matching(x, a_idx, b_idx, threshold=opts.threshold),)
+                cache[block] = (key, merges)
+            else:
+                merges = cached[1]
+            stats = state.call.setdefault("ca_tome", {})
+            stats[names.get(block, str(id(block)))] = BlockStat(
+                x.shape[1], tuple(0 if m is None else m.r for m in merges), computed
+            )
+            return merges
+
+        plan_slot: list[BlockPlan] = [FULL_BLOCK]
+        planned = planned_block_forward(lambda block, x: plan_slot[0])
+
+        def forward(
+            block: torch.nn.Module,
+            hidden_states: torch.Tensor,
+            attention_mask: torch.Tensor | None = None,
+            encoder_hidden_states: torch.Tensor | None = None,
+            encoder_attention_mask: torch.Tensor | None = None,
+            timestep: torch.Tensor | None = None,
+            cross_attention_kwargs: dict[str, Any] | None = None,
+            class_labels: torch.Tensor | None = None,
+            added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        ) -> torch.Tensor:
+            args = dict(
+                attention_mask=attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                timestep=timestep,
+                cross_attention_kwargs=cross_attention_kwargs,
+                class_labels=class_labels,
+                added_cond_kwargs=added_cond_kwargs,
+            )
+            merges = merges_for(block, hidden_states)
+            if merges is None or len(merges) == 1:
+                plan_slot[0] = _plan(merges[0] if merges else None, opts)
+                return planned(block, hidden_states, **args)
+            # Batch-independent: each row with its own pairs (and so its own token count).
+            batch, outs = hidden_states.shape[0], []
+            for i, merge in enumerate(merges):
+                plan_slot[0] = _plan(merge, opts)
+                row_args = {k: (v if k == "cross_attention_kwargs" else _row(v, i, batch)) for k, v in args.items()}
+                outs.append(planned(block, hidden_states[i : i + 1], **row_args))
+            return torch.cat(outs, dim=0)
+
+        for _, block in adapter.blocks:
+            patch.replace_forward(block, forward)
