@@ -74,7 +74,13 @@ from tokred.adapters.diffusers_unet import (
     planned_block_forward,
 )
 from tokred.adapters.timm_vit import TimmViTAdapter
-from tokred.merge import AlternateMerge, GridMerge, best_destinations, grid_destinations, grid_matching, select_pairs
+from tokred.merge import (
+    AlternateMerge,
+    GridMerge,
+    alternate_matching,
+    grid_destinations,
+    grid_matching,
+)
 from tokred.options import int_at_least, is_bool, is_int, number_in, one_of, option
 
 # The official CacheConf schedules (Table II of the paper); step 1 is the first U-Net call.
@@ -166,21 +172,11 @@ class BlockStat:
 
 
 def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_protected: int) -> AlternateMerge | None:
-    """ToMe's ViT bipartite matching with ``r`` = the batch maximum of sources reaching ``threshold``.
-
-    Uses the shared primitives; ``r`` is capped at half the unprotected tokens, as ToMe caps it.
-    """
+    """ToMe's ViT bipartite matching with ``r`` = the batch maximum of sources reaching ``threshold``
+    (capped at half the unprotected tokens, as ToMe caps it); a threshold of 1 or more merges nothing."""
     if threshold >= 1:
         return None
-    t, p = metric.shape[1], num_protected
-    with torch.no_grad():
-        a, b = metric[..., ::2, :], metric[..., 1::2, :]
-        node_max, node_idx = best_destinations(a, b, (p + 1) // 2, p // 2)
-        r = min(int((node_max >= threshold).sum(dim=-1).max().item()), (t - p) // 2)
-        if r <= 0:
-            return None
-        pairs = select_pairs(node_max, node_idx, r, sort_unmerged=p > 0)
-    return AlternateMerge(*pairs, num_protected=p)
+    return alternate_matching(metric, num_protected=num_protected, threshold=threshold)
 
 
 def _plan(merge: GridMerge | None, opts: CAToMeSDOptions) -> BlockPlan:

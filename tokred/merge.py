@@ -108,15 +108,26 @@ class AlternateMerge(BipartiteMerge):
         return torch.cat([*front, unm[:, (p + 1) // 2 :], dst[:, p // 2 :]], dim=1)
 
 
-def alternate_matching(metric: torch.Tensor, r: int, num_protected: int = 0) -> AlternateMerge | None:
-    """ToMe's bipartite soft matching for ViTs; ``r`` is capped at half the unprotected tokens."""
+def alternate_matching(
+    metric: torch.Tensor, r: int | None = None, num_protected: int = 0, threshold: float | None = None
+) -> AlternateMerge | None:
+    """ToMe's bipartite soft matching for ViTs, capped at half the unprotected tokens.
+
+    Exactly one of ``r`` (a fixed count, ToMe) or ``threshold`` (every source whose best cosine similarity
+    reaches it, counted as the maximum over the batch, CA-ToMe) is given.
+    """
     t = metric.shape[1]
-    r = min(r, (t - num_protected) // 2)
-    if r <= 0:
-        return None
+    limit = (t - num_protected) // 2
+    if threshold is None and min(int(r or 0), limit) <= 0:
+        return None  # nothing to merge: skip the similarity work
     with torch.no_grad():
         a, b = metric[..., ::2, :], metric[..., 1::2, :]
         node_max, node_idx = best_destinations(a, b, (num_protected + 1) // 2, num_protected // 2)
+        if threshold is not None:
+            r = int((node_max >= threshold).sum(dim=-1).max().item())
+        r = min(int(r or 0), limit)
+        if r <= 0:
+            return None
         pairs = select_pairs(node_max, node_idx, r, sort_unmerged=num_protected > 0)
     return AlternateMerge(*pairs, num_protected=num_protected)
 
