@@ -1,0 +1,119 @@
+"""The tokred pytest plugin, run through ``pytester`` on a tiny task.
+
+The task (``fake_vit``, a tiny random timm ViT) and a method (``fake_merge``) come from an out-of-tree plugin
+(``fixtures/fake_plugin``) found only through its entry points: the benchmarks are parametrized over them without
+any edit to the benchmark file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+from tokred.registry import methods as method_registry
+from tokred.results import load_results
+from tokred.task import tasks as task_registry
+
+pytest_plugins = ["pytester"]
+
+FIXTURES = Path(__file__).parent / "fixtures"
+BENCH_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "test_methods.py"
+
+
+@pytest.fixture
+def fake_plugin(monkeypatch):
+    """Install the fixture plugin (sys.path + dist-info entry points) for this test only."""
+    monkeypatch.syspath_prepend(str(FIXTURES / "fake_plugin"))
+    for registry in (method_registry, task_registry):
+        registry.names()
+        monkeypatch.setattr(registry, "_loaded", False)
+        monkeypatch.setattr(registry, "_items", dict(registry._items))
+    # pytester removes the modules an in-process run imported; torch's and timm's must stay (they cannot be
+    # imported twice in one process), so they are imported here, before pytester's snapshot
+    for module in ("timm.models.vision_transformer", "tokred_fake_plugin", "tokred.harness", "tokred.flops",
+                   "torch.profiler", "pytest_benchmark.stats"):
+        importlib.import_module(module)
+
+
+@pytest.fixture
+def bench_dir(fake_plugin, pytester):
+    """A pytester folder holding the project's own benchmark file. ``fake_plugin`` comes first: the built-in
+    methods and tasks are imported before pytester snapshots ``sys.modules`` (and restores it afterwards)."""
+    pytester.makepyfile(test_methods=BENCH_FILE.read_text())
+    return pytester
+
+
+def test_parametrized_over_registry_and_presets(bench_dir):
+    result = bench_dir.runpytest_inprocess("--collect-only", "-q", "--tokred-task=fake_vit")
+    ids = [line.split("[", 1)[1].rstrip("]") for line in result.outlines if line.startswith("test_methods.py::")]
+    assert ids[0] == "fake_vit-baseline"
+    # the out-of-tree method and the built-in ones with each of their timm_vit presets; nothing for other families
+    assert {"fake_vit-fake_merge-k2", "fake_vit-fake_merge-k8", "fake_vit-tome-r8", "fake_vit-tome-r13",
+            "fake_vit-tome-r16-decreasing", "fake_vit-ca_tome-threshold0.9"} <= set(ids)
+    assert not [i for i in ids if "cat_pruning" in i]
+
+
+def test_benchmark_json_and_extra_info(bench_dir):
+    result = bench_dir.runpytest_inprocess(
+        "--benchmark-only", "--benchmark-json=out.json", "--tokred-task=fake_vit", "--tokred-methods=fake_merge",
+        "--tokred-rounds=2",
+    )  # fmt: skip
+    result.assert_outcomes(passed=3)
+    data = load_results(bench_dir.path / "out.json")  # validates the tokred fields too
+    assert set(data) >= {"machine_info", "commit_info", "benchmarks", "datetime", "version"}
+    by_id = {b["param"]: b for b in data["benchmarks"]}
+    assert set(by_id) == {"fake_vit-baseline", "fake_vit-fake_merge-k2", "fake_vit-fake_merge-k8"}
+    base, k8 = by_id["fake_vit-baseline"], by_id["fake_vit-fake_merge-k8"]
+    assert k8["stats"]["rounds"] == 2 and k8["group"] == "fake_vit"
+    info = k8["extra_info"]
+    assert info["task"] == "fake_vit" and info["method"] == "fake_merge" and info["preset"] == "k8"
+    assert info["options"] == {"k": 8}
+    assert info["model"] == "tiny-random-vit" and info["device"] == "cpu" and info["dtype"] == "float32"
+    assert set(info["versions"]) >= {"torch", "diffusers", "timm", "tokred"} and info["versions"]["torch"]
+    assert set(info["quality"]) >= {"top1", "agreement"} and 0 <= info["quality"]["agreement"] <= 100
+    # merging 8 pairs in each of the 2 blocks of 65 tokens removes FLOPs; the baseline agrees with itself
+    assert info["gflops"] < base["extra_info"]["gflops"]
+    assert base["extra_info"]["quality"]["agreement"] == 100.0
+    assert info["peak_mem_mb"] is not None
+    # the speedup is the ratio of the baseline and method medians over the same rounds
+    assert base["extra_info"]["speedup"] == 1.0
+    expected = info["baseline_latency_ms"] / info["latency_ms"]
+    assert info["speedup"] == pytest.approx(expected)
+    assert info["latency_ms"] == pytest.approx(k8["stats"]["median"] * 1000, rel=0.01)
+
+
+def test_benchmark_skip(bench_dir):
+    result = bench_dir.runpytest_inprocess("--benchmark-skip", "--tokred-task=fake_vit")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("skipped", 0) >= 3 and not outcomes.get("passed") and not outcomes.get("failed")
+
+
+def test_autosave_then_compare(bench_dir):
+    args = ("--benchmark-only", "--tokred-task=fake_vit", "--tokred-methods=fake_merge", "--tokred-presets=k2",
+            "--tokred-rounds=1", "--benchmark-storage=file://bench-store")
+    bench_dir.runpytest_inprocess(*args, "--benchmark-autosave").assert_outcomes(passed=2)
+    saved = list((bench_dir.path / "bench-store").rglob("*.json"))
+    assert len(saved) == 1
+    assert json.loads(saved[0].read_text())["benchmarks"][1]["extra_info"]["preset"] == "k2"
+    result = bench_dir.runpytest_inprocess(*args, "--benchmark-compare")
+    result.assert_outcomes(passed=2)
+    assert any("Comparing against benchmarks from" in line for line in result.outlines + result.errlines)
+
+
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        ("--tokred-methods=nope", ["unknown method 'nope'", "fake_merge", "tome"]),
+        ("--tokred-task=nope", ["unknown task 'nope'", "fake_vit", "vit_classification"]),
+        ("--tokred-presets=r99", ["unknown preset 'r99'", "k2", "r8"]),
+    ],
+)
+def test_bad_selection_is_a_usage_error(bench_dir, option, expected):
+    result = bench_dir.runpytest_inprocess("--benchmark-only", option)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    text = "\n".join(result.errlines + result.outlines)
+    for fragment in expected:
+        assert fragment in text

@@ -1,0 +1,303 @@
+"""The ``tokred`` command line: list methods and tasks, run benchmarks, build the leaderboard.
+
+::
+
+    tokred list [--json]                          methods (options, defaults, valid ranges, presets) and tasks
+    tokred run --task NAME|all [--methods A,B] [--presets P,M:P] [--options K=V ...]
+               [--size embedded|full] [--device cpu] [--dtype float32] [--set K=V ...]
+               [--rounds N] [--quick] [--out results/] [--resume]
+    tokred leaderboard RESULTS.json ... [-o leaderboard/README.md] [--no-published]
+    tokred bench [run options] [--out results/] [-o leaderboard/README.md]     run every task, then the leaderboard
+
+Results use pytest-benchmark's JSON layout (``pytest-benchmark compare`` reads them) and are written atomically
+after every finished benchmark, so an interrupted run keeps what it finished (``--resume`` continues it).
+
+Exit codes: 0 success; 1 some benchmarks failed (the others are kept); 2 bad input (one line on stderr, the
+valid names listed); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from textwrap import fill
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+# --- list ------------------------------------------------------------------------------------------------------
+
+
+def _fmt_value(value: Any) -> str:
+    return repr(value)
+
+
+def listing(jsonable: bool = False) -> dict[str, Any]:
+    """Methods (families, options with defaults and valid ranges, presets) and tasks, as plain data (JSON types
+    only with ``jsonable``: tuples become lists)."""
+    from .options import describe
+    from .registry import get_method, list_methods
+    from .results import to_jsonable
+    from .task import get_task, list_tasks
+
+    methods = []
+    for name in list_methods():
+        cls = get_method(name)
+        families = {}
+        for family in cls.families():
+            spec = {"options": describe(cls.options[family]), "presets": (cls.presets or {}).get(family, {})}
+            families[family] = to_jsonable(spec) if jsonable else spec
+        methods.append({"name": name, "summary": cls.summary, "module": cls.__module__, "families": families})
+    tasks = []
+    for name in list_tasks():
+        cls = get_task(name)
+        tasks.append(
+            {
+                "name": name,
+                "summary": cls.summary,
+                "family": cls.family,
+                "metrics": [{"name": m.name, "better": m.better, "unit": m.unit, "kind": m.kind} for m in cls.metrics],
+                "methods": [m["name"] for m in methods if cls.family in m["families"]],
+            }
+        )
+    return {"methods": methods, "tasks": tasks}
+
+
+def print_listing(data: dict[str, Any]) -> None:
+    from tabulate import tabulate
+
+    print("METHODS")
+    for m in data["methods"]:
+        print(f"\n{m['name']}: {m['summary']}")
+        for family, spec in m["families"].items():
+            print(f"  family {family}")
+            rows = [
+                [o["name"], fill(_fmt_value(o["default"]), 24), fill(o["valid"], 36), fill(o["doc"], 56)]
+                for o in spec["options"]
+            ]
+            # (tabulate's own maxcolwidths turns the string 'False' into True; wrap by hand)
+            table = tabulate(rows, headers=["option", "default", "valid", "doc"], tablefmt="simple",
+                             disable_numparse=True)
+            print("\n".join("    " + line for line in table.splitlines()))
+            presets = spec["presets"] or {}
+            if presets:
+                text = "; ".join(f"{p} ({', '.join(f'{k}={v!r}' for k, v in o.items()) or 'defaults'})"
+                                 for p, o in presets.items())
+                print(f"    presets: {text}")
+            else:
+                print("    presets: default (the defaults above)")
+    print("\nTASKS")
+    for t in data["tasks"]:
+        arrows = {"higher": "↑", "lower": "↓"}
+        quality = ", ".join(f"{x['name']} {arrows[x['better']]}" for x in t["metrics"] if x["kind"] == "quality")
+        speed = ", ".join(f"{x['name']} {arrows[x['better']]}" for x in t["metrics"] if x["kind"] != "quality")
+        print(f"\n{t['name']} ({t['family']}): {t['summary']}")
+        print(f"  quality: {quality or '-'}")
+        print(f"  speed:   {speed or '-'}")
+        print(f"  methods: {', '.join(t['methods']) or '-'}")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    data = listing(jsonable=args.json)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print_listing(data)
+    return EXIT_OK
+
+
+# --- run -------------------------------------------------------------------------------------------------------
+
+
+def _out_path(out: str, task: str, size: str, device: str, several: bool) -> str:
+    if out.endswith(".json"):
+        if several:
+            raise UsageError(f"--out {out}: several tasks need a folder, not a .json file")
+        return out
+    safe_device = "".join(ch if ch.isalnum() else "" for ch in device)
+    return os.path.join(out, f"{task}-{size}-{safe_device}.json")
+
+
+def plan(args: argparse.Namespace) -> list[tuple[Any, list[Any], str]]:
+    """Validate every selection before anything runs: [(TaskRun, cases, output path)]."""
+    from .harness import TaskRun, parse_assignments, parse_list, plan_all, reproduce_command, task_names
+
+    tasks = task_names(args.task)
+    options = parse_assignments(args.options, "--options")
+    task_kwargs = parse_assignments(args.set, "--set")
+    profile = "quick" if args.quick else "default"
+    if task_kwargs and len(tasks) > 1:
+        raise UsageError("--set applies to one task; choose it with --task NAME")
+    if str(args.device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    out = []
+    for task, cases in plan_all(tasks, args.methods, args.presets, options).items():
+        command = reproduce_command(
+            task, args.size, args.device, args.dtype, parse_list(args.methods), parse_list(args.presets), options,
+            task_kwargs, profile, args.rounds,
+        )  # fmt: skip
+        run = TaskRun(task, args.size, args.device, args.dtype, task_kwargs, profile, args.rounds, command=command)
+        run.build()  # bad task arguments fail here, before anything runs
+        out.append((run, cases, _out_path(args.out, task, args.size, args.device, several=len(tasks) > 1)))
+    return out
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_planned(planned: list[tuple[Any, list[Any], str]], resume: bool) -> tuple[int, list[str]]:
+    from .errors import TokredError
+    from .harness import run_task
+
+    written: list[str] = []
+    status = EXIT_OK
+    for run, cases, path in planned:
+        try:
+            report = run_task(run, cases, path, resume=resume, log=_log)
+        except (TokredError, FileNotFoundError) as err:  # e.g. missing weights: the other tasks still run
+            print(f"tokred: error: {run.task_name}: {err}", file=sys.stderr)
+            status = max(status, EXIT_USAGE)
+            continue
+        except Exception as err:
+            print(f"tokred: error: {run.task_name} failed to set up: {type(err).__name__}: {err}", file=sys.stderr)
+            status = max(status, EXIT_FAILED)
+            continue
+        written.append(path)
+        for case_id, message in report.failed:
+            print(f"tokred: {case_id} failed: {message}", file=sys.stderr)
+            status = max(status, EXIT_FAILED)
+        if report.interrupted:
+            kept = len(report.results["benchmarks"])
+            where = f"{kept} finished benchmarks kept in {path} (continue with --resume)" if kept else "nothing saved"
+            print(f"tokred: interrupted; {where}", file=sys.stderr)
+            return EXIT_INTERRUPTED, written
+        print(f"{run.task_name}: {len(report.results['benchmarks'])} benchmarks in {path}", flush=True)
+    return status, written
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    planned = plan(args)
+    status, _ = run_planned(planned, args.resume)
+    return status
+
+
+# --- leaderboard and bench -------------------------------------------------------------------------------------
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from .leaderboard.generate import build
+
+    command = "tokred leaderboard " + " ".join(args.results) + f" -o {args.output}"
+    sections = build(args.results, args.output, command=command, published=not args.no_published)
+    print(f"wrote {args.output} ({len(sections)} sections)")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    planned = plan(args)
+    status, written = run_planned(planned, args.resume)
+    if status == EXIT_INTERRUPTED:
+        return status
+    from .leaderboard.generate import build
+
+    existing = [p for p in written if os.path.exists(p)]
+    if not existing:
+        return status
+    command = "tokred bench" + (" --quick" if args.quick else "")
+    sections = build(existing, args.output, command=command, published=not args.no_published)
+    print(f"wrote {args.output} ({len(sections)} sections)")
+    return status
+
+
+# --- parser ----------------------------------------------------------------------------------------------------
+
+
+def _add_run_arguments(p: argparse.ArgumentParser, default_task: str | None) -> None:
+    p.add_argument("--task", default=default_task, required=default_task is None,
+                   help="task name(s), comma-separated, or 'all'")
+    p.add_argument("--methods", default="all", help="method names, comma-separated, or 'all' (default)")
+    p.add_argument("--presets", default="all",
+                   help="preset names (r8) or method:preset (tome:r8), comma-separated; 'default' = the method's "
+                        "default options; 'all' (default)")
+    p.add_argument("--options", action="append", default=[], metavar="KEY=VALUE",
+                   help="run one method (--methods NAME) with these options instead of its presets (repeatable)")
+    p.add_argument("--size", default="embedded", choices=("embedded", "full"),
+                   help="embedded: the offline models shipped with tokred (default); full: full-size models")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="model dtype (default: the task's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="task argument, e.g. --set num_images=100 --set model=deit_tiny_patch16_224 (repeatable)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per benchmark (default: calibrated)")
+    p.add_argument("--quick", action="store_true", help="smaller embedded runs: a smoke test of a few minutes")
+    p.add_argument("--out", default="results", help="output folder (one file per task) or .json file")
+    p.add_argument("--resume", action="store_true", help="keep finished benchmarks in the output and run the rest")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tokred", description="Token-reduction methods: list, benchmark, leaderboard.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,leaderboard,bench}",
+                                parser_class=_Parser)
+    p = sub.add_parser("list", help="methods with their options and presets, and tasks")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("run", help="benchmark methods on a task; writes pytest-benchmark JSON")
+    _add_run_arguments(p, default_task=None)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("leaderboard", help="build the leaderboard markdown and plots from results files")
+    p.add_argument("results", nargs="+", help="results JSON files (tokred run or pytest --benchmark-json)")
+    p.add_argument("-o", "--output", default="leaderboard/README.md", help="markdown file (plots go beside it)")
+    p.add_argument("--no-published", action="store_true", help="leave out the published-results table")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("bench", help="run every task (embedded, CPU by default), then build the leaderboard")
+    _add_run_arguments(p, default_task="all")
+    p.add_argument("-o", "--output", default="leaderboard/README.md", help="leaderboard markdown file")
+    p.add_argument("--no-published", action="store_true", help="leave out the published-results table")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import TokredError
+    from .results import ResultsError
+
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except UsageError as err:
+        print(f"{err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (TokredError, ResultsError, FileNotFoundError) as err:
+        # bad names, options, results files, missing weights or data: one line, no traceback
+        print(f"tokred: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("tokred: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""pytest plugin (entry point ``pytest11``): benchmark every registered method on a tokred task.
+
+A test that takes the ``tokred_case`` fixture (``benchmarks/test_methods.py``)::
+
+    def test_method(tokred_case, benchmark):
+        tokred_case.run(benchmark)
+
+is parametrized over the chosen tasks x (the baseline + every registered method x its presets for the task's
+model family), so a method installed through the ``tokred.methods`` entry point is benchmarked without edits.
+Each benchmark times ``task.workload()`` with ``benchmark.pedantic`` (a baseline call interleaved before every
+timed round; see :mod:`tokred.harness`) and fills ``benchmark.extra_info`` with quality, speedup against that
+baseline, GFLOPs, peak memory, options, task, model, device, dtype and package versions.
+
+Options (group ``tokred``)::
+
+    --tokred-task=NAME[,NAME]   tasks (default: all registered)     --tokred-size=embedded|full
+    --tokred-methods=A,B        methods (default: all for the task) --tokred-device=cpu|cuda[:i]
+    --tokred-presets=P,M:P      presets (default: all)              --tokred-dtype=float32|float16|bfloat16
+    --tokred-set=KEY=VALUE      a task constructor argument (repeatable)
+    --tokred-rounds=N           timed rounds (default: calibrated)  --tokred-quick  smaller embedded runs
+
+Usage: ``pytest benchmarks/ --benchmark-only --benchmark-json=out.json`` (also ``--benchmark-autosave``,
+``pytest-benchmark compare``; ``--benchmark-skip`` skips them). torch and the registries are imported only when a
+test asks for ``tokred_case``, so the plugin costs nothing in unrelated test runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+FIXTURE = "tokred_case"
+_RUNS_KEY = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("tokred", "tokred benchmarks (token-reduction methods x tasks)")
+    group.addoption("--tokred-task", default="all", help="task name(s), comma-separated, or 'all' (default)")
+    group.addoption("--tokred-methods", default="all", help="method names, comma-separated, or 'all' (default)")
+    group.addoption(
+        "--tokred-presets", default="all", help="preset names (r8) or method:preset (tome:r8), or 'all' (default)"
+    )
+    group.addoption("--tokred-device", default="cpu", help="torch device (default: cpu)")
+    group.addoption(
+        "--tokred-dtype",
+        default=None,
+        choices=("float32", "float16", "bfloat16"),
+        help="model dtype (default: the task's; float32 on CPU)",
+    )
+    group.addoption(
+        "--tokred-size",
+        default="embedded",
+        choices=("embedded", "full"),
+        help="embedded: the offline models shipped with tokred (default); full: the full-size models",
+    )
+    group.addoption(
+        "--tokred-set", action="append", default=[], metavar="KEY=VALUE", help="task constructor argument (repeatable)"
+    )
+    group.addoption("--tokred-rounds", type=int, default=None, help="timed rounds per benchmark (default: calibrated)")
+    group.addoption("--tokred-quick", action="store_true", help="smaller embedded runs (a smoke test)")
+
+
+def _settings(config: pytest.Config) -> dict[str, Any]:
+    from tokred.harness import parse_assignments
+
+    return {
+        "tasks": config.getoption("tokred_task"),
+        "methods": config.getoption("tokred_methods"),
+        "presets": config.getoption("tokred_presets"),
+        "device": config.getoption("tokred_device"),
+        "dtype": config.getoption("tokred_dtype"),
+        "size": config.getoption("tokred_size"),
+        "task_kwargs": parse_assignments(config.getoption("tokred_set"), "--tokred-set"),
+        "rounds": config.getoption("tokred_rounds"),
+        "profile": "quick" if config.getoption("tokred_quick") else "default",
+    }
+
+
+def _plan(config: pytest.Config) -> list[Any]:
+    """The selected cases; a bad selection is a pytest usage error (one line, exit code 4)."""
+    from tokred.errors import TokredError
+    from tokred.harness import parse_list, plan_all, task_names
+
+    try:
+        s = _settings(config)
+        planned = plan_all(task_names(s["tasks"]), s["methods"], s["presets"])
+    except TokredError as err:
+        raise pytest.UsageError(str(err)) from None
+    cases = [c for task_cases in planned.values() for c in task_cases]
+    if parse_list(s["methods"]) is not None and not any(not c.is_baseline for c in cases):
+        raise pytest.UsageError(f"no benchmarks selected by --tokred-methods={s['methods']}")
+    return cases
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # Check an explicit selection at start-up, so a typo is a usage error rather than a collection error. Without
+    # tokred options nothing is imported here.
+    explicit = any(
+        config.getoption(name) not in ("all", None, [])
+        for name in ("tokred_task", "tokred_methods", "tokred_presets", "tokred_set")
+    )
+    if explicit:
+        _plan(config)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if FIXTURE not in metafunc.fixturenames:
+        return
+    cases = _plan(metafunc.config)
+    metafunc.parametrize(FIXTURE, [c.param for c in cases], ids=[c.id for c in cases], indirect=True)
+
+
+class BoundCase:
+    """What a benchmark test receives: one case and the session's set-up task."""
+
+    def __init__(self, case: Any, run: Any) -> None:
+        self.case = case
+        self.harness_run = run
+
+    @property
+    def task(self) -> Any:
+        return self.harness_run.setup().task
+
+    def run(self, benchmark: Any) -> dict[str, Any]:
+        """Benchmark the case with pytest-benchmark's fixture; returns (and stores) ``extra_info``."""
+        from tokred.harness import CaseSkipped
+
+        benchmark.group = self.case.task
+
+        def timer(target, setup, rounds, warmup_rounds):
+            return benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+
+        try:
+            result = self.harness_run.run_case(self.case, timer)
+        except CaseSkipped as err:
+            pytest.skip(str(err))
+        benchmark.extra_info.update(result.extra_info)
+        return result.extra_info
+
+
+@pytest.fixture(scope="session")
+def tokred_runs(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Per-task harness runs of this session (each task set up once, its baseline measured once)."""
+    return request.config.stash.setdefault(_RUNS_KEY, {})
+
+
+@pytest.fixture
+def tokred_case(request: pytest.FixtureRequest, tokred_runs: dict[str, Any]) -> BoundCase:
+    """The (task, method, preset) of this parametrized benchmark, bound to its task's session-wide setup."""
+    from tokred.harness import BASELINE, Case, TaskRun, method_presets, parse_list, reproduce_command
+    from tokred.registry import get_method
+    from tokred.task import get_task
+
+    param = getattr(request, "param", None)
+    if param is None:
+        pytest.fail(f"{FIXTURE} is parametrized by the tokred plugin; it cannot be used by hand")
+    task, method, preset = param.split(":", 2)
+    options = {} if method == BASELINE else method_presets(get_method(method), get_task(task).family).get(preset, {})
+    case = Case(task, method, preset, dict(options))
+    if task not in tokred_runs:
+        s = _settings(request.config)
+        command = reproduce_command(
+            task, s["size"], s["device"], s["dtype"], parse_list(s["methods"]), parse_list(s["presets"]),
+            task_kwargs=s["task_kwargs"], profile=s["profile"], rounds=s["rounds"],
+        )
+        tokred_runs[task] = TaskRun(
+            task, size=s["size"], device=s["device"], dtype=s["dtype"], task_kwargs=s["task_kwargs"],
+            profile=s["profile"], rounds=s["rounds"], command=command,
+        )  # fmt: skip
+    return BoundCase(case, tokred_runs[task])
