@@ -65,8 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"digits ViT: {n_params:,} parameters, {len(train_x)} train / {len(test_x)} test images", flush=True)
 
     # no weight decay on biases, norms, position embedding and cls token (the usual ViT recipe)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and n not in ("pos_embed", "cls_token")]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and n not in ("pos_embed", "cls_token"))]
+    def decays(name: str, param: torch.Tensor) -> bool:
+        return param.ndim > 1 and name not in ("pos_embed", "cls_token")
+
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if not decays(n, p)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
     )

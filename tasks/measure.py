@@ -1,0 +1,217 @@
+"""Speed measurement shared by the tasks: wall time, FLOPs and peak memory of one unit of work.
+
+Conventions, the same for every task and device:
+
+* **Wall time** is measured with ``time.perf_counter`` around the call, with ``torch.cuda.synchronize`` before
+  and after on CUDA (kernels are asynchronous, so an unsynchronized timer measures only the launch). The
+  first ``warmup`` calls are discarded (allocator, cuDNN autotuning, lazy initialisation); the reported
+  latency is the **median** of ``repeats`` calls, robust to the odd slow call on a shared machine.
+* **FLOPs** come from :func:`tokred.flops.count_flops` (``FlopCounterMode``, multiply-add = 2 FLOPs, attention
+  included on CPU) on one extra call, and are reported per item (image) in GFLOPs.
+* **Peak memory** is the peak of tensor memory allocated *during* one call, above what was allocated when the
+  call started (activations and temporaries; the weights and the inputs already resident are not counted).
+  On CUDA it is ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
+  ``memory_allocated()`` at the start. On CPU, where torch keeps no allocator statistics and the process RSS
+  is dominated by the allocator's caching and by other libraries, it is computed from the allocation and free
+  events that ``torch.profiler`` records with ``profile_memory=True``: the running sum of allocated bytes in
+  time order, and its maximum. Both numbers mean the same thing, so CPU and CUDA results compare (on CPU, a
+  block allocated before the call and freed during it is not subtracted; the profiler never saw it allocated).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from tokred.flops import count_flops, flop_counter
+
+MB = 2**20
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"float16"`` -> ``torch.float16`` (the names of :data:`tokred.task.DTYPES`)."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; valid dtypes: {', '.join(_DTYPES)}") from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device for a task's ``device`` argument, with a clear error when CUDA is not there.
+
+    Under a multi-process launch (``accelerate launch`` / ``torchrun``), a bare ``"cuda"`` means this
+    process's own GPU (``cuda:LOCAL_RANK``).
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available; use device='cpu'")
+        if dev.index is None and "LOCAL_RANK" in os.environ:
+            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return dev
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device | str, warmup: int = 1, repeats: int = 5) -> list[float]:
+    """Seconds taken by each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls (synchronized)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(max(warmup, 0)):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device | str) -> float:
+    """Peak tensor memory (MB) allocated during one call of ``fn`` above what was allocated at its start.
+
+    See the module docstring for how it is measured on CUDA and on CPU.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        fn()
+        synchronize(dev)
+        return (torch.cuda.max_memory_allocated(dev) - before) / MB
+    return _profiled_cpu_peak(fn) / MB
+
+
+def _profiled_cpu_peak(fn: Callable[[], Any]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # kineto's start-up chatter (e.g. no GPU found) is noise here
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+        fn()
+    events = [
+        e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"
+    ]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def measure(
+    fn: Callable[[], Any],
+    device: torch.device | str,
+    items: int,
+    warmup: int = 1,
+    repeats: int = 5,
+    flops: bool = True,
+    memory: bool = True,
+    timing: bool = True,
+) -> dict[str, float]:
+    """The standard speed record of one unit of work ``fn`` that processes ``items`` items (images).
+
+    Keys: ``latency_ms`` (median seconds per call x 1000), ``latency_ms_min``, ``throughput_per_s``
+    (items / median seconds), ``repeats`` (with ``timing``), ``gflops`` (per item; with ``flops``),
+    ``peak_mem_mb`` (with ``memory``). Every call runs under ``torch.no_grad``.
+    """
+
+    def call() -> None:
+        with torch.no_grad():
+            fn()
+
+    out: dict[str, float] = {}
+    if timing:
+        times = time_calls(call, device, warmup=warmup, repeats=repeats)
+        median = statistics.median(times)
+        out.update(
+            latency_ms=median * 1000.0,
+            latency_ms_min=min(times) * 1000.0,
+            throughput_per_s=items / median,
+            repeats=float(repeats),
+        )
+    if flops:
+        out["gflops"] = count_flops(fn) / items / 1e9
+    if memory:
+        out["peak_mem_mb"] = peak_memory_mb(call, device)
+    return out
+
+
+def module_flops(fn: Callable[[], Any], module_names: tuple[str, ...]) -> tuple[int, dict[str, int]]:
+    """Total FLOPs of one call of ``fn`` and the FLOPs inside top-level modules of the given class names
+    (``FlopCounterMode`` attributes FLOPs to modules by class name, e.g. ``"UNet2DConditionModel"``)."""
+    counter = flop_counter()
+    with torch.no_grad(), counter:
+        fn()
+    counts = counter.get_flop_counts()
+    per_module = {name: int(sum(counts.get(name, {}).values())) for name in module_names}
+    return int(counter.get_total_flops()), per_module
+
+
+class ModuleTimer:
+    """Accumulates the synchronized wall time spent inside ``module``'s forward calls (hooks).
+
+    Used to report the U-Net's share of a generation's time. The synchronization at every call costs a
+    little, so it is used in a separate run from the one that measures latency.
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device | str) -> None:
+        self.module = module
+        self.device = device
+        self.seconds = 0.0
+        self.calls = 0
+        self._start: float | None = None
+        self._handles: list[Any] = []
+
+    def _before(self, *_: Any, **__: Any) -> None:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def _after(self, *_: Any, **__: Any) -> None:
+        synchronize(self.device)
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self.calls += 1
+            self._start = None
+
+    def __enter__(self) -> ModuleTimer:
+        self._handles = [
+            self.module.register_forward_pre_hook(self._before),
+            self.module.register_forward_hook(self._after),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+@contextmanager
+def timed(device: torch.device | str):
+    """``with timed(dev) as t: ...`` then ``t["seconds"]``: one synchronized wall-time measurement."""
+    record = {"seconds": 0.0}
+    synchronize(device)
+    start = time.perf_counter()
+    try:
+        yield record
+    finally:
+        synchronize(device)
+        record["seconds"] = time.perf_counter() - start

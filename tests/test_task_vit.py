@@ -1,0 +1,220 @@
+"""The vit_classification task: tiny timm ViT on an ImageFolder (the real data path), the embedded digits ViT,
+errors, and ToMe applied through the task."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokred
+from tokred.errors import UnsupportedModelError
+from tokred.task import get_task, list_tasks
+
+TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2, num_classes=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread, and much faster on a shared machine (no OpenMP spin-waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _embedded_available() -> bool:
+    try:
+        from tokred.tasks.embedded.vit import DEFAULT_WEIGHTS
+    except ImportError:
+        return False
+    return DEFAULT_WEIGHTS.is_file()
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagefolder")
+    gen = torch.Generator().manual_seed(0)
+    for c in range(3):
+        (root / f"class{c}").mkdir()
+        for i in range(4):
+            pixels = torch.randint(0, 256, (40, 48, 3), generator=gen, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / f"class{c}" / f"img{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_task(image_folder):
+    task = get_task("vit_classification")(
+        size="full",
+        model="vit_tiny_patch16_224",
+        pretrained=False,
+        model_kwargs=TINY,
+        data_dir=str(image_folder),
+        batch_size=5,
+        repeats=2,
+        progress=False,
+    )
+    task.setup()
+    return task
+
+
+def test_registered_with_metric_directions():
+    assert "vit_classification" in list_tasks()
+    cls = get_task("vit_classification")
+    assert cls.family == "timm_vit"
+    better = {m.name: m.better for m in cls.metrics}
+    assert better["top1"] == "higher" and better["agreement"] == "higher"
+    assert better["gflops"] == "lower" and better["throughput_per_s"] == "higher" and better["latency_ms"] == "lower"
+
+
+def test_tiny_vit_on_image_folder(tiny_task):
+    assert tiny_task.input_size == (3, 32, 32)  # the model's own size, not its pretrained config's 224
+    assert len(tiny_task.dataset) == 12
+    tiny_task.record_reference()
+    assert tiny_task.reference.shape == (12,)
+    result = tiny_task.evaluate()
+    assert result["num_images"] == 12
+    assert 0 <= result["top1"] <= result["top5"] == 100.0  # 3 classes: top-5 always hits
+    assert result["agreement"] == 100.0
+    info = tiny_task.describe()
+    assert info["model"] == "vit_tiny_patch16_224" and info["batch_size"] == 5 and "ImageFolder" in info["data"]
+
+
+def test_tome_through_task_lowers_flops_and_remove_restores(tiny_task):
+    base = tiny_task.measure_speed(repeats=1, memory=False)
+    assert {"latency_ms", "throughput_per_s", "gflops", "batch_size"} <= base.keys()
+    assert base["throughput_per_s"] == pytest.approx(5 / (base["latency_ms"] / 1000))
+    patch = tokred.apply(tiny_task.model, "tome", r=4)
+    try:
+        reduced = tiny_task.measure_speed(repeats=1, memory=False)
+        assert reduced["gflops"] < base["gflops"]
+        tiny_task.evaluate()  # runs with the patch
+    finally:
+        patch.remove()
+    assert tiny_task.measure_speed(repeats=1, memory=False)["gflops"] == pytest.approx(base["gflops"])
+    assert tiny_task.evaluate()["agreement"] == 100.0
+
+
+def test_peak_memory_and_workload(tiny_task):
+    speed = tiny_task.measure_speed(repeats=1, flops=False)
+    assert speed["peak_mem_mb"] > 0
+    out = tiny_task.workload()()
+    assert out.shape == (5, 3)
+
+
+def test_num_images_subset(image_folder):
+    task = get_task("vit_classification")(
+        size="full",
+        model="vit_tiny_patch16_224",
+        pretrained=False,
+        model_kwargs=TINY,
+        data_dir=str(image_folder),
+        num_images=4,
+        progress=False,
+    )
+    task.setup()
+    assert [task.dataset.dataset.targets[i] for i in task.dataset.indices] == [0, 0, 1, 2]  # evenly spaced
+
+
+def test_speed_without_data_but_evaluate_explains():
+    task = get_task("vit_classification")(
+        size="full", model="vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY, batch_size=2, progress=False
+    )
+    task.setup()
+    assert task.measure_speed(repeats=1, memory=False)["gflops"] > 0
+    with pytest.raises(FileNotFoundError, match="data_dir"):
+        task.evaluate()
+
+
+def test_unsupported_family_names_the_supported_one():
+    task = get_task("vit_classification")(size="full", model="resnet18", pretrained=False)
+    with pytest.raises(UnsupportedModelError, match="timm_vit"):
+        task.setup()
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown timm model"):
+        get_task("vit_classification")(size="full", model="no_such_vit_xyz", pretrained=False).setup()
+
+
+def test_missing_data_folder(tmp_path):
+    task = get_task("vit_classification")(
+        size="full",
+        model="vit_tiny_patch16_224",
+        pretrained=False,
+        model_kwargs=TINY,
+        data_dir=str(tmp_path / "missing"),
+    )
+    with pytest.raises(FileNotFoundError, match="ImageFolder layout"):
+        task.setup()
+
+
+def test_class_count_mismatch(image_folder):
+    task = get_task("vit_classification")(
+        size="full",
+        model="vit_tiny_patch16_224",
+        pretrained=False,
+        model_kwargs={**TINY, "num_classes": 5},
+        data_dir=str(image_folder),
+    )
+    with pytest.raises(ValueError, match="3 class folders"):
+        task.setup()
+
+
+def test_missing_checkpoint(tmp_path):
+    task = get_task("vit_classification")(
+        size="full", model="vit_tiny_patch16_224", checkpoint=str(tmp_path / "nope.pth"), model_kwargs=TINY
+    )
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        task.setup()
+
+
+def test_local_checkpoint_is_loaded(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY)
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    task = get_task("vit_classification")(
+        size="full", model="vit_tiny_patch16_224", checkpoint=str(tmp_path / "w.safetensors"), model_kwargs=TINY
+    )
+    task.setup()
+    assert torch.equal(task.model.pos_embed, source.pos_embed)
+
+
+def test_missing_pretrained_weights_offline_names_the_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
+    task = get_task("vit_classification")(size="full", model="vit_tiny_patch16_224", pretrained=True)
+    with pytest.raises(FileNotFoundError, match="Hugging Face cache") as info:
+        task.setup()
+    assert str(tmp_path) in str(info.value) and "checkpoint=" in str(info.value)
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="size='full'"):
+        get_task("vit_classification")(size="embedded", model="vit_tiny_patch16_224")
+    with pytest.raises(ValueError, match="dtype"):
+        get_task("vit_classification")(dtype="float64")
+
+
+@pytest.mark.skipif(not _embedded_available(), reason="embedded digits ViT not built yet")
+def test_embedded_digits_vit_accuracy_and_tome():
+    task = get_task("vit_classification")(size="embedded", progress=False, repeats=1)
+    task.setup()
+    task.record_reference()
+    base = task.evaluate()
+    assert base["top1"] >= 95.0, base
+    assert base["agreement"] == 100.0
+    speed = task.measure_speed(memory=False)
+    with tokred.apply(task.model, "tome", r=4):
+        reduced = task.evaluate()
+        reduced_speed = task.measure_speed(memory=False)
+    assert reduced_speed["gflops"] < speed["gflops"]
+    assert reduced["top1"] >= 90.0 and reduced["agreement"] >= 90.0, reduced
+    assert task.describe()["data"].startswith("scikit-learn digits")
