@@ -205,11 +205,11 @@ class CAToMe(Method):
     options = {"timm_vit": CAToMeViTOptions, "diffusers_unet": CAToMeSDOptions}
     presets = {
         "timm_vit": {"threshold0.9": {"threshold": 0.9}, "threshold0.8": {"threshold": 0.8}},
+        # The paper's best cache schedule at three thresholds; other schedules via options=compute_on.
         "diffusers_unet": {
-            **{name: {"compute_on": name} for name in CACHE_PRESETS},
-            "threshold0.5": {"threshold": 0.5},
-            "threshold0.7": {"threshold": 0.7},
-            "threshold0.9": {"threshold": 0.9},
+            "config_3": {"compute_on": "config_3"},
+            "config_3-threshold0.5": {"compute_on": "config_3", "threshold": 0.5},
+            "config_3-threshold0.9": {"compute_on": "config_3", "threshold": 0.9},
         },
     }
 

@@ -474,7 +474,6 @@ class CatPruning(Method):
         "diffusers_unet": {
             "alpha0.3": {"t0": 8, "alpha": 0.3},
             "alpha0.5": {"t0": 8, "alpha": 0.5},
-            "alpha0.3-all-levels": {"t0": 8, "alpha": 0.3, "max_downsample": 8},
         },
     }
 
