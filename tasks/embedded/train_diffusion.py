@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import command_line, relative_to_cwd, save_safetensors, seed_everything, torch_save, write_json
+from . import common, vit
 from .data import load_digits_split
 from .diffusion import (
     DEFAULT_WEIGHTS,
@@ -35,8 +35,6 @@ from .diffusion import (
     sample_digits,
     state_dict_for_saving,
 )
-from .vit import DEFAULT_WEIGHTS as VIT_WEIGHTS
-from .vit import load_digits_vit
 
 DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 # entries of the metrics file that describe training (kept by --eval-only)
@@ -173,7 +171,7 @@ def class_accuracy(
 
 def train(args: argparse.Namespace, config: dict, classifier) -> dict:
     """Train (or resume) and write the EMA weights + config; returns training info for the metrics file."""
-    seed_everything(args.seed)
+    common.seed_everything(args.seed)
     unet, class_embed = build_digits_diffusion(config)
     noise_scheduler = make_scheduler("ddpm", config["scheduler"])
     images, labels = load_digits_split("train")
@@ -265,7 +263,7 @@ def train(args: argparse.Namespace, config: dict, classifier) -> dict:
             msg += f"  EMA sample accuracy {res['class_accuracy']:.1f}% ({res['num_images']} samples)"
         print(msg, flush=True)
         if epoch % args.checkpoint_every == 0 or epoch == args.epochs:
-            torch_save(
+            common.torch_save(
                 ckpt_path,
                 {
                     "epoch": epoch,
@@ -284,8 +282,8 @@ def train(args: argparse.Namespace, config: dict, classifier) -> dict:
 
     load_ema_into(ema, ema_unet, ema_class_embed)
     state = state_dict_for_saving(ema_unet, ema_class_embed)
-    save_safetensors(args.output, state, metadata={"config": json.dumps(config)})
-    write_json(config_path(args.output), config)
+    common.save_safetensors(args.output, state, metadata={"config": json.dumps(config)})
+    common.write_json(config_path(args.output), config)
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.2f} MB) and its config", flush=True)
     return {
         "parameters": n_params,
@@ -301,10 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    vit = load_digits_vit(args.classifier)
+    judge = vit.load_digits_vit(args.classifier)
 
     def classifier(images: torch.Tensor) -> torch.Tensor:
-        return vit(images)
+        return judge(images)
 
     metrics_path = args.output.with_name(args.output.stem + "_metrics.json")
     if args.eval_only:
@@ -316,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         config = merge_config(json.loads(args.config) if args.config else None)
         info = train(args, config, classifier)
-        info["train_command"] = command_line(__spec__.name if __spec__ else None)
+        info["train_command"] = common.command_line(__spec__.name if __spec__ else None)
 
     # final evaluation on the weights as saved (through the public loader)
     unet, class_embed, scheduler = load_digits_diffusion(args.output)
@@ -353,18 +351,18 @@ def main(argv: list[str] | None = None) -> dict:
         "sampling_cpu_time_s": results[0]["sampling_cpu_time_s"],
         "sampling_batch": f"{args.sample_batch_size} labels per call ({2 * args.sample_batch_size} with CFG)",
         "evaluations": results,
-        "judge": f"digits ViT ({relative_to_cwd(args.classifier or VIT_WEIGHTS)})",
+        "judge": f"digits ViT ({common.relative_to_cwd(args.classifier or vit.DEFAULT_WEIGHTS)})",
         **{k: v for k, v in info.items() if k != "train_command"},
         "threads": args.threads,
         "seed": args.seed,
         "command": info["train_command"],
         "torch": torch.__version__,
         "diffusers": __import__("diffusers").__version__,
-        "weights": relative_to_cwd(args.output),
+        "weights": common.relative_to_cwd(args.output),
     }
     if args.eval_only:
-        metrics["eval_command"] = command_line(__spec__.name if __spec__ else None)
-    write_json(metrics_path, metrics)
+        metrics["eval_command"] = common.command_line(__spec__.name if __spec__ else None)
+    common.write_json(metrics_path, metrics)
     print(f"wrote {metrics_path}", flush=True)
     return metrics
 

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import command_line, relative_to_cwd, save_safetensors, seed_everything, write_json
+from . import common, vit
 from .data import load_digits_split, random_affine
-from .vit import DEFAULT_CONFIG, DEFAULT_WEIGHTS, accuracy, build_digits_vit, config_path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--eval-every", type=int, default=5, help="print test accuracy every N epochs")
-    p.add_argument("--output", type=Path, default=DEFAULT_WEIGHTS, help="weights file (.safetensors)")
+    p.add_argument("--output", type=Path, default=vit.DEFAULT_WEIGHTS, help="weights file (.safetensors)")
     p.add_argument("--config", type=str, default=None, help="JSON object overriding the default ViT config")
     return p.parse_args(argv)
 
@@ -55,10 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    seed_everything(args.seed)
+    common.seed_everything(args.seed)
 
-    config = {**DEFAULT_CONFIG, **(json.loads(args.config) if args.config else {})}
-    model = build_digits_vit(config)
+    config = {**vit.DEFAULT_CONFIG, **(json.loads(args.config) if args.config else {})}
+    model = vit.build_digits_vit(config)
     train_x, train_y = load_digits_split("train")
     test_x, test_y = load_digits_split("test")
     n_params = sum(p.numel() for p in model.parameters())
@@ -106,19 +105,19 @@ def main(argv: list[str] | None = None) -> dict:
             f"train acc (augmented) {100 * correct / len(train_x):5.1f}%  {time.perf_counter() - start:6.0f}s"
         )
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            msg += f"  test acc {100 * accuracy(model, test_x, test_y):5.2f}%"
+            msg += f"  test acc {100 * vit.accuracy(model, test_x, test_y):5.2f}%"
         print(msg, flush=True)
     train_time = time.perf_counter() - start
     train_cpu = time.process_time() - cpu_start
 
     model.eval()
-    test_acc = accuracy(model, test_x, test_y)
-    train_acc = accuracy(model, train_x, train_y)
+    test_acc = vit.accuracy(model, test_x, test_y)
+    train_acc = vit.accuracy(model, train_x, train_y)
     print(f"final: test top-1 {100 * test_acc:.2f}%, train top-1 {100 * train_acc:.2f}%, {train_time:.0f}s", flush=True)
 
     output = args.output
-    save_safetensors(output, model.state_dict(), metadata={"config": json.dumps(config)})
-    write_json(config_path(output), config)
+    common.save_safetensors(output, model.state_dict(), metadata={"config": json.dumps(config)})
+    common.write_json(vit.config_path(output), config)
     metrics = {
         "model": "digits_vit",
         "test_top1": round(100 * test_acc, 2),
@@ -131,12 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
         "train_cpu_time_s": round(train_cpu, 1),
         "threads": args.threads,
         "seed": args.seed,
-        "command": command_line(__spec__.name if __spec__ else None),
+        "command": common.command_line(__spec__.name if __spec__ else None),
         "torch": torch.__version__,
         "timm": __import__("timm").__version__,
-        "weights": relative_to_cwd(output),
+        "weights": common.relative_to_cwd(output),
     }
-    write_json(output.with_name(output.stem + "_metrics.json"), metrics)
+    common.write_json(output.with_name(output.stem + "_metrics.json"), metrics)
     print(f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB), its config and metrics", flush=True)
     return metrics
 
