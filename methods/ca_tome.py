@@ -272,26 +272,8 @@ class CAToMe(Method):
         plan_slot: list[BlockPlan] = [FULL_BLOCK]
         planned = planned_block_forward(lambda block, x: plan_slot[0])
 
-        def forward(
-            block: torch.nn.Module,
-            hidden_states: torch.Tensor,
-            attention_mask: torch.Tensor | None = None,
-            encoder_hidden_states: torch.Tensor | None = None,
-            encoder_attention_mask: torch.Tensor | None = None,
-            timestep: torch.Tensor | None = None,
-            cross_attention_kwargs: dict[str, Any] | None = None,
-            class_labels: torch.Tensor | None = None,
-            added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-        ) -> torch.Tensor:
-            args = dict(
-                attention_mask=attention_mask,
-                encoder_hidden_states=encoder_hidden_states,
-                encoder_attention_mask=encoder_attention_mask,
-                timestep=timestep,
-                cross_attention_kwargs=cross_attention_kwargs,
-                class_labels=class_labels,
-                added_cond_kwargs=added_cond_kwargs,
-            )
+        def forward(block: torch.nn.Module, hidden_states: torch.Tensor, **args: Any) -> torch.Tensor:
+            # diffusers passes everything but hidden_states by keyword; the planned forward takes the same.
             merges = merges_for(block, hidden_states)
             if merges is None or len(merges) == 1:
                 plan_slot[0] = _plan(merges[0] if merges else None, opts)
