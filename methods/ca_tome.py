@@ -67,10 +67,9 @@ import torch
 from tokred import Method, register_method
 from tokred.adapters.diffusers_unet import (
     FULL_BLOCK,
-    KEEP,
     BlockPlan,
     DiffusersUNetAdapter,
-    SublayerPlan,
+    GridMergeLayout,
     planned_block_forward,
 )
 from tokred.adapters.timm_vit import TimmViTAdapter
@@ -81,7 +80,7 @@ from tokred.merge import (
     grid_destinations,
     grid_matching,
 )
-from tokred.options import int_at_least, is_bool, is_int, number_in, one_of, option
+from tokred.options import is_bool, is_int, number_in, option
 
 # The official CacheConf schedules (Table II of the paper); step 1 is the first U-Net call.
 CACHE_PRESETS: dict[str, tuple[int, ...]] = {
@@ -120,7 +119,7 @@ THRESHOLD_DOC = (
 
 
 @dataclass
-class CAToMeSDOptions:
+class CAToMeSDOptions(GridMergeLayout):
     threshold: float = option(0.7, valid="-1 <= threshold <= 1", check=number_in(-1.0, 1.0), doc=THRESHOLD_DOC)
     compute_on: Any = option(
         "config_3",
@@ -129,15 +128,6 @@ class CAToMeSDOptions:
         doc="steps at which the merge pairs are recomputed; in between the last pairs are reused. "
         "config_3 is the paper's best",
     )
-    max_downsample: int = option(
-        1, valid="1, 2, 4 or 8", check=one_of(1, 2, 4, 8), doc="merge in blocks with at most this downsampling"
-    )
-    sx: int = option(2, valid="int >= 1", check=int_at_least(1), doc="destination stride along x")
-    sy: int = option(2, valid="int >= 1", check=int_at_least(1), doc="destination stride along y")
-    use_rand: bool = option(True, valid="bool", check=is_bool, doc="random destination in each window")
-    merge_attn: bool = option(True, valid="bool", check=is_bool, doc="merge for self-attention (recommended)")
-    merge_crossattn: bool = option(False, valid="bool", check=is_bool, doc="merge for cross-attention")
-    merge_mlp: bool = option(False, valid="bool", check=is_bool, doc="merge for the MLP (not recommended)")
     batch_independent: bool = option(
         False,
         valid="bool",
@@ -177,17 +167,6 @@ def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_pro
     if threshold >= 1:
         return None
     return alternate_matching(metric, num_protected=num_protected, threshold=threshold)
-
-
-def _plan(merge: GridMerge | None, opts: CAToMeSDOptions) -> BlockPlan:
-    if merge is None:
-        return FULL_BLOCK
-    sub = SublayerPlan(merge, merge.unmerge)
-    return BlockPlan(
-        attn=sub if opts.merge_attn else KEEP,
-        cross=sub if opts.merge_crossattn else KEEP,
-        mlp=sub if opts.merge_mlp else KEEP,
-    )
 
 
 def _row(value: Any, i: int, batch: int) -> Any:
@@ -276,12 +255,12 @@ class CAToMe(Method):
             # diffusers passes everything but hidden_states by keyword; the planned forward takes the same.
             merges = merges_for(block, hidden_states)
             if merges is None or len(merges) == 1:
-                plan_slot[0] = _plan(merges[0] if merges else None, opts)
+                plan_slot[0] = opts.plan(merges[0] if merges else None)
                 return planned(block, hidden_states, **args)
             # Batch-independent: each row with its own pairs (and so its own token count).
             batch, outs = hidden_states.shape[0], []
             for i, merge in enumerate(merges):
-                plan_slot[0] = _plan(merge, opts)
+                plan_slot[0] = opts.plan(merge)
                 row_args = {k: (v if k == "cross_attention_kwargs" else _row(v, i, batch)) for k, v in args.items()}
                 outs.append(planned(block, hidden_states[i : i + 1], **row_args))
             return torch.cat(outs, dim=0)

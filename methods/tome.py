@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokred import Method, register_method
-from tokred.adapters.diffusers_unet import FULL_BLOCK, KEEP, BlockPlan, DiffusersUNetAdapter, SublayerPlan
+from tokred.adapters.diffusers_unet import FULL_BLOCK, BlockPlan, DiffusersUNetAdapter, GridMergeLayout
 from tokred.adapters.timm_vit import TimmViTAdapter
 from tokred.errors import InvalidOptionError
 from tokred.merge import alternate_matching, grid_destinations, grid_matching
-from tokred.options import int_at_least, is_bool, is_int, is_number, number_in, one_of, option
+from tokred.options import is_bool, is_int, is_number, number_in, option
 
 
 def _is_r_schedule(v: Any) -> bool:
@@ -86,22 +86,13 @@ class ToMeViTOptions:
 
 
 @dataclass
-class ToMeSDOptions:
+class ToMeSDOptions(GridMergeLayout):
     ratio: float = option(
         0.5,
         valid="0 <= ratio <= 1 - 1/(sx*sy) (0.75 for 2x2 strides)",
         check=number_in(0.0, 1.0),
         doc="fraction of tokens merged; <= 0.5 recommended",
     )
-    max_downsample: int = option(
-        1, valid="1, 2, 4 or 8", check=one_of(1, 2, 4, 8), doc="merge in blocks with at most this downsampling"
-    )
-    sx: int = option(2, valid="int >= 1", check=int_at_least(1), doc="destination stride along x")
-    sy: int = option(2, valid="int >= 1", check=int_at_least(1), doc="destination stride along y")
-    use_rand: bool = option(True, valid="bool", check=is_bool, doc="random destination in each window")
-    merge_attn: bool = option(True, valid="bool", check=is_bool, doc="merge for self-attention (recommended)")
-    merge_crossattn: bool = option(False, valid="bool", check=is_bool, doc="merge for cross-attention")
-    merge_mlp: bool = option(False, valid="bool", check=is_bool, doc="merge for the MLP (not recommended)")
 
     def validate(self) -> None:
         limit = 1 - 1 / (self.sx * self.sy)
@@ -159,14 +150,6 @@ class ToMe(Method):
             use_rand = opts.use_rand and x.shape[0] % 2 == 0
             generator = state.generator(x.device) if use_rand else None
             a_idx, b_idx = grid_destinations(h, w, opts.sx, opts.sy, generator, x.device)
-            merge = grid_matching(x, a_idx, b_idx, r=r)
-            if merge is None:
-                return FULL_BLOCK
-            sub = SublayerPlan(merge, merge.unmerge)
-            return BlockPlan(
-                attn=sub if opts.merge_attn else KEEP,
-                cross=sub if opts.merge_crossattn else KEEP,
-                mlp=sub if opts.merge_mlp else KEEP,
-            )
+            return opts.plan(grid_matching(x, a_idx, b_idx, r=r))
 
         adapter.install_planned_blocks(patch, planner)

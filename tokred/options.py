@@ -50,10 +50,17 @@ def optional(check: Check) -> Check:
     return lambda v: v is None or check(v)
 
 
+def fields_in_order(options_cls: type) -> list[dataclasses.Field]:
+    """The options of ``options_cls``, its own first and then those it inherits (shared layout options)."""
+    fields = dataclasses.fields(options_cls)
+    own = set(vars(options_cls).get("__annotations__", {}))
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
+
 def describe(options_cls: type) -> list[dict[str, Any]]:
     """Name, default, valid range and doc of each option, for ``tokred list`` and error messages."""
     rows = []
-    for f in dataclasses.fields(options_cls):
+    for f in fields_in_order(options_cls):
         rows.append(
             {
                 "name": f.name,
@@ -67,7 +74,7 @@ def describe(options_cls: type) -> list[dict[str, Any]]:
 
 def parse_options(options_cls: type, values: Mapping[str, Any], *, context: str) -> Any:
     """Build ``options_cls`` from ``values``; raise :class:`InvalidOptionError` naming what is wrong."""
-    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    fields = {f.name: f for f in fields_in_order(options_cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         valid = ", ".join(f"{name} ({f.metadata.get('valid', '')})" for name, f in fields.items())

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import UnsupportedModelError
-from ..merge import identity
+from ..merge import GridMerge, identity
+from ..options import int_at_least, is_bool, one_of, option
 from .base import Adapter, attach_denoiser_state, has_class_named
 
 if TYPE_CHECKING:
@@ -48,6 +49,32 @@ class BlockPlan:
 
 
 FULL_BLOCK = BlockPlan()
+
+@dataclass
+class GridMergeLayout:
+    """ToMe-for-SD's layout options (tomesd's names and defaults), shared by the merging methods for U-Nets."""
+
+    max_downsample: int = option(
+        1, valid="1, 2, 4 or 8", check=one_of(1, 2, 4, 8), doc="merge in blocks with at most this downsampling"
+    )
+    sx: int = option(2, valid="int >= 1", check=int_at_least(1), doc="destination stride along x")
+    sy: int = option(2, valid="int >= 1", check=int_at_least(1), doc="destination stride along y")
+    use_rand: bool = option(True, valid="bool", check=is_bool, doc="random destination in each window")
+    merge_attn: bool = option(True, valid="bool", check=is_bool, doc="merge for self-attention (recommended)")
+    merge_crossattn: bool = option(False, valid="bool", check=is_bool, doc="merge for cross-attention")
+    merge_mlp: bool = option(False, valid="bool", check=is_bool, doc="merge for the MLP (not recommended)")
+
+    def plan(self, merge: GridMerge | None) -> BlockPlan:
+        """The block plan that merges before (and unmerges after) the sublayers these options select."""
+        if merge is None:
+            return FULL_BLOCK
+        sub = SublayerPlan(merge, merge.unmerge)
+        return BlockPlan(
+            attn=sub if self.merge_attn else KEEP,
+            cross=sub if self.merge_crossattn else KEEP,
+            mlp=sub if self.merge_mlp else KEEP,
+        )
+
 
 # planner(block, hidden_states) -> BlockPlan for this call of this block
 Planner = Callable[[torch.nn.Module, torch.Tensor], BlockPlan]
