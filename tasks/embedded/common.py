@@ -80,3 +80,32 @@ def relative_to_cwd(path: str | os.PathLike) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def config_path(weights_path: str | os.PathLike) -> Path:
+    """The JSON config stored beside a weights file (``x.safetensors`` -> ``x.json``)."""
+    return Path(weights_path).with_suffix(".json")
+
+
+def read_weights(path: Path, what: str, train_module: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The tensors of a shipped safetensors file and its config (the JSON beside it, else the file's metadata).
+
+    A missing file raises FileNotFoundError saying where it was looked for and how to train it.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{what} weights not found at {path.resolve()}; train them with "
+            f"`python -m tokred.tasks.embedded.{train_module}` (or pass weights_path=)"
+        )
+    config = None
+    if config_path(path).is_file():
+        config = json.loads(config_path(path).read_text(encoding="utf-8"))
+    else:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "config" in meta:
+            config = json.loads(meta["config"])
+    return load_file(str(path)), config

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .common import WEIGHTS_DIR
+from .common import WEIGHTS_DIR, read_weights
 
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "digits_diffusion.safetensors"
 NUM_CLASSES = 10
@@ -145,11 +144,6 @@ def make_scheduler(kind: str = "ddim", config: dict[str, Any] | None = None):
     return classes[kind].from_config(config)
 
 
-def config_path(weights_path: str | os.PathLike) -> Path:
-    """The JSON config stored beside a weights file (``x.safetensors`` -> ``x.json``)."""
-    return Path(weights_path).with_suffix(".json")
-
-
 def state_dict_for_saving(unet: nn.Module, class_embed: nn.Module, dtype: torch.dtype = torch.float32):
     """One flat state dict: ``unet.*`` and ``class_embed.*`` tensors in ``dtype``."""
     state = {f"unet.{k}": v.to(dtype) for k, v in unet.state_dict().items()}
@@ -164,26 +158,10 @@ def load_digits_diffusion(weights_path: str | os.PathLike | None = None) -> Digi
     (or the ``config`` entry of the safetensors metadata). ``scheduler`` is a fresh ``DDIMScheduler`` with the
     model's noise schedule, the one :func:`sample_digits` uses by default.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(weights_path) if weights_path is not None else DEFAULT_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"digits diffusion weights not found at {path.resolve()}; train them with "
-            "`python -m tokred.tasks.embedded.train_diffusion` (or pass weights_path=)"
-        )
-    config = None
-    if config_path(path).is_file():
-        config = json.loads(config_path(path).read_text(encoding="utf-8"))
-    else:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if "config" in meta:
-            config = json.loads(meta["config"])
+    state, config = read_weights(path, "digits diffusion", "train_diffusion")
     config = merge_config(config)
     unet, class_embed = build_digits_diffusion(config)
-    state = load_file(str(path))
     for prefix, module in (("unet.", unet), ("class_embed.", class_embed)):
         part = {k[len(prefix) :]: v.float() for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(part, strict=True)

@@ -28,7 +28,6 @@ from .diffusion import (
     DEFAULT_WEIGHTS,
     NUM_CLASSES,
     build_digits_diffusion,
-    config_path,
     load_digits_diffusion,
     make_scheduler,
     merge_config,
@@ -283,7 +282,7 @@ def train(args: argparse.Namespace, config: dict, classifier) -> dict:
     load_ema_into(ema, ema_unet, ema_class_embed)
     state = state_dict_for_saving(ema_unet, ema_class_embed)
     common.save_safetensors(args.output, state, metadata={"config": json.dumps(config)})
-    common.write_json(config_path(args.output), config)
+    common.write_json(common.config_path(args.output), config)
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.2f} MB) and its config", flush=True)
     return {
         "parameters": n_params,
@@ -318,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # final evaluation on the weights as saved (through the public loader)
     unet, class_embed, scheduler = load_digits_diffusion(args.output)
-    config = json.loads(config_path(args.output).read_text(encoding="utf-8"))
+    config = json.loads(common.config_path(args.output).read_text(encoding="utf-8"))
     default_scale = float(config["sampling"]["guidance_scale"])
     scales = [default_scale] + [s for s in map(float, args.guidance_scales.split(",")) if s != default_scale]
     results = []

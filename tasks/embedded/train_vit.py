@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     output = args.output
     common.save_safetensors(output, model.state_dict(), metadata={"config": json.dumps(config)})
-    common.write_json(vit.config_path(output), config)
+    common.write_json(common.config_path(output), config)
     metrics = {
         "model": "digits_vit",
         "test_top1": round(100 * test_acc, 2),

@@ -8,7 +8,6 @@ Weights: ``weights/digits_vit.safetensors`` with its config in ``weights/digits_
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import WEIGHTS_DIR
+from .common import WEIGHTS_DIR, read_weights
 
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "digits_vit.safetensors"
 
@@ -35,11 +34,6 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-def config_path(weights_path: str | os.PathLike) -> Path:
-    """The JSON config stored beside a weights file (``x.safetensors`` -> ``x.json``)."""
-    return Path(weights_path).with_suffix(".json")
-
-
 def build_digits_vit(config: dict[str, Any] | None = None) -> nn.Module:
     """A randomly initialised digits ViT; ``config`` entries override :data:`DEFAULT_CONFIG`."""
     from timm.models.vision_transformer import VisionTransformer
@@ -53,25 +47,10 @@ def load_digits_vit(weights_path: str | os.PathLike | None = None) -> nn.Module:
     The architecture comes from the JSON config beside the weights file if there is one, else from the
     ``config`` entry of the safetensors metadata, else :data:`DEFAULT_CONFIG`.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(weights_path) if weights_path is not None else DEFAULT_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"digits ViT weights not found at {path.resolve()}; train them with "
-            "`python -m tokred.tasks.embedded.train_vit` (or pass weights_path=)"
-        )
-    config = None
-    if config_path(path).is_file():
-        config = json.loads(config_path(path).read_text(encoding="utf-8"))
-    else:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if "config" in meta:
-            config = json.loads(meta["config"])
+    state, config = read_weights(path, "digits ViT", "train_vit")
     model = build_digits_vit(config)
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    state = {k: v.float() for k, v in state.items()}
     model.load_state_dict(state, strict=True)
     return model.eval()
 
