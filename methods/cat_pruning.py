@@ -200,6 +200,21 @@ def _merge(cache: dict, key: str, out: torch.Tensor, sel: torch.Tensor | None, r
     return out
 
 
+def _heads_qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values of ``x`` [B, N, C] split into heads [B, H, N, d], with diffusers' q/k norms."""
+    B = x.shape[0]
+    query, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    head_dim = k.shape[-1] // attn.heads
+    query = query.view(B, -1, attn.heads, head_dim).transpose(1, 2)
+    k = k.view(B, -1, attn.heads, head_dim).transpose(1, 2)
+    v = v.view(B, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return query, k, v
+
+
 def _merge_kv(
     cache: dict, key: str, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor | None, record: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,15 +338,8 @@ def _joint_attention(
     from ``x`` (and the text tokens), keys and values from every image token (and the text tokens).
     """
     B = x.shape[0]
-    query, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-    head_dim = k.shape[-1] // attn.heads
-    query = query.view(B, -1, attn.heads, head_dim).transpose(1, 2)
-    k = k.view(B, -1, attn.heads, head_dim).transpose(1, 2)
-    v = v.view(B, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
+    query, k, v = _heads_qkv(attn, x)
+    head_dim = k.shape[-1]
     k, v = _merge_kv(cache, key, k, v, sel, record)
 
     if context is not None:
@@ -439,15 +447,8 @@ def _unet_self_attention(
     """diffusers' ``AttnProcessor2_0`` for a 3-D self-attention input, keys/values merged with the cache."""
     residual = x
     B, n, _ = x.shape
-    query, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-    head_dim = k.shape[-1] // attn.heads
-    query = query.view(B, -1, attn.heads, head_dim).transpose(1, 2)
-    k = k.view(B, -1, attn.heads, head_dim).transpose(1, 2)
-    v = v.view(B, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
+    query, k, v = _heads_qkv(attn, x)
+    head_dim = k.shape[-1]
     k, v = _merge_kv(cache, "attn1", k, v, sel, record)
     if attention_mask is not None:
         attention_mask = attn.prepare_attention_mask(attention_mask, k.shape[2] if sel is not None else n, B)
