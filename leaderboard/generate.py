@@ -1,7 +1,7 @@
 """Build the leaderboard (markdown + speed-versus-quality plots) from benchmark results files.
 
 Input: any number of results files in pytest-benchmark's JSON layout, written by ``tokred run`` or by
-``pytest benchmarks/ --benchmark-json=...`` (see :mod:`tokred.results`); benchmarks without tokred's
+``pytest benchmarks/ --benchmark-json=...`` (see :mod:`tokred.bench.results`); benchmarks without tokred's
 ``extra_info`` (other benchmark files) are ignored.
 
 Output: one section per task and hardware (task, size, device name, dtype), each with
@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokred.results import ResultsError, load_results, tokred_benchmarks
+from tokred.bench.results import ResultsError, load_results, tokred_benchmarks
 
 PUBLISHED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "published.json")
 PARETO_MARK = "★"

@@ -1,4 +1,4 @@
-"""Benchmark tasks; importing this package registers them (``tokred.task.get_task("vit_classification")``).
+"""Benchmark tasks; importing this package registers them (``tokred.bench.task.get_task("vit_classification")``).
 
 * ``vit_classification``: timm ViT image classification (embedded digits ViT, or any timm ViT on ImageFolder data).
 * ``text_to_image``: diffusers text-to-image (embedded digits diffusion model, or Stable Diffusion 1.5).

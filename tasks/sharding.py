@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import tokred
-    from tokred.task import get_task
+    from tokred.bench.task import get_task
 
     kwargs = _parse_assignments(args.set)
     if args.dtype is not None:

@@ -40,11 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokred.errors import UnsupportedModelError
-from tokred.task import Metric, Task, register_task
-
-from . import sharding
-from .measure import (
+from tokred.bench.measure import (
     ModuleTimer,
     module_flops,
     peak_memory_mb,
@@ -54,6 +50,10 @@ from .measure import (
     timed,
     torch_dtype,
 )
+from tokred.bench.task import Metric, Task, register_task
+from tokred.errors import UnsupportedModelError
+
+from . import sharding
 from .quality import ClipScorer, PreLogitsFeatures, fid_from_features, inception_features, psnr_ssim, to_uint8
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"

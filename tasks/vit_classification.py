@@ -14,7 +14,7 @@ Data
 Metrics
     ``top1``/``top5`` (%), ``agreement`` (% of top-1 predictions equal to the unreduced model's, after
     :meth:`record_reference`), ``latency_ms`` per batch and ``throughput_per_s`` (images/s), synchronized on CUDA,
-    ``gflops`` per image, ``peak_mem_mb`` (see :mod:`tokred.tasks.measure`).
+    ``gflops`` per image, ``peak_mem_mb`` (see :mod:`tokred.bench.measure`).
 
 >>> task = get_task("vit_classification")(size="embedded"); task.setup(); task.record_reference()
 >>> patch = tokred.apply(task.model, "tome", r=4); task.evaluate(); task.measure_speed(); patch.remove()
@@ -29,11 +29,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from tokred.adapters.timm_vit import TimmViTAdapter
+from tokred.bench.measure import measure, resolve_device, synchronize, torch_dtype
+from tokred.bench.task import Metric, Task, register_task
 from tokred.errors import UnsupportedModelError
-from tokred.task import Metric, Task, register_task
 
 from . import sharding
-from .measure import measure, resolve_device, synchronize, torch_dtype
 from .quality import agreement, topk_correct
 
 DEFAULT_FULL_MODEL = "deit_small_patch16_224"

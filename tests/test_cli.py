@@ -17,12 +17,13 @@ import pytest
 
 import tokred
 from tokred import Method
-from tokred.cli import main
-from tokred.harness import TaskRun, plan_cases, run_task
+from tokred.bench.cli import main
+from tokred.bench.harness import TaskRun, plan_cases
+from tokred.bench.results import load_results
+from tokred.bench.runner import run_task
+from tokred.bench.task import tasks as task_registry
 from tokred.options import is_bool, option
 from tokred.registry import methods as method_registry
-from tokred.results import load_results
-from tokred.task import tasks as task_registry
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -261,7 +262,7 @@ def test_interrupt_leaves_the_model_unpatched(interrupter, tmp_path):
 
 
 def test_selection_over_several_tasks(fake_plugin):
-    from tokred.harness import SelectionError, parse_assignments, plan_all
+    from tokred.bench.harness import SelectionError, parse_assignments, plan_all
 
     # a preset that exists for one family selects the tasks of that family only
     planned = plan_all(["fake_vit", "text_to_image"], "tome", "r8")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tokred.bench.results import ResultsError, load_results, validate, write_results
 from tokred.leaderboard.generate import build, load_sections
-from tokred.results import ResultsError, load_results, validate, write_results
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RESULTS = FIXTURES / "leaderboard_results.json"

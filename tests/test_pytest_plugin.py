@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tokred.bench.results import load_results
+from tokred.bench.task import tasks as task_registry
 from tokred.registry import methods as method_registry
-from tokred.results import load_results
-from tokred.task import tasks as task_registry
 
 pytest_plugins = ["pytester"]
 
@@ -33,7 +33,7 @@ def fake_plugin(monkeypatch):
         monkeypatch.setattr(registry, "_items", dict(registry._items))
     # pytester removes the modules an in-process run imported; torch's and timm's must stay (they cannot be
     # imported twice in one process), so they are imported here, before pytester's snapshot
-    for module in ("timm.models.vision_transformer", "tokred_fake_plugin", "tokred.harness", "tokred.flops",
+    for module in ("timm.models.vision_transformer", "tokred_fake_plugin", "tokred.bench.harness", "tokred.flops",
                    "torch.profiler", "pytest_benchmark.stats"):
         importlib.import_module(module)
 

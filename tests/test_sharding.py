@@ -13,7 +13,7 @@ import torch
 from tiny_models import tiny_sd_pipeline
 
 import tokred
-from tokred.task import get_task
+from tokred.bench.task import get_task
 from tokred.tasks import sharding
 from tokred.tasks.embedded.diffusion import DEFAULT_WEIGHTS as DIGITS_DIFFUSION
 

@@ -8,7 +8,7 @@ import torch
 from tiny_models import tiny_clip_tokenizer, tiny_sd_pipeline
 
 import tokred
-from tokred.task import get_task
+from tokred.bench.task import get_task
 from tokred.tasks.text_to_image import SCHEDULERS, digit_label, imagenet_prompts
 
 FAST = dict(num_images=2, batch_size=2, num_inference_steps=2, progress=False, warmup=0, repeats=1)

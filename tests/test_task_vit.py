@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import tokred
+from tokred.bench.task import get_task, list_tasks
 from tokred.errors import UnsupportedModelError
-from tokred.task import get_task, list_tasks
 
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2, num_classes=3)
 

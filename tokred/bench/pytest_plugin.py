@@ -8,7 +8,7 @@ A test that takes the ``tokred_case`` fixture (``benchmarks/test_methods.py``)::
 is parametrized over the chosen tasks x (the baseline + every registered method x its presets for the task's
 model family), so a method installed through the ``tokred.methods`` entry point is benchmarked without edits.
 Each benchmark times ``task.workload()`` with ``benchmark.pedantic`` (a baseline call interleaved before every
-timed round; see :mod:`tokred.harness`) and fills ``benchmark.extra_info`` with quality, speedup against that
+timed round; see :mod:`tokred.bench.harness`) and fills ``benchmark.extra_info`` with quality, speedup against that
 baseline, GFLOPs, peak memory, options, task, model, device, dtype and package versions.
 
 Options (group ``tokred``)::
@@ -62,7 +62,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _settings(config: pytest.Config) -> dict[str, Any]:
-    from tokred.harness import parse_assignments
+    from tokred.bench.harness import parse_assignments
 
     return {
         "tasks": config.getoption("tokred_task"),
@@ -79,8 +79,8 @@ def _settings(config: pytest.Config) -> dict[str, Any]:
 
 def _plan(config: pytest.Config) -> list[Any]:
     """The selected cases; a bad selection is a pytest usage error (one line, exit code 4)."""
+    from tokred.bench.harness import parse_list, plan_all, task_names
     from tokred.errors import TokredError
-    from tokred.harness import parse_list, plan_all, task_names
 
     try:
         s = _settings(config)
@@ -125,7 +125,7 @@ class BoundCase:
 
     def run(self, benchmark: Any) -> dict[str, Any]:
         """Benchmark the case with pytest-benchmark's fixture; returns (and stores) ``extra_info``."""
-        from tokred.harness import CaseSkipped
+        from tokred.bench.harness import CaseSkipped
 
         benchmark.group = self.case.task
 
@@ -149,9 +149,9 @@ def tokred_runs(request: pytest.FixtureRequest) -> dict[str, Any]:
 @pytest.fixture
 def tokred_case(request: pytest.FixtureRequest, tokred_runs: dict[str, Any]) -> BoundCase:
     """The (task, method, preset) of this parametrized benchmark, bound to its task's session-wide setup."""
-    from tokred.harness import BASELINE, Case, TaskRun, method_presets, parse_list, reproduce_command
+    from tokred.bench.harness import BASELINE, Case, TaskRun, method_presets, parse_list, reproduce_command
+    from tokred.bench.task import get_task
     from tokred.registry import get_method
-    from tokred.task import get_task
 
     param = getattr(request, "param", None)
     if param is None:

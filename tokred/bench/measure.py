@@ -37,7 +37,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    """``"float16"`` -> ``torch.float16`` (the names of :data:`tokred.task.DTYPES`)."""
+    """``"float16"`` -> ``torch.float16`` (the names of :data:`tokred.bench.task.DTYPES`)."""
     try:
         return _DTYPES[name]
     except KeyError:

@@ -9,7 +9,7 @@
                                "ops", "total", "data", "iterations"},
                      "extra_info": {"tokred": 1, "task", "method", "preset", "options", "speedup", ...}}]}
 
-The ``extra_info`` keys written by :mod:`tokred.harness` (schema version :data:`SCHEMA_VERSION`):
+The ``extra_info`` keys written by :mod:`tokred.bench.harness` (schema version :data:`SCHEMA_VERSION`):
 
 =====================  ===============================================================================
 ``task``, ``family``   the task's registry name and model family

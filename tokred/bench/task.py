@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .errors import UnknownTaskError
-from .registry import Registry
+from ..errors import UnknownTaskError
+from ..registry import Registry
 
 SIZES = ("embedded", "full")
 DTYPES = ("float32", "float16", "bfloat16")

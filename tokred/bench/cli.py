@@ -50,8 +50,8 @@ def _fmt_value(value: Any) -> str:
 def listing(jsonable: bool = False) -> dict[str, Any]:
     """Methods (families, options with defaults and valid ranges, presets) and tasks, as plain data (JSON types
     only with ``jsonable``: tuples become lists)."""
-    from .options import describe
-    from .registry import get_method, list_methods
+    from ..options import describe
+    from ..registry import get_method, list_methods
     from .results import to_jsonable
     from .task import get_task, list_tasks
 
@@ -165,8 +165,8 @@ def _log(message: str) -> None:
 
 
 def run_planned(planned: list[tuple[Any, list[Any], str]], resume: bool) -> tuple[int, list[str]]:
-    from .errors import TokredError
-    from .harness import run_task
+    from ..errors import TokredError
+    from .runner import run_task
 
     written: list[str] = []
     status = EXIT_OK
@@ -204,7 +204,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from .leaderboard.generate import build
+    from ..leaderboard.generate import build
 
     command = "tokred leaderboard " + " ".join(args.results) + f" -o {args.output}"
     sections = build(args.results, args.output, command=command, published=not args.no_published)
@@ -217,7 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     status, written = run_planned(planned, args.resume)
     if status == EXIT_INTERRUPTED:
         return status
-    from .leaderboard.generate import build
+    from ..leaderboard.generate import build
 
     existing = [p for p in written if os.path.exists(p)]
     if not existing:
@@ -280,7 +280,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import TokredError
+    from ..errors import TokredError
     from .results import ResultsError
 
     parser = make_parser()
