@@ -15,20 +15,17 @@ Random weights: on random-init SD1.5 the best source-destination similarities of
 counts); the benchmarks use 0.45, which merges about half of the sources. The timings show what a token count
 costs; the count a threshold gives on trained weights is a different matter.
 
-CPU timings drift between runs, so the variants are measured interleaved: every benchmark round runs each
-variant once and times each call; pytest-benchmark's own statistics are those of a whole round and
-``extra_info`` holds each variant's median and fastest call (the ratios use the fastest: on a shared machine
-noise only adds time).
+Statistics (:func:`conftest.paired_rounds`): the variants are timed in the same rounds, the warm-up round is
+dropped, and every speedup is the median of the per-round ratios with a 95% bootstrap interval.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch
-from conftest import unet_inputs
+from conftest import paired_rounds, timed_call, unet_inputs
 
 import tokred
 from tokred.merge import grid_destinations, grid_matching
@@ -47,39 +44,28 @@ def call_args():
     return (inputs["sample"], inputs["timestep"]), {"encoder_hidden_states": inputs["encoder_hidden_states"]}
 
 
-def timed_rounds(benchmark, one_round, times: dict[str, list[float]]) -> dict[str, float]:
-    """Run the rounds; record each variant's median and fastest call; return the fastest."""
-    with torch.inference_mode():
-        benchmark.pedantic(one_round, rounds=3, iterations=1, warmup_rounds=1)
-    timed = {name: t[1:] for name, t in times.items()}  # t[0]: the warm-up round
-    benchmark.extra_info["median_s"] = {name: statistics.median(t) for name, t in timed.items()}
-    # Noise on a shared CPU only ever adds time, so the ratios use each variant's fastest call.
-    fastest = {name: min(t) for name, t in timed.items()}
-    benchmark.extra_info["min_s"] = fastest
-    return fastest
-
-
 def test_sd15_recompute_vs_reuse_step(benchmark, sd15_unet):
     args, kwargs = call_args()
-    times: dict[str, list[float]] = {"recompute": [], "reuse": []}
     patch = tokred.apply(sd15_unet, "ca_tome", threshold=THRESHOLD, compute_on=range(1, 1000, 2))
 
-    def one_round() -> None:
-        for name in ("recompute", "reuse"):  # odd step, then even step; the timestep never rises: no reset
-            start = time.perf_counter()
-            sd15_unet(*args, **kwargs)
-            times[name].append(time.perf_counter() - start)
-            assert all(s.computed == (name == "recompute") for s in patch.state.call["ca_tome"].values())
+    def step(name: str) -> float:
+        seconds = timed_call(lambda: sd15_unet(*args, **kwargs))
+        assert all(s.computed == (name == "recompute") for s in patch.state.call["ca_tome"].values())
+        return seconds
 
+    # odd step, then even step, in this order every round (the step number decides); the timestep never rises,
+    # so the patch never resets
+    variants = {"recompute": lambda: step("recompute"), "reuse": lambda: step("reuse")}
     try:
-        fastest = timed_rounds(benchmark, one_round, times)
+        timed = paired_rounds(benchmark, variants, baseline="recompute", rotate=False)
         stats = patch.state.call["ca_tome"]
     finally:
         patch.remove()
+    differences = [a - b for a, b in zip(timed["recompute"], timed["reuse"], strict=True)]
     benchmark.extra_info.update(
         INFO,
-        recompute_over_reuse=fastest["recompute"] / fastest["reuse"],
-        recompute_minus_reuse_ms=1e3 * (fastest["recompute"] - fastest["reuse"]),
+        meaning="speedup['reuse']: a reuse step's speedup over a recompute step (median of per-round ratios)",
+        recompute_minus_reuse_ms=1e3 * statistics.median(differences),
         merged_per_block={name: s.r[0] for name, s in stats.items()},
         tokens_per_block=next(iter(stats.values())).tokens,
         note=NOTE,
@@ -121,11 +107,11 @@ def test_sd15_search_cost_per_step(benchmark, top_block_inputs):
         return out
 
     with torch.inference_mode():
-        merges = benchmark.pedantic(search, rounds=20, iterations=3, warmup_rounds=2)
+        merges = benchmark.pedantic(search, rounds=20, iterations=3, warmup_rounds=2)  # warm-up not in the stats
     benchmark.extra_info.update(
         INFO,
         blocks=len(merges),
-        merged_per_block=[m.r for m in merges],
+        merged_per_block=[m.r if m else 0 for m in merges],
         meaning="time a reuse step saves over a recompute step (the gathers/scatters run in both)",
         note=NOTE,
     )
@@ -151,29 +137,24 @@ def test_sd15_ca_tome_vs_tome_at_similar_token_count(benchmark, sd15_unet, top_b
     tome_merged = blocks * int(tokens_per_block * ratio)
 
     args, kwargs = call_args()
+    call = lambda: sd15_unet(*args, **kwargs)
     ca, tome = f"ca_tome_{THRESHOLD}", f"tome_{ratio}"
-    times: dict[str, list[float]] = {"baseline": [], f"{ca}_recompute": [], f"{ca}_reuse": [], tome: []}
     counts: dict[str, list[int]] = {}
 
-    def timed(name: str) -> None:
-        start = time.perf_counter()
-        sd15_unet(*args, **kwargs)
-        times[name].append(time.perf_counter() - start)
-
-    def one_round() -> None:
-        timed("baseline")
+    def ca_tome_steps() -> dict[str, float]:
         with tokred.apply(sd15_unet, "ca_tome", threshold=THRESHOLD, compute_on=[]) as patch:
-            timed(f"{ca}_recompute")  # step 1: empty cache, pairs computed
-            timed(f"{ca}_reuse")  # step 2: cached pairs
+            out = {f"{ca}_recompute": timed_call(call)}  # step 1: empty cache, pairs computed
+            out[f"{ca}_reuse"] = timed_call(call)  # step 2: cached pairs
             counts["ca_tome"] = [s.r[0] for s in patch.state.call["ca_tome"].values()]
-        with tokred.apply(sd15_unet, "tome", ratio=ratio):
-            timed(tome)
+        return out
 
-    fastest = timed_rounds(benchmark, one_round, times)
-    base = fastest["baseline"]
+    def tome_step() -> float:
+        with tokred.apply(sd15_unet, "tome", ratio=ratio):
+            return timed_call(call)
+
+    paired_rounds(benchmark, {"baseline": lambda: timed_call(call), "ca_tome": ca_tome_steps, tome: tome_step})
     benchmark.extra_info.update(
         INFO,
-        speedup_vs_baseline={name: base / m for name, m in fastest.items()},
         merged_at_threshold={str(t): sum(c.values()) for t, c in probe.items()},
         tome_ratio=ratio,
         tokens_per_block=tokens_per_block,

@@ -1,19 +1,30 @@
-"""Quality metrics shared by the tasks: accuracy and agreement, FID, CLIP score, PSNR and SSIM.
+"""Quality metrics shared by the tasks: accuracy and agreement, FID, KID, CLIP score, PSNR and SSIM, each with
+a 95% interval.
 
 Images passed around here are ``uint8`` tensors ``[N, C, H, W]`` (what a saved PNG holds), so generated and
 real images go through the same quantisation. The heavy parts (feature extraction) are plain modules the tasks
 call per batch, so they can be sharded across processes; the statistics are then computed from the gathered
 features with torchmetrics.
+
+Intervals (:mod:`tokred.bench.stats`): Wilson score intervals for proportions (:func:`proportion`: top-1, top-5,
+agreement, class accuracy); a percentile bootstrap over images of the mean for per-image scores (:func:`mean_score`:
+PSNR, SSIM, CLIP score); for FID and KID a bootstrap over the generated images (:data:`QUALITY_RESAMPLES`
+resamples, seed 0; the real or reference features stay fixed) with the bias correction of
+:func:`tokred.bench.stats.bias_corrected_interval` (:func:`fid_with_ci`, :func:`kid_with_ci`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+
+from tokred.bench.stats import QUALITY_RESAMPLES, bias_corrected_interval, bootstrap_indices, mean_ci, wilson_percent
 
 PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; we report this instead so that averages stay finite
 
@@ -101,6 +112,128 @@ def fid_from_features(real: torch.Tensor, fake: torch.Tensor) -> float:
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     return max(float(metric.compute()), 0.0)  # rounding can give -1e-15 for identical sets
+
+
+def _fid_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric positive semi-definite matrix."""
+    w, v = np.linalg.eigh(matrix)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def _fid_replicates(real: np.ndarray, fake: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """FID of each resample ``fake[indices[b]]`` against the fixed ``real`` set.
+
+    ``tr sqrt(S_r S_f) = sum sqrt(eig(R S_f R))`` with ``R = sqrt(S_r)``; ``R S_f R = Y^T Y`` for the centred,
+    scaled ``Y = X_c R / sqrt(n - 1)``, whose non-zero eigenvalues are those of the ``n x n`` Gram matrix
+    ``Y Y^T``: the smaller of the two is decomposed, so a resample costs one ``n x d x d`` product.
+    """
+    mu_r, cov_r = _fid_statistics(real)
+    root = _sqrtm_psd(np.atleast_2d(cov_r))
+    trace_r = float(np.trace(np.atleast_2d(cov_r)))
+    n, d = indices.shape[1], real.shape[1]
+    out = np.empty(len(indices))
+    for b, idx in enumerate(indices):
+        x = fake[idx]
+        mu = x.mean(axis=0)
+        centred = (x - mu) / math.sqrt(n - 1)
+        y = centred @ root
+        gram = y @ y.T if n <= d else y.T @ y
+        eig = np.clip(np.linalg.eigvalsh(gram), 0.0, None)
+        out[b] = float(((mu - mu_r) ** 2).sum()) + trace_r + float((centred**2).sum()) - 2.0 * float(np.sqrt(eig).sum())
+    return out
+
+
+def fid_with_ci(
+    real: torch.Tensor, fake: torch.Tensor, resamples: int = QUALITY_RESAMPLES, seed: int = 0
+) -> tuple[float, tuple[float, float]]:
+    """FID (:func:`fid_from_features`) and its 95% interval: a bootstrap over the generated features ``fake``
+    (``real`` fixed), bias-corrected (resampling duplicates images, which inflates FID)."""
+    value = fid_from_features(real, fake)
+    r, f = real.double().numpy(), fake.double().numpy()
+    replicates = _fid_replicates(r, f, bootstrap_indices(len(f), resamples, seed))
+    return value, bias_corrected_interval(value, replicates)
+
+
+def _poly_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """KID's kernel (torchmetrics' defaults): ``(a . b / d + 1) ** 3``."""
+    return (a @ b.T / a.shape[1] + 1.0) ** 3
+
+
+def _kid_replicates(real: np.ndarray, fake: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """The unbiased MMD^2 (polynomial kernel) of each resample ``fake[indices[b]]`` against all of ``real``."""
+    k_rr = _poly_kernel(real, real)
+    m = len(real)
+    rr = (k_rr.sum() - np.trace(k_rr)) / (m * (m - 1))
+    k_ff, k_fr = _poly_kernel(fake, fake), _poly_kernel(fake, real)
+    n = indices.shape[1]
+    out = np.empty(len(indices))
+    for b, idx in enumerate(indices):
+        ff = k_ff[np.ix_(idx, idx)]
+        out[b] = rr + (ff.sum() - np.trace(ff)) / (n * (n - 1)) - 2.0 * k_fr[idx].mean()
+    return out
+
+
+def kid_from_features(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, seed: int = 0) -> tuple[float, float]:
+    """KID (mean and standard deviation over ``subsets`` random subsets) with torchmetrics'
+    ``KernelInceptionDistance`` on precomputed features; the subset size is the smaller set's size, so every
+    image takes part. The subsets are drawn from a private generator seeded with ``seed``."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"need [N, d] feature sets of one width, got {tuple(real.shape)}, {tuple(fake.shape)}")
+    size = min(len(real), len(fake))
+    if size < 2:
+        raise ValueError("KID needs at least two real and two generated samples")
+    with warnings.catch_warnings():  # "will save all extracted features": they are already all in memory here
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        metric = KernelInceptionDistance(
+            feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size, normalize=True,
+            sync_on_compute=False,
+        )  # fmt: skip
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    with torch.random.fork_rng(devices=[]):  # compute() draws its subsets from the global generator
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def kid_with_ci(
+    real: torch.Tensor, fake: torch.Tensor, resamples: int = QUALITY_RESAMPLES, seed: int = 0
+) -> tuple[float, tuple[float, float]]:
+    """KID (torchmetrics, :func:`kid_from_features`) and its 95% interval: the spread of the full-sample KID over
+    a bootstrap of the generated images (``real`` fixed), bias-corrected and centred on the KID. (torchmetrics'
+    own standard deviation is that of KID over subsets, not an interval of the estimate.)"""
+    value, _ = kid_from_features(real, fake, seed=seed)
+    r, f = real.double().numpy(), fake.double().numpy()
+    replicates = _kid_replicates(r, f, bootstrap_indices(len(f), resamples, seed))
+    full = float(_kid_replicates(r, f, np.arange(len(f))[None])[0])
+    lo, hi = bias_corrected_interval(full, replicates, floor=None)
+    return value, (lo - full + value, hi - full + value)
+
+
+# --- intervals of per-sample metrics ---------------------------------------------------------------------
+
+
+def proportion(hits: Sequence[bool] | torch.Tensor) -> tuple[float, tuple[float, float], int]:
+    """Percentage of true values, its 95% Wilson interval (percent) and the count."""
+    values = [bool(h) for h in (hits.tolist() if isinstance(hits, torch.Tensor) else hits)]
+    if not values:
+        raise ValueError("no samples")
+    k, n = sum(values), len(values)
+    return 100.0 * k / n, wilson_percent(k, n), n
+
+
+def mean_score(scores: Sequence[float]) -> tuple[float, tuple[float, float], int]:
+    """Mean of per-image scores, its 95% percentile-bootstrap interval and the count."""
+    values = [float(s) for s in scores]
+    if not values:
+        raise ValueError("no samples")
+    return float(np.mean(values)), mean_ci(values), len(values)
 
 
 class PreLogitsFeatures(nn.Module):

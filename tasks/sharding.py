@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Run one task's evaluation, sharded over the processes of an accelerate/torchrun launch.",
     )
     parser.add_argument("task", help="task name, e.g. text_to_image or vit_classification")
-    parser.add_argument("--size", default="embedded", choices=("embedded", "full"))
+    parser.add_argument("--size", default="embedded", choices=("embedded", "arch", "full"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (task default if omitted)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="task constructor argument")
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             "method_options": _parse_assignments(args.method_option),
             "num_processes": num_processes(),
             "metrics": metrics,
+            "metrics_ci": getattr(metrics, "ci", {}),  # 95% intervals (tokred.bench.task.Quality)
+            "metrics_n": getattr(metrics, "n", {}),
         }
         if args.out:
             with open(args.out, "w") as fh:

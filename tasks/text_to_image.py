@@ -1,5 +1,6 @@
-"""Text-to-image diffusion with a diffusers U-Net: seconds per image, the U-Net's share, GFLOPs, memory, and
-image quality (FID, CLIP score, PSNR/SSIM against the unreduced model, class accuracy).
+"""Text-to-image diffusion with a diffusers U-Net: GFLOPs, the U-Net's share, memory, and image quality (FID,
+KID, CLIP score, PSNR/SSIM against the unreduced model, class accuracy), each with a 95% interval. The harness
+times the workload (seconds per image, speedup); this task does not time anything.
 
 Model
     ``size="full"``: ``StableDiffusionPipeline.from_pretrained(model)``, default Stable Diffusion 1.5
@@ -7,22 +8,26 @@ Model
     downloads) or a local directory; float16 on CUDA by default; the safety checker is not loaded (it would
     black out images and skew FID). ``size="embedded"`` (default): the class-conditional pixel-space digits
     diffusion U-Net shipped with tokred (SD's block layout, 32x32 tokens in the top blocks, classifier-free
-    guidance), which runs offline on a CPU in seconds per batch.
+    guidance), which runs offline on a CPU in seconds per batch. ``size="arch"``: SD1.5's U-Net configuration with
+    random weights in a real DDIM loop (:mod:`tokred.tasks.arch`): 512 px (64x64 latents) in float16 on CUDA,
+    256 px (32x32 latents) in float32 on CPU, one prompt per generation (a U-Net batch of 2 with guidance),
+    random text embeddings; speed, FLOPs, memory and token counts only (no quality).
 Prompts
     a text file (one prompt a line) or a list; by default tomesd's FID protocol, ``"A high quality photograph of
     a {class}."`` over the 1000 ImageNet classes (names from timm's ImageNet metadata), and for the embedded model
     ``"a handwritten digit {d}"`` (any prompt holding one digit works; it selects the class). Image ``i`` uses
     prompt ``i % len(prompts)`` and seed ``seed + i``, for any batch size or number of processes.
 Metrics
-    speed (:meth:`measure_speed`): ``s_per_image``, ``throughput_per_s`` (images/s), ``latency_ms`` (per batch),
-    ``unet_share`` (fraction of the time inside the U-Net's forward, timed with synchronizing hooks in a separate
-    run), ``gflops`` and ``unet_gflops`` per image, ``peak_mem_mb``.
-    quality (:meth:`evaluate`): ``fid`` against real images (embedded: the digits test split in the feature space
-    of the embedded digits ViT's pre-logits; full: ``fid_real_dir`` with torchmetrics' Inception, or any
-    ``fid_features`` module); ``fid_vs_reference`` (FID against the unreduced model's images, full size without
-    real images); ``class_accuracy`` (embedded: % of samples the digits ViT classifies as the requested digit);
-    ``clip_score`` (with ``clip_model``); ``psnr``/``ssim`` of each image against the unreduced model's image
-    with the same seed (after :meth:`record_reference`).
+    speed (:meth:`measure_speed`, one extra generation of a batch): ``gflops`` and ``unet_gflops`` per image,
+    ``peak_mem_mb``, and (embedded, full) ``unet_share``, the fraction of a generation's time inside the U-Net's
+    forward (synchronizing hooks, in a call of its own).
+    quality (:meth:`evaluate`, a :class:`~tokred.bench.task.Quality` with intervals and counts): ``fid`` and ``kid``
+    against real images (embedded: the digits test split in the feature space of the embedded digits ViT's
+    pre-logits; full: ``fid_real_dir`` with torchmetrics' Inception, or any ``fid_features`` module);
+    ``fid_vs_reference`` (FID against the unreduced model's images, full size without real images);
+    ``class_accuracy`` (embedded: % of samples the digits ViT classifies as the requested digit); ``clip_score``
+    (with ``clip_model``); ``psnr``/``ssim`` of each image against the unreduced model's image with the same seed
+    (after :meth:`record_reference`; not reported for the unreduced model itself).
 
 Generation and feature extraction are sharded across the processes of an ``accelerate``/``torchrun`` launch
 (:mod:`tokred.tasks.sharding`); the results are identical to a single process's.
@@ -33,34 +38,40 @@ from __future__ import annotations
 import inspect
 import os
 import re
-import statistics
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from tokred.bench.measure import (
-    ModuleTimer,
-    module_flops,
-    peak_memory_mb,
-    resolve_device,
-    synchronize,
-    time_calls,
-    timed,
-    torch_dtype,
-)
-from tokred.bench.task import Metric, Task, register_task
+from tokred.bench.contention import cpu_count
+from tokred.bench.measure import ModuleTimer, flops_and_memory, resolve_device, synchronize, timed, torch_dtype
+from tokred.bench.task import Metric, Quality, Task, check_bool, check_int, check_number, register_task
 from tokred.errors import UnsupportedModelError
 
-from . import sharding
-from .quality import ClipScorer, PreLogitsFeatures, fid_from_features, inception_features, psnr_ssim, to_uint8
+from . import arch, sharding
+from .quality import (
+    ClipScorer,
+    PreLogitsFeatures,
+    fid_with_ci,
+    inception_features,
+    kid_with_ci,
+    mean_score,
+    proportion,
+    psnr_ssim,
+    to_uint8,
+)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 EMBEDDED_MODEL = "tokred-digits-diffusion"
 IMAGENET_TEMPLATE = "A high quality photograph of a {}."
 DIGIT_TEMPLATE = "a handwritten digit {}"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+EMBEDDED_NOTE = (
+    "the embedded digits U-Net is narrow (16 channels in its 1024-token blocks): the reduction methods' own work "
+    "(matching, gathers, caches) is large next to the compute they save, so its measured speedups stay below the "
+    "FLOPs-ideal and below those reported for SD1.5; `--size arch` measures SD1.5's architecture"
+)
 
 
 def _progress(iterable, enabled: bool, **kwargs):
@@ -121,18 +132,21 @@ def imagenet_prompts() -> list[str]:
 
 
 def read_prompts(prompts: str | Sequence[str]) -> list[str]:
-    """Prompts from a text file (one per non-empty line) or a list."""
+    """Prompts from a text file (one per non-empty line) or a non-empty list of strings."""
     if isinstance(prompts, str):
         if not os.path.isfile(prompts):
             raise FileNotFoundError(f"prompts file {prompts!r} not found (one prompt per line expected)")
         with open(prompts, encoding="utf-8") as fh:
             lines = [line.strip() for line in fh]
         out = [line for line in lines if line]
-    else:
-        out = [str(p) for p in prompts]
-    if not out:
-        raise ValueError("no prompts given")
-    return out
+        if not out:
+            raise ValueError(f"prompts file {prompts!r} holds no prompts (one prompt per non-empty line expected)")
+        return out
+    if isinstance(prompts, bytes) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError(f"prompts must be a prompts file or a non-empty list of strings, got {prompts!r}")
+    if not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"prompts must be non-empty strings, got {list(prompts)!r}")
+    return [str(p) for p in prompts]
 
 
 def digit_label(prompt: str) -> int:
@@ -210,18 +224,22 @@ def read_image(path: str, resolution: int) -> torch.Tensor:
 
 @register_task("text_to_image")
 class TextToImage(Task):
-    """Seconds per image, U-Net share, GFLOPs, memory and image quality of a text-to-image diffusion model (the
-    embedded digits model by default, Stable Diffusion 1.5 with ``size="full"``)."""
+    """GFLOPs, U-Net share, memory and image quality of a text-to-image diffusion model (the embedded digits
+    model by default, Stable Diffusion 1.5 with ``size="full"``, SD1.5's architecture at random init with
+    ``size="arch"``); the harness times its workload."""
 
-    summary = "diffusers text-to-image: s/image, U-Net share, GFLOPs, memory, FID, CLIP, PSNR/SSIM, class accuracy"
+    summary = (
+        "diffusers text-to-image: s/image, U-Net share, GFLOPs, memory, FID, KID, CLIP, PSNR/SSIM, class accuracy"
+    )
     family = "diffusers_unet"
     metrics = (
         Metric("fid", "lower"),
-        Metric("fid_vs_reference", "lower"),
+        Metric("kid", "lower"),
+        Metric("fid_vs_reference", "lower", reference=True),
         Metric("class_accuracy", "higher", "%"),
         Metric("clip_score", "higher"),
-        Metric("psnr", "higher", "dB"),
-        Metric("ssim", "higher"),
+        Metric("psnr", "higher", "dB", reference=True),
+        Metric("ssim", "higher", reference=True),
         Metric("s_per_image", "lower", "s", "speed"),
         Metric("throughput_per_s", "higher", "img/s", "speed"),
         Metric("latency_ms", "lower", "ms", "speed"),
@@ -251,61 +269,101 @@ class TextToImage(Task):
         num_real_images: int | None = None,
         inception_weights: str | None = None,
         clip_model: str | None = None,
-        warmup: int = 1,
-        repeats: int = 3,
+        unet_config: dict[str, Any] | None = None,
         progress: bool = True,
     ) -> None:
-        """
+        """Every setting is checked here (a ValueError naming it and its valid range).
+
         Args:
-            dtype: default float16 for the full model on CUDA, float32 otherwise.
+            dtype: default float16 for the full and arch models on CUDA, float32 otherwise.
             model: Hugging Face id or local directory of a StableDiffusionPipeline (``size="full"``).
-            scheduler: sampler by name (see :data:`SCHEDULERS`); default: the model's own.
-            num_inference_steps: default 50 (full), 20 (embedded).
-            guidance_scale: classifier-free guidance; default 7.5 (full), the embedded sampler's default.
-            resolution: image side in pixels (full; default the U-Net's sample size x the VAE factor).
-            prompts: text file or list; default ImageNet-class prompts (full) / ``"a handwritten digit {d}"``.
-            num_images: images generated by :meth:`evaluate` (default 50 embedded, 2000 full = 2 per class).
-            batch_size: images per pipeline call (default 10 embedded, 1 full).
-            seed: image ``i`` is generated from seed ``seed + i``.
+            scheduler: sampler by name (see :data:`SCHEDULERS`); default: the model's own (arch: SD1.5's DDIM).
+            num_inference_steps: int >= 1; default 50 (full; arch on CUDA), 20 (embedded), 10 (arch on CPU).
+            guidance_scale: classifier-free guidance (> 1 enables it), >= 0; default 7.5 (full, arch), the embedded
+                sampler's default.
+            resolution: image side in pixels; full: default the U-Net's sample size x the VAE factor; arch: default
+                512 on CUDA, 256 on CPU, a multiple of 64 (latents of 1/8 the side, halved three times).
+            prompts: text file or non-empty list; default ImageNet-class prompts (full) / ``"a handwritten digit
+                {d}"`` (embedded, where each prompt names one digit). Not used by arch (random text embeddings).
+            num_images: int >= 1 images generated by :meth:`evaluate` (default 50 embedded, 2000 full = 2 per class;
+                arch evaluates nothing).
+            batch_size: int >= 1 images per pipeline call, also the timed workload (default 10 embedded, 1 full and
+                arch).
+            seed: int in [0, 2**63): image ``i`` is generated from seed ``seed + i``.
             fid: ``"auto"`` (embedded: digits-ViT features; full: Inception when ``fid_real_dir`` is given, or
                 against the reference when torch-fidelity is installed), ``"inception"``, an ``nn.Module`` with
-                ``num_features`` taking uint8 images, or None (no FID).
+                an int ``num_features`` taking uint8 images, or None (no FID/KID).
             fid_real_dir: real images for FID (full size), any folder layout.
-            num_real_images: use an evenly spaced subset of the real images.
+            num_real_images: int >= 2: use an evenly spaced subset of the real images.
             inception_weights: local Inception weights file for torchmetrics' FID (offline use).
             clip_model: CLIP model id or local path for the CLIP score (none by default).
-            warmup, repeats: untimed and timed generations of one batch in :meth:`measure_speed`.
+            unet_config: arch only: entries overriding SD1.5's U-Net configuration (tests use a tiny one).
             progress: tqdm progress bars.
         """
+        cuda = str(device).startswith("cuda")
         if dtype is None:
-            dtype = "float16" if (size == "full" and str(device).startswith("cuda")) else "float32"
+            dtype = "float16" if (size in ("full", "arch") and cuda) else "float32"
         super().__init__(size=size, device=device, dtype=dtype)
-        if size == "embedded" and (model is not None or resolution not in (None, 32)):
-            raise ValueError("size='embedded' uses the embedded 32x32 digits model; pass size='full' for model=")
-        if size == "embedded" and (clip_model is not None or fid_real_dir is not None):
-            raise ValueError(
-                "clip_model and fid_real_dir apply to size='full'; the embedded model is judged by the "
-                "digits classifier"
-            )
-        self.model_name = EMBEDDED_MODEL if size == "embedded" else (model or DEFAULT_MODEL)
-        self.scheduler_name = scheduler
-        self.num_inference_steps = num_inference_steps or (20 if size == "embedded" else 50)
-        self.guidance_scale = guidance_scale
-        self.resolution = resolution
+        embedded, is_arch = size == "embedded", size == "arch"
+        if model is not None and size != "full":
+            raise ValueError(f"model= applies to size='full'; size={size!r} builds its own model")
+        if model is not None and not isinstance(model, str):
+            raise ValueError(f"model must be a Hugging Face id or a local directory (a string), got {model!r}")
+        if (clip_model is not None or fid_real_dir is not None) and size != "full":
+            judged = "the digits classifier" if embedded else "nothing (speed only)"
+            raise ValueError(f"clip_model and fid_real_dir apply to size='full'; size={size!r} is judged by {judged}")
+        if scheduler is not None and (not isinstance(scheduler, str) or scheduler.lower() not in SCHEDULERS):
+            raise ValueError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+        check_int("num_inference_steps", num_inference_steps, 1, none_ok=True)
+        check_number("guidance_scale", guidance_scale, 0.0, none_ok=True)
+        check_int("num_images", num_images, 1, none_ok=True)
+        check_int("batch_size", batch_size, 1, none_ok=True)
+        check_int("seed", seed, 0, 2**63 - 1)
+        check_int("num_real_images", num_real_images, 2, none_ok=True)
+        check_bool("progress", progress)
+        if unet_config is not None and not is_arch:
+            raise ValueError("unet_config applies to size='arch' (SD1.5's architecture at random init)")
+        if unet_config is not None and not isinstance(unet_config, dict):
+            raise ValueError(f"unet_config must be a dict of UNet2DConditionModel arguments, got {unet_config!r}")
+        self.unet_config = arch.sd15_unet_config(unet_config) if is_arch else None
+        if embedded and resolution not in (None, 32):
+            raise ValueError(f"resolution must be 32 (or None) for the embedded 32x32 digits model, got {resolution!r}")
+        check_int("resolution", resolution, 8, none_ok=True)
+        if is_arch:
+            resolution = resolution if resolution is not None else (512 if cuda else 256)
+            multiple = arch.VAE_SCALE_FACTOR * arch.latent_multiple(self.unet_config)
+            if resolution % multiple:
+                raise ValueError(f"resolution must be a multiple of {multiple} for this U-Net, got {resolution}")
+        if is_arch and prompts is not None:
+            raise ValueError("prompts do not apply to size='arch' (random text embeddings)")
+        if not (fid is None or fid in ("auto", "inception") or isinstance(fid, nn.Module)):
+            raise ValueError(f"fid must be 'auto', 'inception', an nn.Module or None, got {fid!r}")
+        if isinstance(fid, nn.Module) and not isinstance(getattr(fid, "num_features", None), int):
+            raise ValueError("a custom fid feature module needs an int attribute num_features")
+        for name, value in (("fid_real_dir", fid_real_dir), ("inception_weights", inception_weights),
+                            ("clip_model", clip_model)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a path or id (a string) or None, got {value!r}")
         self._prompt_source = prompts
+        self._given_prompts = read_prompts(prompts) if prompts is not None else None
+        if embedded and self._given_prompts is not None:
+            for p in self._given_prompts:
+                digit_label(p)  # each embedded prompt must name one digit
+        self.model_name = {"embedded": EMBEDDED_MODEL, "arch": arch.SD15_NAME}.get(size, model or DEFAULT_MODEL)
+        self.scheduler_name = scheduler
+        default_steps = {"embedded": 20, "arch": 50 if cuda else 10}.get(size, 50)
+        self.num_inference_steps = num_inference_steps if num_inference_steps is not None else default_steps
+        self.guidance_scale = float(guidance_scale) if guidance_scale is not None else (7.5 if is_arch else None)
+        self.resolution = resolution
         self.prompts: list[str] = []
-        self.num_images = num_images or (50 if size == "embedded" else 2000)
-        self.batch_size = batch_size or (10 if size == "embedded" else 1)
-        if self.num_images < 1 or self.batch_size < 1:
-            raise ValueError("num_images and batch_size must be >= 1")
+        self.num_images = num_images if num_images is not None else {"embedded": 50, "arch": 0}.get(size, 2000)
+        self.batch_size = batch_size if batch_size is not None else (10 if embedded else 1)
         self.seed = seed
-        self.fid = fid
+        self.fid = None if is_arch else fid
         self.fid_real_dir = fid_real_dir
         self.num_real_images = num_real_images
         self.inception_weights = inception_weights
         self.clip_model = clip_model
-        self.warmup = warmup
-        self.repeats = repeats
         self.progress = progress
         self.classifier: PreLogitsFeatures | None = None
         self.feature_module: nn.Module | None = None
@@ -314,14 +372,24 @@ class TextToImage(Task):
         self._real_features: torch.Tensor | None = None
         self._reference_features: torch.Tensor | None = None
 
+    def default_threads(self) -> int | None:
+        """One thread for the embedded model (as fast as two, and robust to a busy neighbour); all available
+        cores for the real architectures on CPU; torch's setting on GPUs."""
+        if self.size == "embedded":
+            return 1
+        return cpu_count() if torch.device(self.device).type == "cpu" else None
+
+    def notes(self) -> list[str]:
+        """Caveats for every row of this task's results (the leaderboard prints them under the section)."""
+        if self.size == "embedded":
+            return [EMBEDDED_NOTE]
+        return []
+
     # --- setup -----------------------------------------------------------------------------------------
     def setup(self) -> None:
         self.torch_device = resolve_device(self.device)
         self.torch_dtype = torch_dtype(self.dtype)
-        if self.size == "embedded":
-            self._setup_embedded()
-        else:
-            self._setup_full()
+        {"embedded": self._setup_embedded, "arch": self._setup_arch}.get(self.size, self._setup_full)()
         self._setup_quality()
 
     def _setup_embedded(self) -> None:
@@ -340,12 +408,19 @@ class TextToImage(Task):
         self.resolution = 32
         if self.guidance_scale is None:
             self.guidance_scale = _default_digits_guidance()
-        self.prompts = (
-            read_prompts(self._prompt_source) if self._prompt_source else [DIGIT_TEMPLATE.format(d) for d in range(10)]
-        )
+        self.prompts = self._given_prompts or [DIGIT_TEMPLATE.format(d) for d in range(10)]
         self.labels = [digit_label(p) for p in self.prompts]
         self.classifier = PreLogitsFeatures(load_digits_vit().eval(), mean=0.5, std=0.5).to(self.torch_device)
         self._real_images_loader = lambda: to_uint8(torch.as_tensor(load_digits_split("test")[0]), (-1.0, 1.0))
+
+    def _setup_arch(self) -> None:
+        unet = arch.build_sd15_unet(self.unet_config, seed=self.seed).to(self.torch_device, self.torch_dtype)
+        sched = arch.sd15_scheduler()
+        if self.scheduler_name is not None:
+            sched = make_scheduler(self.scheduler_name, sched.config)
+        self.model = arch.ArchDiffusion(unet, sched, embedding_seed=self.seed)
+        self.latent_size = self.resolution // arch.VAE_SCALE_FACTOR
+        self.labels = []
 
     def _setup_full(self) -> None:
         from diffusers import StableDiffusionPipeline
@@ -380,14 +455,12 @@ class TextToImage(Task):
             raise ValueError(f"resolution {self.resolution} must be a multiple of {pipe.vae_scale_factor}")
         if self.guidance_scale is None:
             self.guidance_scale = 7.5
-        self.prompts = read_prompts(self._prompt_source) if self._prompt_source else imagenet_prompts()
+        self.prompts = self._given_prompts or imagenet_prompts()
         self.labels = []
 
     def _setup_quality(self) -> None:
         fid = self.fid
         if isinstance(fid, nn.Module):
-            if not isinstance(getattr(fid, "num_features", None), int):
-                raise ValueError("a custom fid feature module needs an int attribute num_features")
             self.feature_module = fid.eval()
         elif fid == "auto":
             if self.size == "embedded":
@@ -401,8 +474,6 @@ class TextToImage(Task):
                     self.feature_module = None  # FID is optional here; ask for fid="inception" to make it an error
         elif fid == "inception":
             self.feature_module = inception_features(self.inception_weights)
-        elif fid is not None:
-            raise ValueError(f"fid must be 'auto', 'inception', an nn.Module or None, got {fid!r}")
         if self.feature_module is not None and self.feature_module is not self.classifier:
             self.feature_module = self.feature_module.to(self.torch_device)
         if self.clip_model is not None:
@@ -422,8 +493,9 @@ class TextToImage(Task):
     @torch.no_grad()
     def generate(self, indices: Sequence[int]) -> torch.Tensor:
         """uint8 images ``[len(indices), C, H, W]`` for the given global image indices (one pipeline call; no
-        sharding). Image ``i`` is seeded with ``seed + i``; the global RNG is seeded with the first index, so
-        methods that draw from it (e.g. ToMe's random destinations) are reproducible too."""
+        sharding); for ``size="arch"`` the final latents. Image ``i`` is seeded with ``seed + i``; the global
+        RNG is seeded with the first index, so methods that draw from it (e.g. ToMe's random destinations) are
+        reproducible too."""
         self._require_setup()
         indices = [int(i) for i in indices]
         torch.manual_seed(self.seed + indices[0])
@@ -433,6 +505,8 @@ class TextToImage(Task):
                 [self.label_for(i) for i in indices], seeds, self.num_inference_steps, self.guidance_scale
             )
             return to_uint8(images, (-1.0, 1.0))
+        if self.size == "arch":
+            return self.model(seeds, self.num_inference_steps, self.guidance_scale, self.latent_size)
         out = self.model(
             [self.prompt_for(i) for i in indices],
             num_inference_steps=self.num_inference_steps,
@@ -464,17 +538,17 @@ class TextToImage(Task):
         return torch.stack(sharding.gather(local))
 
     # --- reference and quality --------------------------------------------------------------------------
-    def record_reference(self) -> None:
-        """Generate the unreduced model's images (this process's share) for PSNR/SSIM and FID-vs-reference."""
+    def record_reference(self) -> Quality:
+        """Generate the unreduced model's images (this process's share) for PSNR/SSIM and FID-vs-reference, and
+        return the unreduced model's quality from those same images (no fidelity-to-itself metrics)."""
         self.reference_images = {}
-        features = []
-        with sharding.shard(self._batches(self.num_images)) as mine:
-            for batch, images in self._local_batches(mine, "reference"):
-                for i, img in zip(batch, images, strict=True):
-                    self.reference_images[i] = img
-                if self.feature_module is not None:
-                    features.extend(self._features(images))
-        self._reference_features = torch.stack(sharding.gather(features)) if features else None
+        self._reference_features = None
+        if self.size == "arch":
+            return Quality()
+        records = self._generate_records("reference", keep_reference=True)
+        if records and "feature" in records[0]:
+            self._reference_features = torch.stack([r["feature"] for r in records])
+        return self._score(records, reference=False)
 
     @torch.no_grad()
     def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -504,13 +578,16 @@ class TextToImage(Task):
         self._real_features = torch.stack(sharding.gather(feats))
         return self._real_features
 
-    def evaluate(self) -> dict[str, float]:
-        """Generate ``num_images`` images (sharded) and score them; see the module docstring for the keys."""
-        self._require_setup()
+    def _generate_records(self, desc: str, keep_reference: bool = False) -> list[dict[str, Any]]:
+        """Generate ``num_images`` images (sharded) and score each one: a record per image with its ``index`` and
+        (as available) ``feature``, ``correct``, ``clip``, ``psnr``/``ssim`` against the reference image."""
         records: list[dict[str, Any]] = []
         with sharding.shard(self._batches(self.num_images)) as mine:
-            for batch, images in self._local_batches(mine, "evaluate"):
+            for batch, images in self._local_batches(mine, desc):
                 recs = [{"index": i} for i in batch]
+                if keep_reference:
+                    for i, img in zip(batch, images, strict=True):
+                        self.reference_images[i] = img
                 if self.feature_module is not None:
                     for rec, feat in zip(recs, self._features(images), strict=True):
                         rec["feature"] = feat
@@ -522,30 +599,48 @@ class TextToImage(Task):
                     scores = self.clip.scores(images, [self.prompt_for(i) for i in batch])
                     for rec, score in zip(recs, scores, strict=True):
                         rec["clip"] = score
-                if all(i in self.reference_images for i in batch):
+                if not keep_reference and all(i in self.reference_images for i in batch):
                     reference = torch.stack([self.reference_images[i] for i in batch])
                     psnr, ssim = psnr_ssim(images, reference)
                     for rec, p, s in zip(recs, psnr, ssim, strict=True):
                         rec["psnr"], rec["ssim"] = p, s
                 records.extend(recs)
-        records = sorted(sharding.gather(records), key=lambda r: r["index"])
+        return sorted(sharding.gather(records), key=lambda r: r["index"])
 
-        out: dict[str, float] = {"num_images": float(len(records))}
-        if records and "correct" in records[0]:
-            out["class_accuracy"] = 100.0 * sum(r["correct"] for r in records) / len(records)
-        if records and "clip" in records[0]:
-            out["clip_score"] = sum(r["clip"] for r in records) / len(records)
-        if records and "psnr" in records[0]:
-            out["psnr"] = sum(r["psnr"] for r in records) / len(records)
-            out["ssim"] = sum(r["ssim"] for r in records) / len(records)
-        if records and "feature" in records[0] and len(records) >= 2:
+    def _score(self, records: list[dict[str, Any]], reference: bool) -> Quality:
+        """The quality of a set of image records, with intervals (see :mod:`tokred.tasks.quality`);
+        ``reference``: include the metrics against the unreduced model's images."""
+        out = Quality()
+        if not records:
+            return out
+        if "correct" in records[0]:
+            value, ci, n = proportion([r["correct"] for r in records])
+            out.add("class_accuracy", value, ci, n)
+        if "clip" in records[0]:
+            out.add("clip_score", *mean_score([r["clip"] for r in records]))
+        if reference and "psnr" in records[0]:
+            out.add("psnr", *mean_score([r["psnr"] for r in records]))
+            out.add("ssim", *mean_score([r["ssim"] for r in records]))
+        if "feature" in records[0] and len(records) >= 2:
             fake = torch.stack([r["feature"] for r in records])
             real = self._real_image_features()
             if real is not None:
-                out["fid"] = fid_from_features(real, fake)
-            elif self._reference_features is not None:
-                out["fid_vs_reference"] = fid_from_features(self._reference_features, fake)
+                value, ci = fid_with_ci(real, fake)
+                out.add("fid", value, ci, len(fake))
+                value, ci = kid_with_ci(real, fake)
+                out.add("kid", value, ci, len(fake))
+            elif reference and self._reference_features is not None:
+                value, ci = fid_with_ci(self._reference_features, fake)
+                out.add("fid_vs_reference", value, ci, len(fake))
         return out
+
+    def evaluate(self) -> Quality:
+        """Generate ``num_images`` images (sharded) and score them; see the module docstring for the metrics.
+        ``size="arch"`` has no quality: an empty result."""
+        self._require_setup()
+        if self.size == "arch":
+            return Quality()
+        return self._score(self._generate_records("evaluate"), reference=True)
 
     # --- speed -------------------------------------------------------------------------------------------
     def _unet(self) -> nn.Module:
@@ -564,17 +659,11 @@ class TextToImage(Task):
 
         return run
 
-    def measure_speed(
-        self,
-        warmup: int | None = None,
-        repeats: int | None = None,
-        flops: bool = True,
-        memory: bool = True,
-        timing: bool = True,
-    ) -> dict[str, float]:
-        """``latency_ms`` (median per batch), ``s_per_image``, ``throughput_per_s``, ``unet_share``,
-        ``gflops``/``unet_gflops`` per image, ``peak_mem_mb``, ``batch_size``; ``flops``/``memory``/``timing``
-        switch the three measurements (each one more generation of a batch, or ``warmup + repeats + 1``)."""
+    def measure_speed(self, flops: bool = True, memory: bool = True, share: bool = True) -> dict[str, float]:
+        """``gflops``/``unet_gflops`` per image and ``peak_mem_mb`` of one generation of a batch (one call for
+        both), ``unet_share`` (another call with timing hooks; with ``share``, not for arch, whose workload is the
+        U-Net and its scheduler only), ``unet_calls_per_batch`` and ``batch_size``. No latency: the harness
+        times the workload."""
         self._require_setup()
         indices = list(range(self.batch_size))
         n = len(indices)
@@ -582,33 +671,16 @@ class TextToImage(Task):
         def fn() -> None:
             self.generate(indices)
 
+        unet_name = type(self._unet()).__name__
         out: dict[str, float] = {"batch_size": float(n)}
-        if timing:
-            times = time_calls(
-                fn,
-                self.torch_device,
-                self.warmup if warmup is None else warmup,
-                self.repeats if repeats is None else repeats,
-            )
-            median = statistics.median(times)
-            out.update(
-                latency_ms=median * 1000.0,
-                latency_ms_min=min(times) * 1000.0,
-                s_per_image=median / n,
-                throughput_per_s=n / median,
-                repeats=float(len(times)),
-            )
+        measured = flops_and_memory(fn, self.torch_device, n, flops=flops, memory=memory, modules={
+            "unet_gflops": unet_name})  # fmt: skip
+        out.update(measured)
+        if share and self.size != "arch":
             with ModuleTimer(self._unet(), self.torch_device) as unet_timer, timed(self.torch_device) as total:
                 fn()
             out["unet_share"] = unet_timer.seconds / total["seconds"]
             out["unet_calls_per_batch"] = float(unet_timer.calls)
-        if flops:
-            unet_name = type(self._unet()).__name__
-            total_flops, per_module = module_flops(fn, (unet_name,))
-            out["gflops"] = total_flops / n / 1e9
-            out["unet_gflops"] = per_module[unet_name] / n / 1e9
-        if memory:
-            out["peak_mem_mb"] = peak_memory_mb(fn, self.torch_device)
         return out
 
     def _feature_description(self) -> str | None:
@@ -621,7 +693,9 @@ class TextToImage(Task):
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         scheduler = getattr(self.model, "scheduler", None) if self.model is not None else None
-        if self._prompt_source is None:
+        if self.size == "arch":
+            prompts = "random text embeddings (77 tokens)"
+        elif self._prompt_source is None:
             prompts = "digits 0-9" if self.size == "embedded" else "ImageNet classes (tomesd FID protocol)"
         else:
             prompts = self._prompt_source if isinstance(self._prompt_source, str) else f"{len(self.prompts)} given"
@@ -639,4 +713,10 @@ class TextToImage(Task):
             fid_real=("digits test split" if self.size == "embedded" else self.fid_real_dir),
             clip_model=self.clip_model,
         )
+        if self.size == "arch":
+            info.update(
+                weights="random init (speed only)",
+                latent_size=self.resolution // arch.VAE_SCALE_FACTOR,
+                unet_batch=self.batch_size * (2 if self.guidance_scale > 1.0 else 1),
+            )
         return info

@@ -1,11 +1,15 @@
-"""Image classification with a timm Vision Transformer: accuracy, agreement with the unreduced model, speed.
+"""Image classification with a timm Vision Transformer: accuracy, agreement with the unreduced model, GFLOPs and
+memory, each quality metric with a 95% (Wilson) interval. The harness times the workload (images/s, speedup).
 
 Model
     ``size="embedded"`` (default): the digits ViT shipped with tokred (32x32 grey images, 4x4 patches, 64 patch
     tokens + cls), trained on scikit-learn's digits; it runs offline in seconds and its accuracy is meaningful.
-    ``size="full"``: any timm model name (``model=``, default ``deit_small_patch16_224``) of the ``timm_vit``
-    family, with weights from ``pretrained=True`` (timm through the Hugging Face cache; ``HF_HUB_OFFLINE=1``
-    forbids downloads), a local ``checkpoint=`` file, or ``pretrained=False`` (random: speed only).
+    ``size="arch"``: a real architecture at random init (``pretrained=False``): DeiT-S
+    (``deit_small_patch16_224``, default) or ViT-B (``model="vit_base_patch16_224"``), on random images: speed,
+    FLOPs, memory and token counts only. ``size="full"``: any timm model name (``model=``, default
+    ``deit_small_patch16_224``) of the ``timm_vit`` family, with weights from ``pretrained=True`` (timm through
+    the Hugging Face cache; ``HF_HUB_OFFLINE=1`` forbids downloads), a local ``checkpoint=`` file, or
+    ``pretrained=False`` (random: speed only).
 Data
     embedded: the digits test split. full: ``data_dir=``, an ImageFolder layout (``<dir>/<class>/<image>``,
     class folders in sorted order = class indices, e.g. ImageNet val with one folder per synset), preprocessed
@@ -13,8 +17,8 @@ Data
     images (``evaluate`` then raises). ``num_images`` takes an evenly spaced subset.
 Metrics
     ``top1``/``top5`` (%), ``agreement`` (% of top-1 predictions equal to the unreduced model's, after
-    :meth:`record_reference`), ``latency_ms`` per batch and ``throughput_per_s`` (images/s), synchronized on CUDA,
-    ``gflops`` per image, ``peak_mem_mb`` (see :mod:`tokred.bench.measure`).
+    :meth:`record_reference`; not reported for the unreduced model itself), ``gflops`` per image, ``peak_mem_mb``
+    (see :mod:`tokred.bench.measure`); ``latency_ms`` per batch and ``throughput_per_s`` come from the harness.
 
 >>> task = get_task("vit_classification")(size="embedded"); task.setup(); task.record_reference()
 >>> patch = tokred.apply(task.model, "tome", r=4); task.evaluate(); task.measure_speed(); patch.remove()
@@ -29,12 +33,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from tokred.adapters.timm_vit import TimmViTAdapter
-from tokred.bench.measure import measure, resolve_device, synchronize, torch_dtype
-from tokred.bench.task import Metric, Task, register_task
+from tokred.bench.contention import cpu_count
+from tokred.bench.measure import flops_and_memory, resolve_device, synchronize, torch_dtype
+from tokred.bench.task import Metric, Quality, Task, check_bool, check_int, register_task
 from tokred.errors import UnsupportedModelError
 
 from . import sharding
-from .quality import agreement, topk_correct
+from .quality import proportion, topk_correct
 
 DEFAULT_FULL_MODEL = "deit_small_patch16_224"
 EMBEDDED_MODEL = "tokred-digits-vit"
@@ -142,7 +147,7 @@ class VitClassification(Task):
     metrics = (
         Metric("top1", "higher", "%"),
         Metric("top5", "higher", "%"),
-        Metric("agreement", "higher", "%"),
+        Metric("agreement", "higher", "%", reference=True),
         Metric("latency_ms", "lower", "ms", "speed"),
         Metric("throughput_per_s", "higher", "img/s", "speed"),
         Metric("gflops", "lower", "GFLOPs", "speed"),
@@ -156,28 +161,28 @@ class VitClassification(Task):
         dtype: str = "float32",
         *,
         model: str | None = None,
-        pretrained: bool = True,
+        pretrained: bool | None = None,
         checkpoint: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
         data_dir: str | None = None,
         num_images: int | None = None,
         batch_size: int | None = None,
         num_workers: int = 0,
-        warmup: int = 1,
-        repeats: int = 5,
         progress: bool = True,
     ) -> None:
-        """
+        """Every setting is checked here (a ValueError naming it and its valid range).
+
         Args:
-            model: timm model name (``size="full"``; default ``deit_small_patch16_224``).
-            pretrained: load timm's pretrained weights (HF cache); False = random init (speed only).
-            checkpoint: a local weights file for ``model`` (overrides ``pretrained``).
+            model: timm model name (``size="full"`` / ``"arch"``; default ``deit_small_patch16_224``).
+            pretrained: full: load timm's pretrained weights (HF cache; default True); False = random init (speed
+                only). arch is always random init.
+            checkpoint: a local weights file for ``model`` (overrides ``pretrained``; full only).
             model_kwargs: extra ``timm.create_model`` arguments (e.g. ``img_size``, ``num_classes``).
             data_dir: ImageFolder-style evaluation data (``size="full"``).
-            num_images: evaluate on an evenly spaced subset of this many images (default: all).
-            batch_size: evaluation and timing batch (default 64 embedded, 32 full).
-            num_workers: DataLoader workers for image decoding.
-            warmup, repeats: untimed and timed calls in :meth:`measure_speed` (median reported).
+            num_images: int >= 1: evaluate on an evenly spaced subset of this many images (default: all).
+            batch_size: int >= 1, the evaluation and timing batch (default 64 embedded, 32 full and arch on CUDA,
+                8 arch on CPU).
+            num_workers: int >= 0 DataLoader workers for image decoding.
             progress: tqdm progress bars.
         """
         super().__init__(size=size, device=device, dtype=dtype)
@@ -186,23 +191,47 @@ class VitClassification(Task):
                 "size='embedded' uses the embedded digits ViT and its test split; pass size='full' to use "
                 "model=, checkpoint= or data_dir="
             )
-        if num_images is not None and num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        if size == "arch" and (pretrained or checkpoint is not None or data_dir is not None):
+            raise ValueError(
+                "size='arch' is the architecture at random init on random images; pass size='full' to use "
+                "pretrained=True, checkpoint= or data_dir="
+            )
+        if size == "embedded" and (pretrained is not None or model_kwargs is not None):
+            raise ValueError("size='embedded' uses the shipped digits ViT; pretrained= and model_kwargs= apply to "
+                             "size='full' or 'arch'")
+        for name, value in (("model", model), ("checkpoint", checkpoint), ("data_dir", data_dir)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string or None, got {value!r}")
+        if pretrained is not None:
+            check_bool("pretrained", pretrained)
+        if model_kwargs is not None and not isinstance(model_kwargs, dict):
+            raise ValueError(f"model_kwargs must be a dict of timm.create_model arguments, got {model_kwargs!r}")
+        check_int("num_images", num_images, 1, none_ok=True)
+        check_int("batch_size", batch_size, 1, none_ok=True)
+        check_int("num_workers", num_workers, 0)
+        check_bool("progress", progress)
         self.model_name = EMBEDDED_MODEL if size == "embedded" else (model or DEFAULT_FULL_MODEL)
-        self.pretrained = pretrained
+        self.pretrained = size == "full" and (pretrained is None or pretrained)
         self.checkpoint = checkpoint
         self.model_kwargs = dict(model_kwargs or {})
         self.data_dir = data_dir
         self.num_images = num_images
-        self.batch_size = batch_size or (64 if size == "embedded" else 32)
+        cpu = str(device) == "cpu" or str(device).startswith("cpu:")
+        default_batch = {"embedded": 64, "arch": 8 if cpu else 32}.get(size, 32)
+        self.batch_size = batch_size if batch_size is not None else default_batch
         self.num_workers = num_workers
-        self.warmup = warmup
-        self.repeats = repeats
         self.progress = progress
         self.dataset: Dataset | None = None
         self.input_size: tuple[int, ...] | None = None
         self.reference: torch.Tensor | None = None
         self._batch: torch.Tensor | None = None
+
+    def default_threads(self) -> int | None:
+        """One thread for the embedded model (as fast as two, robust to a busy neighbour); all available cores
+        for the real architectures on CPU; torch's setting on GPUs."""
+        if self.size == "embedded":
+            return 1
+        return cpu_count() if torch.device(self.device).type == "cpu" else None
 
     # --- setup -----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -259,16 +288,33 @@ class VitClassification(Task):
         preds = torch.tensor([r[0] for r in rows])
         return preds, torch.tensor([r[1] for r in rows]), torch.tensor([r[2] for r in rows])
 
-    def record_reference(self) -> None:
-        """Keep the unreduced model's top-1 predictions for :meth:`evaluate`'s ``agreement``."""
-        self.reference, _, _ = self._predict("reference")
+    def record_reference(self) -> Quality:
+        """Keep the unreduced model's top-1 predictions for :meth:`evaluate`'s ``agreement``, and return the
+        unreduced model's accuracy from those predictions (``"arch"``, speed only: nothing, an empty result)."""
+        if self.size == "arch":
+            self.reference = None
+            return Quality()
+        self.reference, top1, top5 = self._predict("reference")
+        return self._score(top1, top5)
 
-    def evaluate(self) -> dict[str, float]:
+    @staticmethod
+    def _score(top1: torch.Tensor, top5: torch.Tensor) -> Quality:
+        out = Quality()
+        out.add("top1", *proportion(top1))
+        out.add("top5", *proportion(top5))
+        return out
+
+    def evaluate(self) -> Quality:
+        """Top-1/top-5 accuracy and (after :meth:`record_reference`) agreement, with Wilson intervals. ``"arch"``
+        (random weights, random images) has no quality: an empty result."""
+        if self.size == "arch":
+            return Quality()
         preds, top1, top5 = self._predict("evaluate")
-        out = {"top1": 100.0 * top1.float().mean().item(), "top5": 100.0 * top5.float().mean().item()}
+        out = self._score(top1, top5)
         if self.reference is not None:
-            out["agreement"] = agreement(preds, self.reference)
-        out["num_images"] = float(len(preds))
+            if preds.shape != self.reference.shape:
+                raise ValueError(f"predictions {tuple(preds.shape)} and reference {tuple(self.reference.shape)} differ")
+            out.add("agreement", *proportion(preds == self.reference))
         return out
 
     # --- speed -------------------------------------------------------------------------------------------
@@ -297,35 +343,21 @@ class VitClassification(Task):
 
         return run
 
-    def measure_speed(
-        self,
-        warmup: int | None = None,
-        repeats: int | None = None,
-        flops: bool = True,
-        memory: bool = True,
-        timing: bool = True,
-    ) -> dict[str, float]:
-        """``latency_ms`` (median per batch), ``throughput_per_s`` (images/s), ``gflops`` per image,
-        ``peak_mem_mb`` and ``batch_size``; ``flops``/``memory``/``timing`` switch the three measurements."""
+    def measure_speed(self, flops: bool = True, memory: bool = True) -> dict[str, float]:
+        """``gflops`` per image and ``peak_mem_mb`` of one forward pass of the timing batch (one call for both),
+        and ``batch_size``. No latency: the harness times the workload."""
         self._require_setup()
         batch = self._timing_batch()
         model = self.model
-        out = measure(
-            lambda: model(batch),
-            self.torch_device,
-            items=len(batch),
-            warmup=self.warmup if warmup is None else warmup,
-            repeats=self.repeats if repeats is None else repeats,
-            flops=flops,
-            memory=memory,
-            timing=timing,
-        )
+        out = flops_and_memory(lambda: model(batch), self.torch_device, items=len(batch), flops=flops, memory=memory)
         out["batch_size"] = float(len(batch))
         return out
 
     def describe(self) -> dict[str, Any]:
         if self.size == "embedded":
             weights, data = "embedded (tokred digits ViT)", "scikit-learn digits, test split"
+        elif self.size == "arch":
+            weights, data = "random init (speed only)", "random images (speed only)"
         else:
             weights = (
                 f"checkpoint {self.checkpoint}"

@@ -59,7 +59,7 @@ def test_parametrized_over_registry_and_presets(bench_dir):
 def test_benchmark_json_and_extra_info(bench_dir):
     result = bench_dir.runpytest_inprocess(
         "--benchmark-only", "--benchmark-json=out.json", "--tokred-task=fake_vit", "--tokred-methods=fake_merge",
-        "--tokred-rounds=2",
+        "--tokred-rounds=2", "--tokred-set=threads=1",
     )  # fmt: skip
     result.assert_outcomes(passed=3)
     data = load_results(bench_dir.path / "out.json")  # validates the tokred fields too
@@ -74,15 +74,32 @@ def test_benchmark_json_and_extra_info(bench_dir):
     assert info["model"] == "tiny-random-vit" and info["device"] == "cpu" and info["dtype"] == "float32"
     assert set(info["versions"]) >= {"torch", "diffusers", "timm", "tokred"} and info["versions"]["torch"]
     assert set(info["quality"]) >= {"top1", "agreement"} and 0 <= info["quality"]["agreement"] <= 100
-    # merging 8 pairs in each of the 2 blocks of 65 tokens removes FLOPs; the baseline agrees with itself
+    # merging 8 pairs in each of the 2 blocks of 65 tokens removes FLOPs
     assert info["gflops"] < base["extra_info"]["gflops"]
-    assert base["extra_info"]["quality"]["agreement"] == 100.0
+    assert info["flops_ideal_speedup"] == pytest.approx(base["extra_info"]["gflops"] / info["gflops"])
     assert info["peak_mem_mb"] is not None
-    # the speedup is the ratio of the baseline and method medians over the same rounds
-    assert base["extra_info"]["speedup"] == 1.0
-    expected = info["baseline_latency_ms"] / info["latency_ms"]
-    assert info["speedup"] == pytest.approx(expected)
-    assert info["latency_ms"] == pytest.approx(k8["stats"]["median"] * 1000, rel=0.01)
+    # the baseline does not report agreement with itself
+    assert "agreement" not in base["extra_info"]["quality"] and "top1" in base["extra_info"]["quality"]
+    # the same paired statistics as `tokred run`: the median of the per-round ratios, with its interval
+    assert base["extra_info"]["speedup"] == 1.0 and base["extra_info"]["speedup_ci"] == [1.0, 1.0]
+    assert len(info["round_ratios"]) == info["rounds"] == 2 and info["warmup_rounds"] == 1
+    assert info["speedup"] == pytest.approx(sum(info["round_ratios"]) / 2)
+    assert info["speedup_ci"][0] <= info["speedup"] <= info["speedup_ci"][1]
+    assert info["threads"] == 1 and isinstance(info["contended"], bool) and len(info["loadavg_before"]) == 3
+    # pytest-benchmark's statistics are the method's timed calls (warm-up excluded)
+    assert info["latency_ms"] == pytest.approx(k8["stats"]["median"] * 1000, rel=1e-9)
+    assert len(k8["stats"]["data"]) == 2
+
+
+def test_adaptive_rounds_in_the_plugin(bench_dir):
+    result = bench_dir.runpytest_inprocess(
+        "--benchmark-only", "--benchmark-json=out.json", "--tokred-task=fake_vit", "--tokred-methods=fake_merge",
+        "--tokred-presets=k8", "--tokred-set=threads=1", "--tokred-set=budget_s=0.5", "--tokred-set=max_rounds=12",
+    )  # fmt: skip
+    result.assert_outcomes(passed=2)
+    for bench in load_results(bench_dir.path / "out.json")["benchmarks"]:
+        rounds = bench["extra_info"]["rounds"]
+        assert 5 <= rounds <= 12 and bench["stats"]["rounds"] == rounds
 
 
 def test_benchmark_skip(bench_dir):

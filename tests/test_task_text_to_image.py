@@ -11,7 +11,7 @@ import tokred
 from tokred.bench.task import get_task
 from tokred.tasks.text_to_image import SCHEDULERS, digit_label, imagenet_prompts
 
-FAST = dict(num_images=2, batch_size=2, num_inference_steps=2, progress=False, warmup=0, repeats=1)
+FAST = dict(num_images=2, batch_size=2, num_inference_steps=2, progress=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -71,11 +71,13 @@ def test_same_seed_same_image_and_seed_per_index(sd_task):
 
 
 def test_reference_psnr_and_tome_lowers_flops(sd_task):
-    sd_task.record_reference()
+    reference_quality = sd_task.record_reference()
+    assert "psnr" not in reference_quality and "ssim" not in reference_quality  # no fidelity to itself
     base = sd_task.evaluate()
-    assert base["psnr"] == 100.0 and base["ssim"] == pytest.approx(1.0)
+    assert base["psnr"] == 100.0 and base["ssim"] == pytest.approx(1.0)  # identical images (PSNR capped)
+    assert base.n["psnr"] == 2 and base.ci["psnr"] == (100.0, 100.0)
     speed = sd_task.measure_speed(memory=False)
-    assert {"s_per_image", "throughput_per_s", "latency_ms", "unet_share", "gflops", "unet_gflops"} <= speed.keys()
+    assert {"unet_share", "gflops", "unet_gflops", "batch_size"} == set(speed) - {"unet_calls_per_batch"}
     assert 0 < speed["unet_share"] <= 1 and speed["unet_calls_per_batch"] == 2
     assert 0 < speed["unet_gflops"] < speed["gflops"]
     with tokred.apply(sd_task.model, "tome", ratio=0.5):
@@ -87,8 +89,8 @@ def test_reference_psnr_and_tome_lowers_flops(sd_task):
 
 
 def test_peak_memory(sd_task):
-    speed = sd_task.measure_speed(flops=False)
-    assert speed["peak_mem_mb"] > 0
+    speed = sd_task.measure_speed(flops=False, share=False)
+    assert speed["peak_mem_mb"] > 0 and "gflops" not in speed and "unet_share" not in speed
 
 
 class _MeanColour(torch.nn.Module):
@@ -113,15 +115,19 @@ def test_fid_with_custom_features_and_real_folder(sd_dir, tmp_path):
     )
     task.setup()
     result = task.evaluate()
-    assert result["fid"] >= 0 and result["num_images"] == 3
+    assert result["fid"] >= 0 and result.n["fid"] == 3 and result.n["kid"] == 3
+    lo, hi = result.ci["fid"]
+    assert 0 <= lo <= hi
+    assert result.ci["kid"][0] <= result.ci["kid"][1]
     assert task._real_features.shape == (4, 6)
 
 
 def test_fid_against_reference_without_real_images(sd_dir):
     task = get_task("text_to_image")(size="full", model=sd_dir, fid=_MeanColour(), **FAST)
     task.setup()
-    task.record_reference()
-    assert task.evaluate()["fid_vs_reference"] == pytest.approx(0.0, abs=1e-6)
+    assert "fid_vs_reference" not in task.record_reference()
+    result = task.evaluate()
+    assert result["fid_vs_reference"] == pytest.approx(0.0, abs=1e-6) and result.n["fid_vs_reference"] == 2
 
 
 def test_clip_score_with_local_clip(sd_dir, tmp_path):
@@ -156,7 +162,9 @@ def test_clip_score_with_local_clip(sd_dir, tmp_path):
     task = get_task("text_to_image")(size="full", model=sd_dir, clip_model=str(tmp_path / "clip"), **FAST)
     task.setup()
     result = task.evaluate()
-    assert 0.0 <= result["clip_score"] <= 100.0
+    assert 0.0 <= result["clip_score"] <= 100.0 and result.n["clip_score"] == 2
+    lo, hi = result.ci["clip_score"]
+    assert lo <= result["clip_score"] <= hi
 
 
 @pytest.mark.parametrize("name", ["pndm", "euler", "dpmsolver++"])
@@ -235,11 +243,150 @@ def test_embedded_digits_diffusion_accuracy_and_tome():
     task = get_task("text_to_image")(size="embedded", num_images=30, progress=False)
     task.setup()
     assert task.describe()["fid_features"] == "digits ViT pre-logits" and task.guidance_scale == 2.0
-    base = task.evaluate()
+    assert task.default_threads() == 1
+    base = task.record_reference()
     assert base["class_accuracy"] >= 80.0, base
     assert 0 <= base["fid"] < 50, base  # a random-init model scores about 150 in this space
+    assert base.n == {"class_accuracy": 30, "fid": 30, "kid": 30}
+    lo, hi = base.ci["class_accuracy"]
+    assert lo < base["class_accuracy"] <= hi
     task.batch_size = 2  # FLOPs of a 2-image batch: one generation each
-    speed = task.measure_speed(timing=False, memory=False)
+    speed = task.measure_speed(memory=False, share=False)
     with tokred.apply(task.model, "tome", ratio=0.5):
-        reduced = task.measure_speed(timing=False, memory=False)
+        reduced = task.measure_speed(memory=False, share=False)
     assert reduced["unet_gflops"] < 0.85 * speed["unet_gflops"]
+
+
+# --- every setting checked at construction ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        # each of these ran a wrong benchmark or was silently replaced by a default (`x or default`) before
+        (dict(num_inference_steps=-3), r"num_inference_steps must be an int >= 1 or None, got -3"),
+        (dict(num_inference_steps=0), r"num_inference_steps must be an int >= 1 or None, got 0"),
+        (dict(num_inference_steps=2.5), r"num_inference_steps must be an int >= 1 or None, got 2.5"),
+        (dict(batch_size=0), r"batch_size must be an int >= 1 or None, got 0"),
+        (dict(num_images=0), r"num_images must be an int >= 1 or None, got 0"),
+        (dict(num_images=-1), r"num_images must be an int >= 1 or None, got -1"),
+        (dict(prompts=[]), r"prompts must be a prompts file or a non-empty list of strings, got \[\]"),
+        (dict(prompts=["a handwritten digit 3", ""]), r"prompts must be non-empty strings"),
+        (dict(prompts=["a cat"]), r"embedded prompts must name exactly one digit 0-9, got 'a cat'"),
+        (dict(guidance_scale=-1.0), r"guidance_scale must be a finite number >= 0 or None, got -1.0"),
+        (dict(guidance_scale=float("nan")), r"guidance_scale must be a finite number >= 0 or None, got nan"),
+        (dict(guidance_scale="high"), r"guidance_scale must be a finite number >= 0 or None, got 'high'"),
+        (dict(resolution=64), r"resolution must be 32 \(or None\) for the embedded 32x32 digits model, got 64"),
+        (dict(size="full", resolution=0), r"resolution must be an int >= 8 or None, got 0"),
+        (dict(size="arch", resolution=100), r"resolution must be a multiple of 64 for this U-Net, got 100"),
+        (dict(seed=-1), r"seed must be an int in \[0, 9223372036854775807\], got -1"),
+        (dict(seed=2**80), r"seed must be an int in \[0, 9223372036854775807\]"),
+        (dict(seed="abc"), r"seed must be an int in \[0, 9223372036854775807\], got 'abc'"),
+        (dict(num_real_images=1), r"num_real_images must be an int >= 2 or None, got 1"),
+        (dict(scheduler="nope"), r"unknown scheduler 'nope'; valid: ddim"),
+        (dict(fid="fancy"), r"fid must be 'auto', 'inception', an nn.Module or None, got 'fancy'"),
+        (dict(fid=torch.nn.Identity()), r"a custom fid feature module needs an int attribute num_features"),
+        (dict(progress=1), r"progress must be True or False, got 1"),
+        (dict(size="arch", prompts=["a cat"]), r"prompts do not apply to size='arch'"),
+        (dict(size="arch", model="x"), r"model= applies to size='full'"),
+        (dict(size="arch", clip_model="x"), r"clip_model and fid_real_dir apply to size='full'"),
+        (dict(unet_config={}), r"unet_config applies to size='arch'"),
+        (dict(size="arch", unet_config={"layers": 3}), r"unet_config: unknown UNet2DConditionModel arguments layers"),
+    ],
+)
+def test_every_setting_is_checked_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_task("text_to_image")(**kwargs)
+
+
+def test_empty_prompts_file_is_an_error(tmp_path):
+    (tmp_path / "p.txt").write_text("\n  \n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        get_task("text_to_image")(size="full", prompts=str(tmp_path / "p.txt"))
+
+
+def test_removed_timing_settings_are_unknown():
+    # measure_speed no longer times anything: warmup/repeats are gone, not silently ignored
+    for name in ("warmup", "repeats"):
+        with pytest.raises(TypeError, match=name):
+            get_task("text_to_image")(**{name: 1})
+
+
+# --- size="arch": SD1.5's architecture at random init ---------------------------------------------------------------
+
+TINY_ARCH = dict(
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
+    sample_size=8,
+)
+TINY_ARCH_TASK = dict(size="arch", unet_config=TINY_ARCH, resolution=128, num_inference_steps=10, progress=False)
+
+
+def test_arch_defaults_follow_the_device():
+    cpu = get_task("text_to_image")(size="arch")
+    assert (cpu.dtype, cpu.resolution, cpu.num_inference_steps, cpu.batch_size) == ("float32", 256, 10, 1)
+    assert cpu.guidance_scale == 7.5 and cpu.default_threads() >= 1
+    cuda = get_task("text_to_image")(size="arch", device="cuda")  # (constructing needs no GPU)
+    assert (cuda.dtype, cuda.resolution, cuda.num_inference_steps) == ("float16", 512, 50)
+    assert cuda.default_threads() is None
+
+
+def test_arch_config_is_sd15_unet():
+    """The arch workload's U-Net is SD1.5's (built on the meta device: no memory, no weights)."""
+    from diffusers import UNet2DConditionModel
+
+    from tokred.tasks.arch import SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG, sd15_unet_config
+
+    assert sd15_unet_config() == SD15_UNET_CONFIG
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # SD1.5's U-Net
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert len(blocks) == 16 and blocks[0].attn2.to_k.in_features == 768
+    assert unet.conv_in.in_channels == 4 and unet.conv_in.out_channels == 320
+    assert SD15_SCHEDULER_CONFIG["beta_schedule"] == "scaled_linear" and SD15_SCHEDULER_CONFIG["steps_offset"] == 1
+
+
+def test_arch_tiny_generation_speed_only():
+    task = get_task("text_to_image")(**TINY_ARCH_TASK)
+    task.setup()
+    assert type(task.model.scheduler).__name__ == "DDIMScheduler"
+    assert task.record_reference() == {} and task.evaluate() == {}
+    latents = task.workload()()
+    assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
+    assert torch.equal(task.generate([0]), latents)  # seeded
+    info = task.describe()
+    assert info["latent_size"] == 16 and info["unet_batch"] == 2 and info["weights"] == "random init (speed only)"
+    speed = task.measure_speed(memory=False)
+    assert "unet_share" not in speed and speed["unet_gflops"] == pytest.approx(speed["gflops"], rel=0.01)
+    with tokred.apply(task.model, "tome", ratio=0.5):
+        assert task.measure_speed(memory=False)["unet_gflops"] < speed["unet_gflops"]
+
+
+def test_arch_tiny_through_the_harness_every_method():
+    """What `tokred run --task text_to_image --size arch` writes, on a tiny U-Net: FLOPs-ideal speedup, measured
+    speedup with an interval and efficiency for every method, no quality, CA-ToMe's caveat. (4 steps; CAT with
+    t0=2 so that it prunes some of them.)"""
+    from tokred.bench.harness import TaskRun, plan_cases
+
+    settings = {**{k: v for k, v in TINY_ARCH_TASK.items() if k != "size"}, "num_inference_steps": 4, "threads": 1}
+    run = TaskRun("text_to_image", size="arch", task_kwargs=settings, rounds=2)
+    cases = plan_cases("text_to_image", "tome,ca_tome", "ratio0.5,config_3")
+    cases += plan_cases("text_to_image", "cat_pruning", options={"t0": 2, "alpha": 0.3}, baseline=False)
+    rows = {c.method: run.run_case(c).extra_info for c in cases}
+    assert set(rows) == {"baseline", "tome", "ca_tome", "cat_pruning"}
+    for info in rows.values():
+        assert info["size"] == "arch" and info["quality"] == {} and info["quality_ci"] == {}
+        assert info["speedup_ci"][0] <= info["speedup"] <= info["speedup_ci"][1] and info["rounds"] == 2
+        assert info["flops_ideal_speedup"] > 0 and info["efficiency"] > 0
+        assert any("random weights" in n for n in info["notes"])
+        assert info["threads"] == 1
+    assert rows["tome"]["flops_ideal_speedup"] > 1.1
+    assert rows["cat_pruning"]["flops_ideal_speedup"] > 1.0  # steps 3 and 4 pruned
+    assert any("CA-ToMe's merge count depends on trained features" in n for n in rows["ca_tome"]["notes"])
+    assert not any("CA-ToMe" in n for n in rows["tome"]["notes"])

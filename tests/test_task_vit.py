@@ -53,7 +53,6 @@ def tiny_task(image_folder):
         model_kwargs=TINY,
         data_dir=str(image_folder),
         batch_size=5,
-        repeats=2,
         progress=False,
     )
     task.setup()
@@ -72,34 +71,41 @@ def test_registered_with_metric_directions():
 def test_tiny_vit_on_image_folder(tiny_task):
     assert tiny_task.input_size == (3, 32, 32)  # the model's own size, not its pretrained config's 224
     assert len(tiny_task.dataset) == 12
-    tiny_task.record_reference()
+    base = tiny_task.record_reference()
     assert tiny_task.reference.shape == (12,)
+    assert set(base) == {"top1", "top5"}  # the unreduced model's quality, without agreement with itself
     result = tiny_task.evaluate()
-    assert result["num_images"] == 12
+    assert result.n == {"top1": 12, "top5": 12, "agreement": 12}
     assert 0 <= result["top1"] <= result["top5"] == 100.0  # 3 classes: top-5 always hits
-    assert result["agreement"] == 100.0
+    assert result["agreement"] == 100.0 and result["top1"] == base["top1"]
+    # Wilson intervals: 12/12 hits -> [75.75%, 100%]
+    assert result.ci["top5"] == pytest.approx((75.75, 100.0), abs=0.01)
+    lo, hi = result.ci["top1"]
+    assert lo <= result["top1"] <= hi
     info = tiny_task.describe()
     assert info["model"] == "vit_tiny_patch16_224" and info["batch_size"] == 5 and "ImageFolder" in info["data"]
 
 
 def test_tome_through_task_lowers_flops_and_remove_restores(tiny_task):
-    base = tiny_task.measure_speed(repeats=1, memory=False)
-    assert {"latency_ms", "throughput_per_s", "gflops", "batch_size"} <= base.keys()
-    assert base["throughput_per_s"] == pytest.approx(5 / (base["latency_ms"] / 1000))
+    tiny_task.record_reference()
+    base = tiny_task.measure_speed(memory=False)
+    assert set(base) == {"gflops", "batch_size"}  # no wall time: the harness times the workload
     patch = tokred.apply(tiny_task.model, "tome", r=4)
     try:
-        reduced = tiny_task.measure_speed(repeats=1, memory=False)
+        reduced = tiny_task.measure_speed(memory=False)
         assert reduced["gflops"] < base["gflops"]
         tiny_task.evaluate()  # runs with the patch
     finally:
         patch.remove()
-    assert tiny_task.measure_speed(repeats=1, memory=False)["gflops"] == pytest.approx(base["gflops"])
+    assert tiny_task.measure_speed(memory=False)["gflops"] == pytest.approx(base["gflops"])
     assert tiny_task.evaluate()["agreement"] == 100.0
 
 
 def test_peak_memory_and_workload(tiny_task):
-    speed = tiny_task.measure_speed(repeats=1, flops=False)
+    speed = tiny_task.measure_speed(flops=False)
     assert speed["peak_mem_mb"] > 0
+    both = tiny_task.measure_speed()  # one call for both
+    assert both["gflops"] > 0 and both["peak_mem_mb"] > 0
     out = tiny_task.workload()()
     assert out.shape == (5, 3)
 
@@ -123,7 +129,7 @@ def test_speed_without_data_but_evaluate_explains():
         size="full", model="vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY, batch_size=2, progress=False
     )
     task.setup()
-    assert task.measure_speed(repeats=1, memory=False)["gflops"] > 0
+    assert task.measure_speed(memory=False)["gflops"] > 0
     with pytest.raises(FileNotFoundError, match="data_dir"):
         task.evaluate()
 
@@ -203,9 +209,72 @@ def test_invalid_arguments():
         get_task("vit_classification")(dtype="float64")
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        # each of these was silently replaced by a default (`x or default`) or accepted before
+        (dict(batch_size=0), r"batch_size must be an int >= 1 or None, got 0"),
+        (dict(batch_size=-2), r"batch_size must be an int >= 1 or None, got -2"),
+        (dict(batch_size=2.5), r"batch_size must be an int >= 1 or None, got 2.5"),
+        (dict(num_images=0), r"num_images must be an int >= 1 or None, got 0"),
+        (dict(num_images=True), r"num_images must be an int >= 1 or None, got True"),
+        (dict(num_workers=-1), r"num_workers must be an int >= 0, got -1"),
+        (dict(progress="yes"), r"progress must be True or False, got 'yes'"),
+        (dict(size="full", pretrained="no"), r"pretrained must be True or False, got 'no'"),
+        (dict(size="full", model_kwargs=[1]), r"model_kwargs must be a dict"),
+        (dict(size="full", model=3), r"model must be a string or None, got 3"),
+        (dict(size="arch", pretrained=True), r"size='arch' is the architecture at random init"),
+        (dict(size="arch", data_dir="x"), r"size='arch' is the architecture at random init"),
+        (dict(size="embedded", pretrained=False), r"pretrained= and model_kwargs= apply to size='full' or 'arch'"),
+        (dict(size="huge"), r"unknown size 'huge'; valid sizes: embedded, arch, full"),
+    ],
+)
+def test_every_setting_is_checked_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_task("vit_classification")(**kwargs)
+
+
+def test_removed_timing_settings_are_unknown():
+    # measure_speed no longer times anything: warmup/repeats are gone, not silently ignored
+    with pytest.raises(TypeError, match="repeats"):
+        get_task("vit_classification")(repeats=3)
+
+
+def test_arch_size_random_vit_speed_only():
+    task = get_task("vit_classification")(size="arch", model="vit_tiny_patch16_224", model_kwargs=TINY,
+                                          progress=False)  # fmt: skip
+    assert task.batch_size == 8 and not task.pretrained and task.default_threads() >= 1
+    task.setup()
+    assert task.record_reference() == {} and task.evaluate() == {}
+    assert task.workload()().shape == (8, 3)
+    assert task.measure_speed(memory=False)["gflops"] > 0
+    info = task.describe()
+    assert info["weights"] == "random init (speed only)" and info["data"] == "random images (speed only)"
+
+
+@pytest.mark.parametrize(
+    "name, params_m, width, heads",
+    [("deit_small_patch16_224", 22.05, 384, 6), ("vit_base_patch16_224", 86.57, 768, 12)],
+)
+def test_arch_models_are_the_real_deit_s_and_vit_b(name, params_m, width, heads):
+    """The arch workload's ViTs are timm's DeiT-S and ViT-B (built on the meta device: no memory, no weights)."""
+    import timm
+
+    from tokred.tasks.arch import VIT_ARCH_MODELS
+
+    assert name in VIT_ARCH_MODELS
+    assert get_task("vit_classification")(size="arch").model_name == "deit_small_patch16_224"
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(params_m, abs=0.01)
+    assert model.embed_dim == width and len(model.blocks) == 12 and model.blocks[0].attn.num_heads == heads
+    assert model.patch_embed.num_patches == 196
+
+
 @pytest.mark.skipif(not _embedded_available(), reason="embedded digits ViT not built yet")
 def test_embedded_digits_vit_accuracy_and_tome():
-    task = get_task("vit_classification")(size="embedded", progress=False, repeats=1)
+    task = get_task("vit_classification")(size="embedded", progress=False)
+    assert task.default_threads() == 1
     task.setup()
     task.record_reference()
     base = task.evaluate()

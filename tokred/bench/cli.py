@@ -4,7 +4,7 @@
 
     tokred list [--json]                          methods (options, defaults, valid ranges, presets) and tasks
     tokred run --task NAME|all [--methods A,B] [--presets P,M:P] [--options K=V ...]
-               [--size embedded|full] [--device cpu] [--dtype float32] [--set K=V ...]
+               [--size embedded|arch|full] [--device cpu] [--dtype float32] [--set K=V ...]
                [--rounds N] [--quick] [--out results/] [--resume]
     tokred leaderboard RESULTS.json ... [-o leaderboard/README.md] [--no-published]
     tokred bench [run options] [--out results/] [-o leaderboard/README.md]     run every task, then the leaderboard
@@ -166,8 +166,10 @@ def _log(message: str) -> None:
 
 def run_planned(planned: list[tuple[Any, list[Any], str]], resume: bool) -> tuple[int, list[str]]:
     from ..errors import TokredError
+    from .contention import warn_if_loaded
     from .runner import run_task
 
+    warn_if_loaded([run.threads for run, _, _ in planned])  # one line on stderr when other processes hold the cores
     written: list[str] = []
     status = EXIT_OK
     for run, cases, path in planned:
@@ -240,8 +242,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, default_task: str | None) -> 
                         "default options; 'all' (default)")
     p.add_argument("--options", action="append", default=[], metavar="KEY=VALUE",
                    help="run one method (--methods NAME) with these options instead of its presets (repeatable)")
-    p.add_argument("--size", default="embedded", choices=("embedded", "full"),
-                   help="embedded: the offline models shipped with tokred (default); full: full-size models")
+    p.add_argument("--size", default="embedded", choices=("embedded", "arch", "full"),
+                   help="embedded: the offline models shipped with tokred (default); arch: the real architectures "
+                        "at random init (speed only, offline); full: full-size models")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="model dtype (default: the task's)")

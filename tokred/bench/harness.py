@@ -1,15 +1,22 @@
-"""The benchmark loop shared by ``tokred run`` and the pytest plugin.
+"""The benchmark loop shared by ``tokred run``, ``tokred bench`` and the pytest plugin.
 
-For one task: set the task up once, record the unreduced model's reference outputs, measure the baseline, then
-for each method x preset: ``tokred.apply`` -> evaluate quality -> time the workload -> measure speed ->
-``remove``. Every benchmark becomes one entry in pytest-benchmark's JSON layout (:mod:`tokred.bench.results`).
+For one task: set the task up once at its thread count, record the unreduced model's reference outputs (and
+its quality from them), measure the baseline, then for each method x preset: ``tokred.apply`` -> evaluate quality
+-> time the workload paired with the baseline -> FLOPs and memory -> ``remove``. Every benchmark becomes one entry
+in pytest-benchmark's JSON layout (:mod:`tokred.bench.results`), with the ``extra_info`` keys of results schema 2.
 
-Timing. CPU timings drift by tens of percent within minutes, so a method's speedup is never computed against a
-baseline timed minutes earlier. Each timed round of a method runs one *untimed-by-the-benchmark* baseline call
-first (patch removed, call timed by the harness, patch applied again) and then the timed method call; the
-speedup is the ratio of the two medians over the same rounds. The number of rounds is calibrated once per task
-from the baseline's call time (``min_rounds`` to ``max_rounds``, about ``target_s`` seconds of timing per
-benchmark) and is the same for every benchmark of the task. CUDA is synchronized inside the tasks' workloads.
+Timing (:mod:`tokred.bench.timing`, :mod:`tokred.bench.stats`): each round times one baseline call (patch
+removed) and one method call (patch applied again), warm-up rounds first and dropped; the speedup is the median
+of the per-round ratios with a 95% bootstrap interval; rounds go on from 5 until that interval is within +-5% or
+the case's budget (``budget_s``) is spent. The baseline row times the baseline alone, by the same rule on its call
+times. ``--rounds N`` fixes the number of rounds.
+
+Contention (:mod:`tokred.bench.contention`): the case runs at the task's thread count (``threads``), and the load
+average and the process's CPU time around the timed calls decide ``contended``.
+
+Settings come from the profile (:data:`PROFILES`, per task and size) and can be overridden with ``--set``
+(``tokred run``) / ``--tokred-set`` (pytest): the names in :data:`HARNESS_SETTINGS` go to the harness, every
+other one to the task's constructor.
 
 Selection errors (unknown task, method or preset) raise :class:`SelectionError` or the registry's errors, whose
 messages list the valid names.
@@ -18,18 +25,23 @@ messages list the valid names.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import math
 import platform
 import shlex
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import TokredError, UnsupportedModelError
 from . import results as results_mod
+from . import stats as stats_mod
+from .contention import Monitor, check_threads, torch_threads
+from .task import Quality
+from .timing import Timings, TimingSettings, time_paired
 
 BASELINE = "baseline"
 DEFAULT_PRESET = "default"
@@ -38,30 +50,52 @@ TEST_NAME = "test_method"
 TEST_FILE = "benchmarks/test_methods.py"
 
 # Per (task, size): task constructor arguments the harness sets unless the user does (only those the task
-# accepts), and timing settings. Sized so that `tokred bench` (every registered method and preset on both
-# embedded tasks) fits in about 15 minutes on 2 CPU cores; "quick" is a smoke test of a few minutes.
-# Timing settings: min_rounds (paired rounds at least), warmup_rounds (untimed rounds first; the quality
-# evaluation just before already warmed the patched model up, so expensive workloads need none).
+# accepts; "task"), and harness settings (HARNESS_SETTINGS). "default" is the main job, `tokred bench`: every
+# registered method and preset on both embedded tasks in about 15 minutes on 2 quiet CPU cores (estimated from
+# smoke runs, in the module's tests of the profile); "quick" is a smoke test of a few minutes.
 PROFILES: dict[str, dict[tuple[str, str], dict[str, Any]]] = {
     "default": {
-        # about 0.5 s per image (20 DDIM steps, CFG) on 2 idle cores; per benchmark ~40 image generations:
-        # 20 evaluated, 2 paired rounds of a 2-image batch, 5 batches inside measure_speed (GFLOPs, memory...)
-        ("text_to_image", "embedded"): {
-            "task": {"num_images": 20, "batch_size": 2},
-            "min_rounds": 2,
-            "warmup_rounds": 0,
-        },
+        # The whole digits test split (360 images): Wilson intervals of about +-2-3% on the accuracies.
+        ("vit_classification", "embedded"): {"budget_s": 10.0, "max_rounds": 100},
+        # About 0.6 s per image (20 DDIM steps, guidance, one thread). Per method: 60 evaluated images
+        # (6 per digit) for FID/KID/accuracy/PSNR with intervals, 1 warm-up + 5-12 paired rounds of a 2-image
+        # batch (2.4 s a round), one more batch for FLOPs and memory and one for the U-Net share.
+        ("text_to_image", "embedded"): {"task": {"num_images": 60, "batch_size": 2}, "budget_s": 25.0,
+                                        "max_rounds": 20},
+        # Real architectures at random init: a generation is seconds (GPU) to a minute (CPU); 5 rounds is the
+        # floor, so on a CPU the budget only ever stops them at 5.
+        ("text_to_image", "arch"): {"budget_s": 120.0, "max_rounds": 30},
+        ("vit_classification", "arch"): {"budget_s": 30.0, "max_rounds": 50},
     },
     "quick": {
-        ("vit_classification", "embedded"): {"task": {"num_images": 120}, "min_rounds": 2, "max_rounds": 10},
+        ("vit_classification", "embedded"): {"task": {"num_images": 120}, "budget_s": 2.0, "max_rounds": 10},
         ("text_to_image", "embedded"): {
             "task": {"num_images": 10, "batch_size": 2, "num_inference_steps": 10},
-            "min_rounds": 1,
-            "warmup_rounds": 0,
+            "budget_s": 4.0,
+            "max_rounds": 8,
         },
+        ("text_to_image", "arch"): {"task": {"num_inference_steps": 4}, "budget_s": 10.0, "max_rounds": 5},
+        ("vit_classification", "arch"): {"budget_s": 5.0, "max_rounds": 10},
     },
 }
-TIMING_DEFAULTS = {"min_rounds": 3, "max_rounds": 30, "warmup_rounds": 1, "target_s": 2.0}
+# Harness settings and their defaults (threads None: the task's default_threads()).
+TIMING_DEFAULTS: dict[str, Any] = {
+    "min_rounds": stats_mod.MIN_ROUNDS,
+    "max_rounds": 50,
+    "warmup_rounds": 1,
+    "budget_s": 60.0,
+    "target_rel_half_width": stats_mod.TARGET_REL_HALF_WIDTH,
+    "threads": None,
+}
+HARNESS_SETTINGS = tuple(TIMING_DEFAULTS)
+
+# Caveats recorded in `notes` for rows of a method whose token counts follow the model's features, on random
+# weights (size "arch"), where those features are not a trained model's.
+FEATURE_DEPENDENT_NOTES = {
+    "ca_tome": "CA-ToMe's merge count depends on trained features (a similarity threshold); on random weights "
+    "this row shows the count it actually merged (see tokens), not what trained weights would give",
+}
+ARCH_NOTE = "random weights (size arch): speed, FLOPs, memory and token counts only; no quality"
 
 
 class SelectionError(TokredError, ValueError):
@@ -291,13 +325,28 @@ def accepted_kwargs(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def profile_settings(task: str, size: str, profile: str) -> dict[str, Any]:
-    """The profile's task arguments (``"task"``) and timing settings for ``(task, size)``."""
+    """The profile's task arguments (``"task"``) and harness settings for ``(task, size)``."""
     if profile not in PROFILES:
         raise SelectionError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
     settings = dict(TIMING_DEFAULTS)
     settings.update(PROFILES[profile].get((task, size), {}))
     settings["task"] = dict(settings.get("task", {}))
     return settings
+
+
+def timing_settings(settings: dict[str, Any], rounds: int | None) -> TimingSettings:
+    """:class:`TimingSettings` from harness settings; a bad value is a SelectionError naming it and its range."""
+    try:
+        return TimingSettings(
+            min_rounds=settings["min_rounds"],
+            max_rounds=settings["max_rounds"],
+            warmup_rounds=settings["warmup_rounds"],
+            budget_s=settings["budget_s"],
+            target_rel_half_width=settings["target_rel_half_width"],
+            rounds=rounds,
+        )
+    except (TypeError, ValueError) as err:
+        raise SelectionError(f"timing settings: {err}") from None
 
 
 def reproduce_command(
@@ -331,28 +380,7 @@ def reproduce_command(
     return shlex.join(parts)
 
 
-# --- timing --------------------------------------------------------------------------------------------------
-
-# timer(target, setup, rounds, warmup_rounds): calls setup() (if given) then target() once per round, warmup rounds
-# first. The pytest plugin passes benchmark.pedantic; the CLI uses simple_timer.
-Timer = Callable[[Callable[[], Any], Callable[[], Any] | None, int, int], Any]
-
-
-def simple_timer(target: Callable[[], Any], setup: Callable[[], Any] | None, rounds: int, warmup_rounds: int) -> None:
-    for _ in range(warmup_rounds + rounds):
-        if setup is not None:
-            setup()
-        target()
-
-
-def _timed(fn: Callable[[], Any], sink: list[float]) -> Callable[[], Any]:
-    def wrapper() -> Any:
-        start = time.perf_counter()
-        out = fn()
-        sink.append(time.perf_counter() - start)
-        return out
-
-    return wrapper
+# --- results of a case ----------------------------------------------------------------------------------------
 
 
 class CaseSkipped(Exception):
@@ -367,7 +395,8 @@ class CaseResult:
     warmup_rounds: int = 1
 
     def benchmark_entry(self) -> dict[str, Any]:
-        """This result as one entry of pytest-benchmark's ``benchmarks`` list (as ``test_methods.py`` names it)."""
+        """This result as one entry of pytest-benchmark's ``benchmarks`` list (as ``test_methods.py`` names it);
+        ``stats`` are those of the method's timed calls (warm-up excluded)."""
         name = f"{TEST_NAME}[{self.case.id}]"
         return {
             "group": self.case.task,
@@ -390,6 +419,25 @@ class CaseResult:
         }
 
 
+def token_counts(patch: Any) -> dict[str, dict[str, Any]] | None:
+    """The patch's mean tokens per block since its last reset (``tokred.Patch.token_counts``), as JSON; None
+    when the core does not offer them."""
+    if patch is None or not hasattr(patch, "token_counts"):
+        return None
+    counts = patch.token_counts()
+    return {str(k): dataclasses.asdict(c) if dataclasses.is_dataclass(c) else dict(c) for k, c in counts.items()}
+
+
+def reset_token_counts(patch: Any) -> None:
+    if patch is not None and hasattr(patch, "reset_token_counts"):
+        patch.reset_token_counts()
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    ok = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in (a, b))
+    return float(a) / float(b) if ok else None
+
+
 # --- the task session ----------------------------------------------------------------------------------------
 
 
@@ -408,9 +456,9 @@ class TaskRun:
         command: str | None = None,
         **timing: Any,
     ) -> None:
-        """``rounds`` fixes the number of timed rounds; otherwise it is calibrated between the profile's
-        ``min_rounds`` and ``max_rounds`` to about ``target_s`` seconds (``timing`` overrides those and
-        ``warmup_rounds``)."""
+        """``task_kwargs``: task constructor arguments and harness settings (:data:`HARNESS_SETTINGS`: ``threads``,
+        ``budget_s``, ``min_rounds``, ``max_rounds``, ``warmup_rounds``, ``target_rel_half_width``), as ``--set``
+        gives them; ``timing``: harness settings given in code. ``rounds`` fixes the number of timed rounds."""
         from .task import get_task
 
         self.task_name = task
@@ -421,33 +469,47 @@ class TaskRun:
         self.user_kwargs = dict(task_kwargs or {})
         self.profile = profile
         settings = profile_settings(task, size, profile)
-        unknown = set(timing) - set(TIMING_DEFAULTS)
+        unknown = set(timing) - set(HARNESS_SETTINGS)
         if unknown:
-            raise TypeError(f"unknown timing settings: {', '.join(sorted(unknown))}")
+            raise TypeError(
+                f"unknown timing settings: {', '.join(sorted(unknown))}; valid: {', '.join(HARNESS_SETTINGS)}"
+            )
+        user_harness = {k: v for k, v in self.user_kwargs.items() if k in HARNESS_SETTINGS}
         settings.update(timing)
+        settings.update(user_harness)
         kwargs = settings.pop("task")
         kwargs.setdefault("progress", False)
         kwargs = accepted_kwargs(self.task_cls, kwargs)
-        kwargs.update(self.user_kwargs)
+        kwargs.update({k: v for k, v in self.user_kwargs.items() if k not in HARNESS_SETTINGS})
         self.task_kwargs = kwargs
-        if rounds is not None and rounds < 1:
-            raise SelectionError(f"rounds must be >= 1, got {rounds}")
+        self.settings = {k: settings[k] for k in HARNESS_SETTINGS}
+        if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1):
+            raise SelectionError(f"rounds must be an int >= 1, got {rounds!r}")
+        self.timing = timing_settings(self.settings, rounds)
+        if self.settings["threads"] is not None:
+            try:
+                check_threads(self.settings["threads"])
+            except ValueError as err:
+                raise SelectionError(str(err)) from None
         self.fixed_rounds = rounds
-        self.min_rounds, self.max_rounds = int(settings["min_rounds"]), int(settings["max_rounds"])
-        self.warmup_rounds, self.target_s = int(settings["warmup_rounds"]), float(settings["target_s"])
+        # what the runner reports; with adaptive rounds, the minimum
+        self.rounds = rounds if rounds is not None else self.timing.min_rounds
+        self.warmup_rounds = self.timing.warmup_rounds
         self.command = command or reproduce_command(task, size, device, dtype, task_kwargs=self.user_kwargs,
                                                     profile=profile, rounds=rounds)
         self.task: Any = None
         self._built: Any = None
         self._setup_error: str | None = None
-        self.rounds = 0
+        self.threads: int | None = self.settings["threads"]
         self.baseline_quality: dict[str, float] = {}
+        self.baseline_quality_ci: dict[str, tuple[float, float]] = {}
+        self.baseline_quality_n: dict[str, int] = {}
         self.baseline_speed: dict[str, float] = {}
         self.setup_s = 0.0
 
     def build(self) -> Any:
         """Construct the task without setting it up (cheap), so that a bad task argument (SelectionError naming
-        it) is reported before anything runs."""
+        it) is reported before anything runs; decides the thread count."""
         kwargs = dict(self.task_kwargs)
         if self.dtype is not None:
             kwargs["dtype"] = self.dtype
@@ -455,13 +517,19 @@ class TaskRun:
             self._built = self.task_cls(size=self.size, device=self.device, **kwargs)
         except TypeError as err:
             valid = [p for p in inspect.signature(self.task_cls.__init__).parameters if p not in ("self", "kwargs")]
-            raise SelectionError(f"task {self.task_name!r}: {err}; its arguments: {', '.join(valid)}") from None
+            raise SelectionError(
+                f"task {self.task_name!r}: {err}; its arguments: {', '.join(valid)}; harness settings: "
+                f"{', '.join(HARNESS_SETTINGS)}"
+            ) from None
         except ValueError as err:
             raise SelectionError(f"task {self.task_name!r}: {err}") from None
+        if self.settings["threads"] is None:
+            default = getattr(self._built, "default_threads", None)
+            self.threads = default() if callable(default) else None
         return self._built
 
     def setup(self) -> TaskRun:
-        """Build the task, record its reference, measure the baseline's quality and speed, calibrate rounds."""
+        """Build the task, record its reference and the baseline's quality and speed (GFLOPs, memory)."""
         if self.task is not None:
             return self
         if self._setup_error is not None:  # do not repeat a failed (and possibly slow) setup for every case
@@ -474,28 +542,39 @@ class TaskRun:
             raise
         return self
 
+    def _reference_metrics(self, task: Any) -> set[str]:
+        return {m.name for m in type(task).metrics if getattr(m, "reference", False)}
+
     def _setup(self) -> None:
         start = time.perf_counter()
         task = self._built or self.build()
-        task.setup()
-        task.record_reference()
-        self.task = task
-        self.baseline_quality = dict(task.evaluate())  # also warms the model up
-        if self.fixed_rounds is not None:
-            self.rounds = self.fixed_rounds
-        else:
-            call_s = _time_once(task.workload())
-            wanted = math.ceil(self.target_s / max(2 * call_s, 1e-9))
-            self.rounds = max(self.min_rounds, min(self.max_rounds, wanted))
-        self.baseline_speed = self._measure_speed()
+        with torch_threads(self.threads):
+            task.setup()
+            quality = task.record_reference()  # also warms the model up
+            self.task = task
+            if quality is None:  # a task that does not score its reference outputs
+                quality = task.evaluate()
+            self._set_baseline_quality(quality)
+            self.baseline_speed = self._measure_speed()
         self.setup_s = time.perf_counter() - start
 
+    def _set_baseline_quality(self, quality: Any) -> None:
+        """The baseline's quality without the metrics that compare the model with itself (PSNR 100, agreement
+        100%): absent, not perfect."""
+        drop = self._reference_metrics(self.task)
+        self.baseline_quality = {k: v for k, v in dict(quality).items() if k not in drop}
+        self.baseline_quality_ci = {k: v for k, v in getattr(quality, "ci", {}).items() if k not in drop}
+        self.baseline_quality_n = {k: v for k, v in getattr(quality, "n", {}).items() if k not in drop}
+
     def _measure_speed(self) -> dict[str, float]:
-        """The task's measure_speed, with a single timed call where it accepts ``warmup``/``repeats`` (the harness
-        times the workload itself; measure_speed is for GFLOPs, memory and task-specific numbers)."""
+        """The task's measure_speed (GFLOPs, memory and task-specific numbers). A task written for the older
+        protocol, which times inside measure_speed, is asked for its cheapest run (``timing=False`` or a single
+        call); its timings are not used: the harness times the workload."""
         fn = self.task.measure_speed
         params = inspect.signature(fn).parameters
-        kwargs = {k: v for k, v in (("warmup", 0), ("repeats", 1)) if k in params}
+        kwargs = {k: v for k, v in (("timing", False), ("warmup", 0), ("repeats", 1)) if k in params}
+        if "timing" in kwargs:
+            kwargs.pop("warmup", None), kwargs.pop("repeats", None)
         return dict(fn(**kwargs))
 
     def items_per_call(self, speed: dict[str, Any]) -> float:
@@ -506,8 +585,6 @@ class TaskRun:
         return 1.0
 
     def base_info(self) -> dict[str, Any]:
-        import torch
-
         task = self.task
         info = task.describe()
         return {
@@ -519,7 +596,6 @@ class TaskRun:
             "device": str(task.device),
             "device_name": device_name(getattr(task, "torch_device", task.device)),
             "dtype": str(task.dtype),
-            "num_threads": torch.get_num_threads(),
             "versions": versions(),
             "command": self.command,
             "metrics": [
@@ -528,79 +604,114 @@ class TaskRun:
             "task_info": results_mod.to_jsonable(info),
         }
 
-    def run_case(self, case: Case, timer: Timer = simple_timer) -> CaseResult:
+    def _on_cpu(self) -> bool:
+        import torch
+
+        return torch.device(getattr(self.task, "torch_device", self.task.device)).type == "cpu"
+
+    def notes(self, case: Case) -> list[str]:
+        """Caveats for this case's row: the task's own (``task.notes()``, optional) and the harness's."""
+        own = getattr(self.task, "notes", None)
+        out = [str(n) for n in (own() if callable(own) else [])]
+        if self.size == "arch":
+            out.append(ARCH_NOTE)
+            if case.method in FEATURE_DEPENDENT_NOTES:
+                out.append(FEATURE_DEPENDENT_NOTES[case.method])
+        return out
+
+    def run_case(self, case: Case) -> CaseResult:
         """Measure one case; the model is unpatched again afterwards, whatever happens."""
+        self.setup()
+        with torch_threads(self.threads) as threads:
+            return self._run_case(case, threads)
+
+    def _run_case(self, case: Case, threads: int) -> CaseResult:
         import tokred
 
-        self.setup()
         task = self.task
         workload = task.workload()
-        method_times: list[float] = []
-        baseline_times: list[float] = []
+        monitor = Monitor(threads=threads, check_cpu=self._on_cpu())
+        tokens: dict[str, Any] = {}
         if case.is_baseline:
             tokred.remove(task.model)
-            timer(_timed(workload, method_times), None, self.rounds, self.warmup_rounds)
-            quality, speed = self.baseline_quality, self.baseline_speed
+            timings = time_paired(workload, self.timing, monitor)
+            quality = Quality(self.baseline_quality, self.baseline_quality_ci, self.baseline_quality_n)
+            speed = self.baseline_speed
         else:
             holder: dict[str, Any] = {}
             try:
                 holder["patch"] = tokred.apply(task.model, case.method, **case.options)
             except UnsupportedModelError as err:
                 raise CaseSkipped(str(err)) from err
+
+            def use_baseline() -> None:
+                holder.pop("patch").remove()
+
+            def use_method() -> None:
+                holder["patch"] = tokred.apply(task.model, case.method, **case.options)
+
+            def after_method() -> None:  # the token counts of the latest method call
+                counts = token_counts(holder.get("patch"))
+                if counts is not None:
+                    tokens["counts"] = counts
+                reset_token_counts(holder.get("patch"))
+
             try:
-                quality = dict(task.evaluate())
-                timed_baseline = _timed(workload, baseline_times)
-
-                def paired_setup() -> None:
-                    holder.pop("patch").remove()
-                    timed_baseline()
-                    holder["patch"] = tokred.apply(task.model, case.method, **case.options)
-
-                timer(_timed(workload, method_times), paired_setup, self.rounds, self.warmup_rounds)
+                quality = task.evaluate()
+                timings = time_paired(workload, self.timing, monitor, baseline=workload, use_baseline=use_baseline,
+                                      use_method=use_method, after_method=after_method)
                 speed = self._measure_speed()
             finally:
                 patch = holder.pop("patch", None)
                 if patch is not None:
                     patch.remove()
                 tokred.remove(task.model)
-        times = _measured(method_times, self.rounds)
+        return CaseResult(case, timings.method_times, self._extra_info(case, timings, quality, speed, threads,
+                                                                       tokens.get("counts")), timings.warmup_rounds)
+
+    def _extra_info(self, case: Case, timings: Timings, quality: Any, speed: dict[str, Any], threads: int,
+                    tokens: dict[str, Any] | None) -> dict[str, Any]:
+        times = timings.method_times
         median = statistics.median(times)
-        if case.is_baseline:
-            base_times = times
-        else:
-            base_times = _measured(baseline_times, self.rounds) or [float("nan")]
-        base_median = statistics.median(base_times)
+        base_median = statistics.median(timings.baseline_times) if timings.paired else median
+        estimate = timings.speedup()
         items = self.items_per_call(speed)
+        drop = self._reference_metrics(self.task) if case.is_baseline else set()
+        values = {k: v for k, v in dict(quality).items() if k not in drop}
+        gflops, base_gflops = speed.get("gflops"), self.baseline_speed.get("gflops")
+        ideal = 1.0 if case.is_baseline else _ratio(base_gflops, gflops)
         info = self.base_info()
         info.update(
             method=case.method,
             preset=case.preset,
             options=results_mod.to_jsonable(case.options),
             options_repr=", ".join(f"{k}={v!r}" for k, v in case.options.items()),
-            quality=results_mod.to_jsonable(quality),
+            quality=results_mod.to_jsonable(values),
+            quality_ci={k: [float(lo), float(hi)] for k, (lo, hi) in getattr(quality, "ci", {}).items()
+                        if k in values},
+            quality_n={k: int(n) for k, n in getattr(quality, "n", {}).items() if k in values},
+            baseline_quality=results_mod.to_jsonable(self.baseline_quality),
             speed=results_mod.to_jsonable(speed),
             latency_ms=median * 1000.0,
             baseline_latency_ms=base_median * 1000.0,
             throughput_per_s=items / median,
             s_per_image=median / items,
             items_per_call=items,
-            speedup=1.0 if case.is_baseline else base_median / median,
-            # the ratio of the fastest calls: less sensitive to other processes' interference, which only adds time
-            speedup_min=1.0 if case.is_baseline else min(base_times) / min(times),
-            gflops=speed.get("gflops"),
+            speedup=estimate.value,
+            speedup_ci=[estimate.ci[0], estimate.ci[1]],
+            round_ratios=list(estimate.ratios),
+            rounds=timings.rounds,
+            warmup_rounds=timings.warmup_rounds,
+            threads=threads,
+            num_threads=threads,
+            gflops=gflops,
+            baseline_gflops=base_gflops,
+            flops_ideal_speedup=ideal,
+            efficiency=None if ideal is None else estimate.value / ideal,
             peak_mem_mb=speed.get("peak_mem_mb"),
-            rounds=len(times),
-            baseline_quality=results_mod.to_jsonable(self.baseline_quality),
+            notes=self.notes(case),
         )
-        return CaseResult(case, times, info, self.warmup_rounds)
-
-
-def _time_once(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _measured(times: list[float], rounds: int) -> list[float]:
-    """Drop the warm-up rounds (the first ones) when the timer ran them."""
-    return times[-rounds:] if len(times) > rounds else list(times)
+        info.update(timings.monitor.info())
+        if tokens is not None:
+            info["tokens"] = tokens
+        return info

@@ -1,13 +1,10 @@
-"""Speed measurement shared by the tasks: wall time, FLOPs and peak memory of one unit of work.
+"""What the tasks measure besides time: FLOPs and peak memory of one unit of work, the time share of a module.
 
-Conventions, the same for every task and device:
+Wall time is not measured here: :mod:`tokred.bench.timing` times every workload, paired with the baseline, for
+``tokred run``, ``tokred bench`` and the pytest plugin alike. Conventions, the same for every task and device:
 
-* **Wall time** is measured with ``time.perf_counter`` around the call, with ``torch.cuda.synchronize`` before
-  and after on CUDA (kernels are asynchronous, so an unsynchronized timer measures only the launch). The
-  first ``warmup`` calls are discarded (allocator, cuDNN autotuning, lazy initialisation); the reported
-  latency is the **median** of ``repeats`` calls, robust to the odd slow call on a shared machine.
 * **FLOPs** come from :func:`tokred.flops.count_flops` (``FlopCounterMode``, multiply-add = 2 FLOPs, attention
-  included on CPU) on one extra call, and are reported per item (image) in GFLOPs.
+  included on CPU) on one call, and are reported per item (image) in GFLOPs.
 * **Peak memory** is the peak of tensor memory allocated *during* one call, above what was allocated when the
   call started (activations and temporaries; the weights and the inputs already resident are not counted).
   On CUDA it is ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
@@ -16,20 +13,21 @@ Conventions, the same for every task and device:
   events that ``torch.profiler`` records with ``profile_memory=True``: the running sum of allocated bytes in
   time order, and its maximum. Both numbers mean the same thing, so CPU and CUDA results compare (on CPU, a
   block allocated before the call and freed during it is not subtracted; the profiler never saw it allocated).
+* :func:`flops_and_memory` takes both from a single call (the FLOP counter allocates no tensors), so a
+  task's speed record costs one extra call of its workload, not two.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 
-from tokred.flops import count_flops, flop_counter
+from tokred.flops import flop_counter
 
 MB = 2**20
 
@@ -66,45 +64,30 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(dev)
 
 
-def time_calls(fn: Callable[[], Any], device: torch.device | str, warmup: int = 1, repeats: int = 5) -> list[float]:
-    """Seconds taken by each of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls (synchronized)."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(max(warmup, 0)):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def peak_memory_mb(fn: Callable[[], Any], device: torch.device | str) -> float:
-    """Peak tensor memory (MB) allocated during one call of ``fn`` above what was allocated at its start.
-
-    See the module docstring for how it is measured on CUDA and on CPU.
-    """
+@contextmanager
+def memory_scope(device: torch.device | str) -> Iterator[dict[str, float]]:
+    """``with memory_scope(dev) as rec: ...`` then ``rec["peak_mem_mb"]``: the peak tensor memory (MB) allocated
+    during the block above what was allocated at its start (see the module docstring for CUDA and CPU)."""
     dev = torch.device(device)
+    record: dict[str, float] = {}
     if dev.type == "cuda":
         synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
-        fn()
+        yield record
         synchronize(dev)
-        return (torch.cuda.max_memory_allocated(dev) - before) / MB
-    return _profiled_cpu_peak(fn) / MB
-
-
-def _profiled_cpu_peak(fn: Callable[[], Any]) -> int:
+        record["peak_mem_mb"] = (torch.cuda.max_memory_allocated(dev) - before) / MB
+        return
     from torch.profiler import ProfilerActivity, profile
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # kineto's start-up chatter (e.g. no GPU found) is noise here
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-        fn()
+        yield record
+    record["peak_mem_mb"] = _peak_from_events(prof) / MB
+
+
+def _peak_from_events(prof: Any) -> int:
+    """The maximum running sum of the CPU allocation (+) and free (-) events a memory profile recorded."""
     events = [
         e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"
     ]
@@ -116,41 +99,41 @@ def _profiled_cpu_peak(fn: Callable[[], Any]) -> int:
     return peak
 
 
-def measure(
+def peak_memory_mb(fn: Callable[[], Any], device: torch.device | str) -> float:
+    """Peak tensor memory (MB) allocated during one call of ``fn`` above what was allocated at its start."""
+    with memory_scope(device) as record:
+        fn()
+    return record["peak_mem_mb"]
+
+
+def flops_and_memory(
     fn: Callable[[], Any],
     device: torch.device | str,
     items: int,
-    warmup: int = 1,
-    repeats: int = 5,
     flops: bool = True,
     memory: bool = True,
-    timing: bool = True,
+    modules: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """The standard speed record of one unit of work ``fn`` that processes ``items`` items (images).
+    """FLOPs and peak memory of one call of ``fn`` (under ``torch.no_grad``) that processes ``items`` items.
 
-    Keys: ``latency_ms`` (median seconds per call x 1000), ``latency_ms_min``, ``throughput_per_s``
-    (items / median seconds), ``repeats`` (with ``timing``), ``gflops`` (per item; with ``flops``),
-    ``peak_mem_mb`` (with ``memory``). Every call runs under ``torch.no_grad``.
+    Keys: ``gflops`` (per item; with ``flops``), and for each ``key: class name`` of ``modules`` the GFLOPs per
+    item inside top-level modules of that class (``{"unet_gflops": "UNet2DConditionModel"}``), ``peak_mem_mb``
+    (with ``memory``). Nothing is timed.
     """
-
-    def call() -> None:
-        with torch.no_grad():
-            fn()
-
     out: dict[str, float] = {}
-    if timing:
-        times = time_calls(call, device, warmup=warmup, repeats=repeats)
-        median = statistics.median(times)
-        out.update(
-            latency_ms=median * 1000.0,
-            latency_ms_min=min(times) * 1000.0,
-            throughput_per_s=items / median,
-            repeats=float(repeats),
-        )
+    if not (flops or memory):
+        return out
+    counter = flop_counter() if flops else nullcontext()
+    scope = memory_scope(device) if memory else nullcontext({})
+    with torch.no_grad(), scope as mem, counter:
+        fn()
     if flops:
-        out["gflops"] = count_flops(fn) / items / 1e9
+        out["gflops"] = counter.get_total_flops() / items / 1e9
+        counts = counter.get_flop_counts()
+        for key, name in (modules or {}).items():
+            out[key] = sum(counts.get(name, {}).values()) / items / 1e9
     if memory:
-        out["peak_mem_mb"] = peak_memory_mb(call, device)
+        out["peak_mem_mb"] = mem["peak_mem_mb"]
     return out
 
 
@@ -168,8 +151,8 @@ def module_flops(fn: Callable[[], Any], module_names: tuple[str, ...]) -> tuple[
 class ModuleTimer:
     """Accumulates the synchronized wall time spent inside ``module``'s forward calls (hooks).
 
-    Used to report the U-Net's share of a generation's time. The synchronization at every call costs a
-    little, so it is used in a separate run from the one that measures latency.
+    Used to report the U-Net's share of a generation's time (a ratio within one call, not a speed). The
+    synchronization at every call costs a little, so it runs in its own call, never in a timed one.
     """
 
     def __init__(self, module: torch.nn.Module, device: torch.device | str) -> None:

@@ -7,17 +7,21 @@ A test that takes the ``tokred_case`` fixture (``benchmarks/test_methods.py``)::
 
 is parametrized over the chosen tasks x (the baseline + every registered method x its presets for the task's
 model family), so a method installed through the ``tokred.methods`` entry point is benchmarked without edits.
-Each benchmark times ``task.workload()`` with ``benchmark.pedantic`` (a baseline call interleaved before every
-timed round; see :mod:`tokred.bench.harness`) and fills ``benchmark.extra_info`` with quality, speedup against that
-baseline, GFLOPs, peak memory, options, task, model, device, dtype and package versions.
+Each benchmark is measured by the same harness as ``tokred run`` (:mod:`tokred.bench.harness`: paired,
+alternating baseline and method rounds, warm-up dropped, adaptive rounds, bootstrap interval of the speedup); the
+method's timed calls are recorded into the ``benchmark`` fixture as its rounds (so pytest-benchmark's statistics,
+``--benchmark-json``, ``--benchmark-autosave`` and ``compare`` see them) and ``benchmark.extra_info`` gets the
+results-schema keys: quality with intervals, speedup with its interval and per-round ratios, FLOPs-ideal speedup,
+efficiency, GFLOPs, peak memory, threads, load average, contention, options, task, model, device, versions.
 
 Options (group ``tokred``)::
 
-    --tokred-task=NAME[,NAME]   tasks (default: all registered)     --tokred-size=embedded|full
+    --tokred-task=NAME[,NAME]   tasks (default: all registered)     --tokred-size=embedded|arch|full
     --tokred-methods=A,B        methods (default: all for the task) --tokred-device=cpu|cuda[:i]
     --tokred-presets=P,M:P      presets (default: all)              --tokred-dtype=float32|float16|bfloat16
-    --tokred-set=KEY=VALUE      a task constructor argument (repeatable)
-    --tokred-rounds=N           timed rounds (default: calibrated)  --tokred-quick  smaller embedded runs
+    --tokred-set=KEY=VALUE      a task argument or harness setting (threads, budget_s, min_rounds, max_rounds,
+                                warmup_rounds; repeatable)
+    --tokred-rounds=N           fixed timed rounds (default: adaptive)  --tokred-quick  smaller embedded runs
 
 Usage: ``pytest benchmarks/ --benchmark-only --benchmark-json=out.json`` (also ``--benchmark-autosave``,
 ``pytest-benchmark compare``; ``--benchmark-skip`` skips them). torch and the registries are imported only when a
@@ -51,13 +55,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--tokred-size",
         default="embedded",
-        choices=("embedded", "full"),
-        help="embedded: the offline models shipped with tokred (default); full: the full-size models",
+        choices=("embedded", "arch", "full"),
+        help="embedded: the offline models shipped with tokred (default); arch: the real architectures at random "
+        "init (speed only, offline); full: the full-size models",
     )
     group.addoption(
-        "--tokred-set", action="append", default=[], metavar="KEY=VALUE", help="task constructor argument (repeatable)"
+        "--tokred-set", action="append", default=[], metavar="KEY=VALUE",
+        help="task argument, or harness setting threads/budget_s/min_rounds/max_rounds/warmup_rounds (repeatable)",
+    )  # fmt: skip
+    group.addoption(
+        "--tokred-rounds", type=int, default=None, help="fixed timed rounds per benchmark (default: adaptive, >= 5)"
     )
-    group.addoption("--tokred-rounds", type=int, default=None, help="timed rounds per benchmark (default: calibrated)")
     group.addoption("--tokred-quick", action="store_true", help="smaller embedded runs (a smoke test)")
 
 
@@ -124,20 +132,34 @@ class BoundCase:
         return self.harness_run.setup().task
 
     def run(self, benchmark: Any) -> dict[str, Any]:
-        """Benchmark the case with pytest-benchmark's fixture; returns (and stores) ``extra_info``."""
+        """Benchmark the case with the harness and record it in pytest-benchmark's fixture; returns (and stores)
+        ``extra_info``."""
         from tokred.bench.harness import CaseSkipped
 
         benchmark.group = self.case.task
-
-        def timer(target, setup, rounds, warmup_rounds):
-            return benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
-
         try:
-            result = self.harness_run.run_case(self.case, timer)
+            result = self.harness_run.run_case(self.case)
         except CaseSkipped as err:
             pytest.skip(str(err))
+        record_rounds(benchmark, result.times)
         benchmark.extra_info.update(result.extra_info)
         return result.extra_info
+
+
+def record_rounds(benchmark: Any, times: list[float]) -> None:
+    """Give pytest-benchmark's fixture the method's timed calls (seconds, one call per round) as its rounds.
+
+    The rounds are adaptive and paired with baseline calls, which ``benchmark.pedantic`` (a fixed number of rounds
+    of one function) cannot run, so the harness times them and the fixture receives the durations the way its own
+    pedantic loop would record them (one stats entry, one ``update`` per round). With ``--benchmark-disable`` the
+    fixture keeps no statistics, and nothing is recorded.
+    """
+    if getattr(benchmark, "disabled", False):
+        return
+    stats = benchmark._make_stats(1)  # what pedantic(iterations=1) does before its rounds
+    for duration in times:
+        stats.update(duration)
+    benchmark._mode = "tokred paired rounds"  # marks the fixture as used (pytest-benchmark warns otherwise)
 
 
 @pytest.fixture(scope="session")

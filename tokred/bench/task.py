@@ -6,24 +6,34 @@ built-in or installed through the ``tokred.methods`` entry point, is measured th
 
 Protocol used by the harness (pytest plugin and ``tokred run``)::
 
-    task = get_task("vit_classification")(size="embedded", device="cpu", dtype="float32")
+    task = get_task("vit_classification")(size="embedded", device="cpu", dtype="float32")  # settings checked here
     task.setup()                          # build model + data (may be slow; once per session)
-    task.record_reference()               # unreduced outputs, for agreement / fidelity metrics
-    fn = task.workload()                  # zero-argument callable: one timed unit of work
-    speed = task.measure_speed()          # latency, throughput, GFLOPs, peak memory (own timing loop)
-    quality = task.evaluate()             # accuracy, agreement, FID, PSNR ...  (vs. the reference)
+    base = task.record_reference()        # unreduced outputs, for agreement / fidelity metrics; may return the
+                                          # unreduced model's Quality from those outputs (None: harness evaluates)
+    fn = task.workload()                  # zero-argument callable: one unit of work, timed by the harness only
+    speed = task.measure_speed()          # GFLOPs, peak memory, task-specific numbers; never wall time
+    quality = task.evaluate()             # Quality: accuracy, agreement, FID, PSNR ... with intervals
     patch = tokred.apply(task.model, "tome", **options); ...; patch.remove()
+
+The harness (:mod:`tokred.bench.harness`) times ``fn`` with and without the patch in paired rounds
+(:mod:`tokred.bench.timing`) at ``task.default_threads()`` torch threads. ``evaluate()`` may return a plain dict of
+point estimates; a :class:`Quality` also carries each metric's 95% interval and the number of images behind it.
+Metrics with ``reference=True`` compare the model with the unreduced model's outputs (PSNR, agreement): the
+baseline row does not report them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import UnknownTaskError
 from ..registry import Registry
 
-SIZES = ("embedded", "full")
+# embedded: small trained models shipped with tokred (quality and speed, offline); arch: the real architectures with
+# random weights (speed, FLOPs, memory and token counts only; offline); full: the real models with their weights.
+SIZES = ("embedded", "arch", "full")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -35,14 +45,72 @@ class Metric:
     better: str  # "higher" | "lower"
     unit: str = ""
     kind: str = "quality"  # "quality" | "speed"
+    reference: bool = False  # compares with the unreduced model's outputs: not reported for the baseline itself
+
+
+class Quality(dict):
+    """What :meth:`Task.evaluate` returns: ``{metric: point estimate}`` (a plain dict to read), with ``ci``
+    ``{metric: (low, high)}``, the 95% interval of each metric, and ``n`` ``{metric: count}``, the number of
+    images (or samples) behind it."""
+
+    def __init__(self, values: Any = (), ci: dict[str, Any] | None = None, n: dict[str, int] | None = None) -> None:
+        super().__init__(values)
+        self.ci: dict[str, tuple[float, float]] = {k: (float(v[0]), float(v[1])) for k, v in (ci or {}).items()}
+        self.n: dict[str, int] = {k: int(v) for k, v in (n or {}).items()}
+
+    def add(self, name: str, value: float, ci: tuple[float, float] | None = None, n: int | None = None) -> None:
+        self[name] = float(value)
+        if ci is not None:
+            self.ci[name] = (float(ci[0]), float(ci[1]))
+        if n is not None:
+            self.n[name] = int(n)
+
+    def without(self, names: Any) -> Quality:
+        """A copy without the given metrics."""
+        drop = set(names)
+        return Quality(
+            {k: v for k, v in self.items() if k not in drop},
+            {k: v for k, v in self.ci.items() if k not in drop},
+            {k: v for k, v in self.n.items() if k not in drop},
+        )
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None, none_ok: bool = False) -> int | None:
+    """``value`` if it is an int in ``[low, high]`` (None allowed with ``none_ok``), else a ValueError naming the
+    setting and its valid range. Booleans are not ints here."""
+    if value is None and none_ok:
+        return None
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
+        valid = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+        raise ValueError(f"{name} must be {valid}{' or None' if none_ok else ''}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value: Any, low: float, none_ok: bool = False) -> float | None:
+    """``value`` as a float if it is a finite number >= ``low``, else a ValueError naming the setting and range."""
+    if value is None and none_ok:
+        return None
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+    if not ok:
+        raise ValueError(f"{name} must be a finite number >= {low:g}{' or None' if none_ok else ''}, got {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 class Task:
     """Base class of benchmark tasks. Subclasses register with ``@register_task("name")``.
 
     Constructor arguments common to all tasks: ``size`` ("embedded": the offline default shipped with
-    tokred; "full": the real full-size model, whose weights must be available locally or in the Hugging Face
-    cache), ``device`` and ``dtype``. Tasks accept further keyword arguments of their own.
+    tokred; "arch": the real architecture with random weights, for speed only; "full": the real full-size model,
+    whose weights must be available locally or in the Hugging Face cache), ``device`` and ``dtype``. Tasks accept
+    further keyword arguments of their own and check every one of them in the constructor (a ValueError naming
+    the setting and its valid range), before anything is built.
     """
 
     name: ClassVar[str] = ""
@@ -73,10 +141,17 @@ class Task:
         raise NotImplementedError
 
     def measure_speed(self) -> dict[str, float]:
+        """GFLOPs per item, peak memory and task-specific numbers of one workload call; no wall time (the
+        harness times the workload). ``batch_size`` (items per workload call) when it is not 1."""
         raise NotImplementedError
 
     def evaluate(self) -> dict[str, float]:
+        """Quality metrics of the model as it is now (patched or not); a :class:`Quality` carries intervals."""
         raise NotImplementedError
+
+    def default_threads(self) -> int | None:
+        """The torch thread count the harness runs this task with (None: leave torch's setting as it is)."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Model, data and settings, for results' ``extra_info`` and the leaderboard header."""
