@@ -76,7 +76,7 @@ def test_parity_with_official_at_every_step(unet, threshold):
         ours = call(mine, s, t, c)
         assert patch.state.step == step
         assert rel_diff(ours, ref) <= 1e-5, (step, rel_diff(ours, ref))
-        stats = patch.state.call["ca_tome"]
+        stats = patch.method_state.block_stats
         assert len(stats) == 5  # the five top-level transformer blocks (max_downsample=1)
         for stat in stats.values():
             assert stat.tokens == 256 and stat.computed == (step in SCHEDULE or step == 1)
@@ -121,7 +121,7 @@ def test_parity_with_official_layout_options(unet):
     patch = tokred.apply(mine, "ca_tome", threshold=0.6, compute_on=[0, 3], **options)
     for step, (c, ref) in enumerate(zip(calls, theirs, strict=True), start=1):
         assert rel_diff(call(mine, *c), ref) <= 1e-5
-        stats = patch.state.call["ca_tome"]
+        stats = patch.method_state.block_stats
         assert sorted(s.tokens for s in stats.values()) == [64] * 5 + [256] * 5
         assert all(0 < s.r[0] < 3 * s.tokens // 4 and s.computed == (step != 2) for s in stats.values())
 
@@ -167,11 +167,7 @@ def test_two_generations_with_the_same_seed_are_identical():
     assert torch.equal(first, second)
 
     # The test can fail: keeping the cache across generations, as the official code does, changes the image.
-    class KeepOnReset(dict):
-        def clear(self):
-            pass
-
-    patch.state.scratch = KeepOnReset(patch.state.scratch)
+    patch.method_state.reset = patch.method_state.block_stats.clear  # keep the cached pairs
     assert not torch.equal(first, generate())
 
 
@@ -184,7 +180,7 @@ def test_batch_independent_sample_alone_equals_sample_in_batch(unet):
         outs, rs = [], []
         for s, t, c in calls:
             outs.append(call(mine, s[:batch], t, c[:batch])[:1])
-            rs.append([stat.r[0] for stat in patch.state.call["ca_tome"].values()])
+            rs.append([stat.r[0] for stat in patch.method_state.block_stats.values()])
         return outs, rs
 
     patch = tokred.apply(mine, "ca_tome", seed=0, batch_independent=True, threshold=0.6)
@@ -194,7 +190,7 @@ def test_batch_independent_sample_alone_equals_sample_in_batch(unet):
         assert r_together == r_alone
         for a, b in zip(together, alone, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert all(len(stat.r) == 3 for stat in patch.state.call["ca_tome"].values())
+    assert all(len(stat.r) == 3 for stat in patch.method_state.block_stats.values())
 
     # Default mode couples the rows (batch-max r; top-left destinations for odd batches): it differs.
     patch = tokred.apply(mine, "ca_tome", seed=0, threshold=0.6)
@@ -213,16 +209,16 @@ def test_batch_size_and_resolution_changes_recompute(unet):
     call(forced, s1, t1, c1)
     out = call(mine, s2, t2, c2)
     assert out.shape[0] == 4
-    assert all(stat.computed for stat in patch.state.call["ca_tome"].values())
+    assert all(stat.computed for stat in patch.method_state.block_stats.values())
     assert torch.equal(out, call(forced, s2, t2, c2))  # the same as a planned recompute at that step
 
     call(mine, s2, torch.tensor(700), c2)
-    assert not any(stat.computed for stat in patch.state.call["ca_tome"].values())  # same shape: reused
+    assert not any(stat.computed for stat in patch.method_state.block_stats.values())  # same shape: reused
 
     big = torch.randn(4, 4, 24, 24, generator=torch.Generator().manual_seed(6))
     out = call(mine, big, torch.tensor(600), c2)  # new resolution on a reuse step
     assert out.shape == big.shape and torch.isfinite(out).all()
-    stats = patch.state.call["ca_tome"]
+    stats = patch.method_state.block_stats
     assert patch.state.step == 4 and all(stat.computed and stat.tokens == 576 for stat in stats.values())
 
 
@@ -246,7 +242,7 @@ def test_threshold_one_disables_merging(unet):
     before = call(mine, s, t, c)
     with tokred.apply(mine, "ca_tome", threshold=1.0) as patch:
         assert torch.equal(call(mine, s, t, c), before)
-        assert "ca_tome" not in patch.state.call
+        assert not patch.method_state.block_stats
 
 
 @pytest.mark.parametrize(
@@ -292,7 +288,7 @@ def test_vit_threshold_one_is_bit_identical(tiny_vit):
         baseline = tiny_vit(x)
         with tokred.apply(tiny_vit, "ca_tome", threshold=1.0) as patch:
             assert torch.equal(tiny_vit(x), baseline)
-            assert "size" not in patch.state.call
+            assert patch.adapter.merged_tokens.size is None
 
 
 def test_vit_lower_threshold_merges_more(tiny_vit):
@@ -302,7 +298,7 @@ def test_vit_lower_threshold_merges_more(tiny_vit):
         for threshold in (0.9, 0.8, 0.5, -1.0):
             with tokred.apply(tiny_vit, "ca_tome", threshold=threshold) as patch:
                 tiny_vit(x)
-                size = patch.state.call.get("size")
+                size = patch.adapter.merged_tokens.size
                 counts.append(65 if size is None else size.shape[1])
                 if size is not None:
                     assert torch.equal(size.sum(dim=1).flatten(), torch.full((2,), 65.0))
