@@ -69,11 +69,11 @@ def test_sd15_recompute_vs_reuse_step(benchmark, sd15_unet):
             start = time.perf_counter()
             sd15_unet(*args, **kwargs)
             times[name].append(time.perf_counter() - start)
-            assert all(s.computed == (name == "recompute") for s in patch.state.call["ca_tome"].values())
+            assert all(s.computed == (name == "recompute") for s in patch.method_state.block_stats.values())
 
     try:
         fastest = timed_rounds(benchmark, one_round, times)
-        stats = patch.state.call["ca_tome"]
+        stats = patch.method_state.block_stats
     finally:
         patch.remove()
     benchmark.extra_info.update(
@@ -165,7 +165,7 @@ def test_sd15_ca_tome_vs_tome_at_similar_token_count(benchmark, sd15_unet, top_b
         with tokred.apply(sd15_unet, "ca_tome", threshold=THRESHOLD, compute_on=[]) as patch:
             timed(f"{ca}_recompute")  # step 1: empty cache, pairs computed
             timed(f"{ca}_reuse")  # step 2: cached pairs
-            counts["ca_tome"] = [s.r[0] for s in patch.state.call["ca_tome"].values()]
+            counts["ca_tome"] = [s.r[0] for s in patch.method_state.block_stats.values()]
         with tokred.apply(sd15_unet, "tome", ratio=ratio):
             timed(tome)
 

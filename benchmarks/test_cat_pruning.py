@@ -47,7 +47,7 @@ def _primed(unet, call, **options) -> tokred.Patch:
     patch = tokred.apply(unet, "cat_pruning", t0=2, alpha=ALPHA, **options)
     call()
     call()
-    g = patch.state.scratch["cat_pruning"]
+    g = patch.method_state
     assert g.sel is not None and g.sel_step == patch.state.step + 1
     return patch
 
@@ -60,7 +60,7 @@ def test_sd15_unet_pruned_vs_full_step(benchmark, sd15_unet, latent):
     with torch.inference_mode():
         patch = _primed(sd15_unet, call)
         try:
-            g = patch.state.scratch["cat_pruning"]
+            g = patch.method_state
 
             def full_step():
                 # no selection for this call: every token computed (the patch's dense path, bit-identical to

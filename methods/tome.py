@@ -10,7 +10,9 @@ ViT (``timm_vit``)
     honoured, so ``r=0`` is bit-identical to the unpatched model, DeiT-3 included.
 
 Stable Diffusion U-Net (``diffusers_unet``)
-    In each transformer block with at most ``max_downsample`` downsampling, tokens are merged before
+    In each transformer block with at most ``max_downsample`` downsampling (default: the highest-resolution
+    level with transformer blocks: 1 on SD 1.x/2.x, exactly tomesd's default, and 2 on SDXL, whose full-
+    resolution level has no attention), tokens are merged before
     self-attention (and optionally cross-attention and MLP) and unmerged after it. Destinations are one
     token per ``sy x sx`` window, random within the window (``use_rand``) or top-left; the metric is the
     block input. Options and defaults are tomesd's. Differences from tomesd, on purpose:
@@ -20,7 +22,9 @@ Stable Diffusion U-Net (``diffusers_unet``)
       (tomesd's generator keeps advancing); the first generation matches tomesd under the same
       ``torch.manual_seed``;
     * the U-Net may be called with keyword arguments only (tomesd reads ``args[0]``);
-    * grids that do not match the latent size (odd sizes) are left unmerged instead of crashing.
+    * grids that do not match the latent size (odd sizes) are left unmerged instead of crashing;
+    * ``max_downsample`` defaults to the U-Net's highest-resolution transformer level (tomesd: always 1, which
+      on SDXL merges nothing), and a value that selects no block is an error at ``apply``.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokred import Method, register_method
-from tokred.adapters.diffusers_unet import FULL_BLOCK, BlockPlan, DiffusersUNetAdapter, GridMergeLayout
+from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
 from tokred.adapters.timm_vit import TimmViTAdapter
 from tokred.errors import InvalidOptionError
+from tokred.layout import GridMergeLayout
 from tokred.merge import alternate_matching, grid_destinations, grid_matching
 from tokred.options import is_bool, is_int, is_number, number_in, option
+from tokred.reduction import FULL_BLOCK, BlockCall, BlockPlan
 
 
 def _is_r_schedule(v: Any) -> bool:
@@ -81,7 +87,7 @@ class ToMeViTOptions:
     )
     prop_attn: bool = option(True, valid="bool", check=is_bool, doc="proportional attention: add log(size)")
     trace_source: bool = option(
-        False, valid="bool", check=is_bool, doc="keep patch.state.call['source']: merged -> input tokens"
+        False, valid="bool", check=is_bool, doc="keep patch.adapter.merged_tokens.source: merged -> input tokens"
     )
 
 
@@ -115,41 +121,35 @@ class ToMe(Method):
     def check(self, adapter) -> None:
         if isinstance(adapter, TimmViTAdapter):
             self.schedule = parse_r(self.options.r, len(adapter.blocks))
+        elif isinstance(adapter, DiffusersUNetAdapter):
+            self.merging_blocks = adapter.blocks_up_to(self.options.max_downsample)
 
     def install(self, patch) -> None:
         if isinstance(patch.adapter, TimmViTAdapter):
-            self._install_vit(patch)
+            schedule, num_protected = self.schedule, patch.adapter.num_protected
+
+            def choose(call: BlockCall, metric):
+                r = schedule[call.index]
+                return alternate_matching(metric, r, num_protected) if r > 0 else None
+
+            patch.adapter.install_merging(
+                patch, choose, self.options.prop_attn, self.options.trace_source, may_merge=any(schedule)
+            )
         else:
-            self._install_unet(patch)
+            patch.adapter.install_blocks(patch, self.planner(patch.state), self.merging_blocks)
 
-    def _install_vit(self, patch) -> None:
-        schedule = self.schedule
-
-        def choose(index, metric, num_protected):
-            return alternate_matching(metric, schedule[index], num_protected) if schedule[index] > 0 else None
-
-        patch.adapter.install_merging_blocks(
-            patch, choose, prop_attn=self.options.prop_attn, trace_source=self.options.trace_source
-        )
-
-    def _install_unet(self, patch) -> None:
+    def planner(self, state):
         opts: ToMeSDOptions = self.options
-        adapter: DiffusersUNetAdapter = patch.adapter
-        state = patch.state
 
-        def planner(block, x) -> BlockPlan:
-            grid = adapter.grid(state.latent_size, x.shape[1])
-            if grid is None or grid[2] > opts.max_downsample:
-                return FULL_BLOCK
-            h, w, _ = grid
+        def plan(call: BlockCall, x) -> BlockPlan:
             r = int(x.shape[1] * opts.ratio)
-            if r <= 0:
+            if call.grid is None or r <= 0:
                 return FULL_BLOCK
             # An odd batch cannot hold matching cond/uncond halves; random destinations would differ
             # between them and leave artifacts, so tomesd (and we) fall back to top-left.
             use_rand = opts.use_rand and x.shape[0] % 2 == 0
             generator = state.generator(x.device) if use_rand else None
-            a_idx, b_idx = grid_destinations(h, w, opts.sx, opts.sy, generator, x.device)
+            a_idx, b_idx = grid_destinations(call.grid.h, call.grid.w, opts.sx, opts.sy, generator, x.device)
             return opts.plan(grid_matching(x, a_idx, b_idx, r=r))
 
-        adapter.install_planned_blocks(patch, planner)
+        return plan
