@@ -184,6 +184,27 @@ def recompute_rows(index: torch.Tensor, cache: RowCache) -> Sublayer:
 
 
 @contextlib.contextmanager
+def kv_source(attn: torch.nn.Module, tokens: torch.Tensor | None) -> Iterator[None]:
+    """While active, ``attn.to_k`` / ``attn.to_v`` (diffusers' ``Attention``) project ``tokens`` instead of their
+    input: ``KeyValue.tokens`` for processors that project keys and values from the queries' own tensor (SD3's
+    ``JointAttnProcessor2_0``, whose text stream uses ``add_k_proj`` / ``add_v_proj`` and is left alone). The
+    tokens are computed once per call by the caller; the hooks live for one call only."""
+    if tokens is None:
+        yield
+        return
+
+    def replace(module: Any, args: tuple) -> tuple:
+        return (tokens, *args[1:])
+
+    handles = [attn.to_k.register_forward_pre_hook(replace), attn.to_v.register_forward_pre_hook(replace)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def projected_kv(attn: torch.nn.Module, kv: KeyValue, seen: list[int] | None = None) -> Iterator[None]:
     """While active, ``kv.keys`` / ``kv.values`` rewrite the outputs of ``attn.to_k`` / ``attn.to_v`` (diffusers'
     ``Attention``), so the library's own attention processor computes attention with them; ``seen`` collects

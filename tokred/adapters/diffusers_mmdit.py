@@ -6,9 +6,9 @@ over both), counts denoiser calls and generations with the same hook as the U-Ne
 runs every block through :func:`planned_forward`, diffusers' block forward with these reduction points:
 
 * ``attn``: reduce/restore of the *image* tokens around joint attention (the text tokens are never reduced);
-* ``kv``: hooks on the image stream's projected keys and values (``attn.to_k`` / ``attn.to_v``; the text
-  stream's ``add_k_proj`` / ``add_v_proj`` are untouched), so diffusers' own ``JointAttnProcessor2_0`` computes
-  the attention;
+* ``kv``: the image tokens the image stream's keys and values are projected from, and hooks on the projected
+  keys and values (``attn.to_k`` / ``attn.to_v``; the text stream's ``add_k_proj`` / ``add_v_proj`` are
+  untouched), so diffusers' own ``JointAttnProcessor2_0`` computes the attention;
 * ``attn2`` / ``kv2``: the same for SD3.5's second image self-attention (dual-attention blocks);
 * ``mlp``: reduce/restore around the image feed-forward;
 * the denoiser's output (``proj_out``, per-patch noise) as tokens on the patch grid (:meth:`install_output`).
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import UnsupportedModelError
-from ..reduction import FULL_BLOCK, BlockCall, BlockPlan, Grid, Planner, projected_kv
+from ..reduction import FULL_BLOCK, BlockCall, BlockPlan, Grid, Planner, kv_source, projected_kv
 from .base import Adapter, attach_denoiser_state, has_class_named
 from .diffusers_unet import feed_forward
 
@@ -152,12 +152,11 @@ def planned_forward(
             encoder_hidden_states, emb=temb
         )
 
-    # tokred: the image queries see plan.attn.reduce's tokens; plan.kv rewrites the image keys/values
+    # tokred: the image queries see plan.attn.reduce's tokens; plan.kv gives the image keys/values
     attn_input = plan.attn.reduce(norm_hidden_states)
-    if plan.kv.tokens is not None:
-        raise UnsupportedModelError("the diffusers_mmdit adapter has no separate key/value tokens for joint attention")
+    kv_input = plan.kv.tokens(norm_hidden_states) if plan.kv.tokens is not None else None
     seen_kv: list[int] = []
-    with projected_kv(block.attn, plan.kv, seen_kv):
+    with kv_source(block.attn, kv_input), projected_kv(block.attn, plan.kv, seen_kv):
         attn_output, context_attn_output = block.attn(
             hidden_states=attn_input,
             encoder_hidden_states=norm_encoder_hidden_states,
@@ -170,9 +169,8 @@ def planned_forward(
 
     if block.use_dual_attention:
         attn2_input = plan.attn2.reduce(norm_hidden_states2)  # tokred
-        if plan.kv2.tokens is not None:
-            raise UnsupportedModelError("the diffusers_mmdit adapter has no separate key/value tokens for attn2")
-        with projected_kv(block.attn2, plan.kv2):  # tokred
+        kv2_input = plan.kv2.tokens(norm_hidden_states2) if plan.kv2.tokens is not None else None  # tokred
+        with kv_source(block.attn2, kv2_input), projected_kv(block.attn2, plan.kv2):  # tokred
             attn_output2 = block.attn2(hidden_states=attn2_input, **joint_attention_kwargs)
         attn_output2 = plan.attn2.restore(attn_output2)  # tokred
         attn_output2 = gate_msa2.unsqueeze(1) * attn_output2
@@ -205,6 +203,6 @@ def planned_forward(
         encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff_output
 
     if _count is not None:  # tokred
-        kv_tokens = seen_kv[0] if seen_kv else attn_input.shape[1]
+        kv_tokens = seen_kv[0] if seen_kv else (kv_input.shape[1] if kv_input is not None else attn_input.shape[1])
         _count[0].record(_count[1], num_tokens, attn_input.shape[1], kv_tokens, mlp_input.shape[1], None)
     return encoder_hidden_states, hidden_states
