@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from conftest import require_reference
 from tiny_models import tiny_sd_pipeline, tiny_sd_unet
 
 import tokred
@@ -41,7 +42,7 @@ def rel_diff(a, b):
 
 def run_official(unet, calls, compute_on, **options):
     """The official block patch, driven as its own pipeline drives it: ``inference_step`` = call index + 1."""
-    ca_patch = pytest.importorskip("ca_tome.patch")
+    ca_patch = require_reference("ca_tome.patch")
     ref = copy.deepcopy(unet)
     ca_patch.apply_patch(ref, list(compute_on), **options)
     blocks = [m for m in ref.modules() if hasattr(m, "_cache_info")]
@@ -59,7 +60,7 @@ SCHEDULE = [0, 3, 4, 7, 10]  # over 10 calls: computed at 1 (empty cache), 3, 4,
 
 @pytest.mark.parametrize("threshold", [0.5, 0.7])
 def test_parity_with_official_at_every_step(unet, threshold):
-    pytest.importorskip("ca_tome")
+    require_reference("ca_tome")
     calls = unet_calls(10)
     theirs = run_official(unet, calls, SCHEDULE, r=threshold, use_rand=False)
 
@@ -95,7 +96,7 @@ def test_parity_with_official_at_every_step(unet, threshold):
 def test_parity_with_official_random_destinations(unet, batch):
     """With ``use_rand`` both fork the global RNG at the first merging block, so the first image matches; an
     odd batch falls back to top-left destinations in both."""
-    pytest.importorskip("ca_tome")
+    require_reference("ca_tome")
     calls = unet_calls(4, batch=batch)
     torch.manual_seed(3)
     theirs = run_official(unet, calls, [0, 3], r=0.7)
@@ -113,7 +114,7 @@ def test_parity_with_official_random_destinations(unet, batch):
 
 def test_parity_with_official_layout_options(unet):
     """Merging for cross-attention and the MLP too, and in the 2x downsampled blocks."""
-    pytest.importorskip("ca_tome")
+    require_reference("ca_tome")
     options = dict(max_downsample=2, merge_crossattn=True, merge_mlp=True, use_rand=False)
     calls = unet_calls(3)
     theirs = run_official(unet, calls, [0, 3], r=0.6, **options)
@@ -127,7 +128,7 @@ def test_parity_with_official_layout_options(unet):
 
 
 def test_presets_equal_official_cache_conf():
-    ca_tome = pytest.importorskip("ca_tome")
+    ca_tome = require_reference("ca_tome")
     conf = ca_tome.CacheConf
     official = {
         "config_1": conf.CONFIG_1,

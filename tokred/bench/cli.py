@@ -279,7 +279,25 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the CLI needs beyond the core: the ``bench`` extra.
+BENCH_MODULES = ("tabulate", "pytest_benchmark", "timm", "diffusers", "torchmetrics")
+
+
+def missing_bench_modules() -> list[str]:
+    import importlib.util
+
+    return [name for name in BENCH_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    missing = missing_bench_modules()
+    if missing:
+        print(
+            f"tokred: the benchmark suite needs the 'bench' extra (missing: {', '.join(missing)}); "
+            'install it with: pip install "tokred[bench]"',
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     from ..errors import TokredError
     from .results import ResultsError
 
