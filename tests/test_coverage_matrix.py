@@ -225,13 +225,8 @@ def model_and_baseline(family: Family) -> tuple[torch.nn.Module, torch.Tensor]:
 def cell(family: Family, method: str) -> Cell:
     key = (family.name, method)
     if key not in _CELLS:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # tiny models: intra-op threads only add synchronisation
-        try:
-            model, baseline = model_and_baseline(family)
-            _CELLS[key] = evaluate(family, model, baseline, method)
-        finally:
-            torch.set_num_threads(threads)
+        model, baseline = model_and_baseline(family)
+        _CELLS[key] = evaluate(family, model, baseline, method)
     return _CELLS[key]
 
 
@@ -285,7 +280,82 @@ def test_readme_matrix_is_current():
     )
 
 
+# --- no silent no-ops: accepted options reduce something, zero strength stays the exact identity ---------------------
+def sd1_unet_without_cross_attention():
+    import copy
+
+    from tiny_models import tiny_sd_unet
+
+    unet = copy.deepcopy(tiny_sd_unet())
+    for module in unet.modules():
+        if type(module).__name__ == "BasicTransformerBlock":
+            module.attn2 = module.norm2 = None  # BasicTransformerBlock's layout without cross_attention_dim
+    return unet
+
+
+@pytest.mark.parametrize("method", ["tome", "ca_tome"])
+@pytest.mark.parametrize(
+    "build,options,match",
+    [
+        ("sd1", {"merge_attn": False}, "merge_attn, merge_crossattn and merge_mlp are False"),
+        ("sd3", {"merge_attn": False}, "merge_attn and merge_mlp are False"),
+        ("sd1_no_cross", {"merge_attn": False, "merge_crossattn": True}, "none of the selected blocks has cross-att"),
+    ],
+)
+def test_options_that_reduce_nothing_are_refused(build, options, method, match):
+    from tiny_models import tiny_sd_unet
+    from tiny_sd3 import tiny_sd3_transformer
+
+    model = {"sd1": tiny_sd_unet, "sd3": tiny_sd3_transformer, "sd1_no_cross": sd1_unet_without_cross_attention}[
+        build
+    ]()
+    with pytest.raises(TokredError, match=match):
+        tokred.apply(model, method, **options)
+    assert tokred.get_patch(model) is None and not leftover_forwards(model)
+
+
+def test_cross_attention_alone_still_merges_where_blocks_have_it():
+    family = next(f for f in FAMILIES if f.name == "SD 1.x")
+    model = family.build()
+    with tokred.apply(model, "tome", merge_attn=False, merge_crossattn=True) as patch:
+        family.run(model)
+        assert all(c.cross < c.tokens and c.attn == c.tokens for c in patch.token_counts().values())
+
+
+def test_vit_schedules_that_round_to_nothing_and_empty_vits_are_refused():
+    from tiny_models import tiny_timm_vit
+
+    one_block = tiny_timm_vit("vit_small_patch16_224", depth=1)
+    with pytest.raises(TokredError, match=r"r=\(1, 0.5\) rounds down to 0 in every one of the 1 blocks"):
+        tokred.apply(one_block, "tome", r=(1, 0.5))
+    for zero in (0, [0], (0, -1)):  # zero strength on purpose: the exact identity
+        tokred.apply(one_block, "tome", r=zero).remove()
+    with pytest.raises(TokredError, match="no blocks"):
+        tokred.apply(tiny_timm_vit("vit_small_patch16_224", depth=0), "tome")
+
+
+ZERO_STRENGTH = {
+    "tome": {"ratio": 0.0},
+    "ca_tome": {"threshold": 1.0},
+    "cat_pruning": {"t0": 2, "alpha": 1.0},
+    "todo": {"downsample_factor": 1},
+}
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.group != "timm ViT"], ids=lambda f: f.name)
+def test_zero_strength_options_are_accepted_and_exact(family):
+    model, baseline = model_and_baseline(family)
+    for method in builtin_methods():
+        options = ZERO_STRENGTH.get(method)
+        if options is None or family.group == "MMDiT" and "diffusers_mmdit" not in tokred.get_method(method).options:
+            continue
+        with tokred.apply(model, method, **options):
+            torch.manual_seed(0)
+            assert torch.equal(family.run(model), baseline), method
+
+
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # as tests/conftest.py: the tiny models are overhead-bound
     table = matrix_markdown()
     if "--write" in sys.argv[1:]:
         write_readme(table)

@@ -55,6 +55,15 @@ class DiffusersMMDiTAdapter(Adapter):
     def check(self) -> None:
         if not self.blocks:
             raise UnsupportedModelError("this SD3Transformer2DModel has no JointTransformerBlock to reduce tokens in")
+        from diffusers.models.attention import JointTransformerBlock
+
+        for name, block in self.blocks:
+            # planned_forward reproduces JointTransformerBlock.forward; a subclass with its own would be replaced
+            if type(block).forward is not JointTransformerBlock.forward:
+                raise UnsupportedModelError(
+                    f"block {name} is {type(block).__name__}, a JointTransformerBlock with its own forward; tokred "
+                    "reproduces diffusers' JointTransformerBlock.forward and cannot patch a different one"
+                )
 
     def attach(self, patch: Patch) -> None:
         attach_denoiser_state(
