@@ -17,9 +17,10 @@ after a change of batch size, resolution or device) the pairs are computed whate
 this is what the official code does on the first call of its first image, where its cache is empty.
 
 Stable Diffusion U-Net (``diffusers_unet``)
-    The layout options and their defaults are ToMe-SD's (``max_downsample=1``, ``sx=sy=2``,
-    ``use_rand=True``, merge for self-attention only); ToMe's ``ratio`` is replaced by ``threshold``
-    (default 0.7, the paper's) and ``compute_on`` (default ``"config_3"``, the paper's best schedule).
+    The layout options and their defaults are ToMe-SD's (``max_downsample`` at the highest-resolution level
+    with transformer blocks, ``sx=sy=2``, ``use_rand=True``, merge for self-attention only); ToMe's ``ratio``
+    is replaced by ``threshold`` (default 0.7, the paper's) and ``compute_on`` (default ``"config_3"``, the
+    paper's best schedule).
     With ``use_rand=False`` and ``batch_independent=False`` the outputs equal the official code's at every
     step (within float rounding). Differences from the official code, on purpose:
 
