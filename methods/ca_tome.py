@@ -17,9 +17,10 @@ after a change of batch size, resolution or device) the pairs are computed whate
 this is what the official code does on the first call of its first image, where its cache is empty.
 
 Stable Diffusion U-Net (``diffusers_unet``)
-    The layout options and their defaults are ToMe-SD's (``max_downsample=1``, ``sx=sy=2``,
-    ``use_rand=True``, merge for self-attention only); ToMe's ``ratio`` is replaced by ``threshold``
-    (default 0.7, the paper's) and ``compute_on`` (default ``"config_3"``, the paper's best schedule).
+    The layout options and their defaults are ToMe-SD's (``max_downsample`` at the highest-resolution level
+    with transformer blocks, ``sx=sy=2``, ``use_rand=True``, merge for self-attention only); ToMe's ``ratio``
+    is replaced by ``threshold`` (default 0.7, the paper's) and ``compute_on`` (default ``"config_3"``, the
+    paper's best schedule).
     With ``use_rand=False`` and ``batch_independent=False`` the outputs equal the official code's at every
     step (within float rounding). Differences from the official code, on purpose:
 
@@ -43,6 +44,18 @@ Stable Diffusion U-Net (``diffusers_unet``)
     :class:`BlockStat` (token count, merged count(s) and whether the pairs were computed or reused).
     ``max_downsample`` defaults to the highest-resolution level with transformer blocks (1 on SD 1.x/2.x, as
     the official code; 2 on SDXL).
+
+Stable Diffusion 3 / 3.5 MMDiT (``diffusers_mmdit``): our extension
+    CA-ToMe was published for the SD1.5 U-Net only. On an MMDiT it merges the image tokens of every
+    ``JointTransformerBlock`` with ToMe's MMDiT layout (:class:`~tokred.methods.tome.MMDiTMergeLayout`: one
+    destination per ``sy x sx`` window of the patch grid, matched on the block input; merged before joint
+    attention and SD3.5's second self-attention ``attn2``, which share the block's one merge, unmerged after;
+    text tokens never merged; ``merge_mlp`` optional), with the threshold count, the cached pairs
+    (``compute_on``, counted in transformer calls: step 1 is the first) and ``batch_independent`` as on the
+    U-Net. There is no ``max_downsample``: every block runs on the same patch grid. The published schedules
+    were chosen for 50 PLMS steps on SD1.5; SD3's usual 28 flow-matching steps reach fewer of their entries,
+    and no threshold has been tuned for SD3 (the block inputs of an MMDiT are not a U-Net's). Skip-layer
+    guidance's extra pass runs unmerged and leaves the cache alone.
 
 timm ViTs (``timm_vit``)
     ToMe's per-layer bipartite matching (alternating split, protected cls/distillation tokens, size-weighted
@@ -68,6 +81,7 @@ import torch
 
 from tokred import Method, register_method
 from tokred.adapters.base import require_concrete
+from tokred.adapters.diffusers_mmdit import DiffusersMMDiTAdapter
 from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
 from tokred.adapters.timm_vit import TimmViTAdapter
 from tokred.layout import GridMergeLayout
@@ -75,6 +89,8 @@ from tokred.merge import AlternateMerge, GridMerge, alternate_matching, grid_des
 from tokred.method import MethodState
 from tokred.options import is_bool, is_int, number_in, option
 from tokred.reduction import FULL_BLOCK, BlockCall, BlockPlan, RowPlans
+
+from .tome import MMDiTMergeLayout, has_windows, require_cross_attention, require_some_sublayer
 
 # The official CacheConf schedules (Table II of the paper); step 1 is the first U-Net call.
 CACHE_PRESETS: dict[str, tuple[int, ...]] = {
@@ -117,22 +133,47 @@ THRESHOLD_DOC = (
 )
 
 
-@dataclass
-class CAToMeSDOptions(GridMergeLayout):
-    threshold: float = option(0.7, valid="-1 <= threshold <= 1", check=number_in(-1.0, 1.0), doc=THRESHOLD_DOC)
-    compute_on: Any = option(
+def _threshold() -> Any:
+    return option(0.7, valid="-1 <= threshold <= 1", check=number_in(-1.0, 1.0), doc=THRESHOLD_DOC)
+
+
+def _compute_on() -> Any:
+    return option(
         "config_3",
         valid=COMPUTE_ON_VALID,
         check=_is_compute_on,
         doc="steps at which the merge pairs are recomputed; in between the last pairs are reused. "
         "config_3 is the paper's best",
     )
-    batch_independent: bool = option(
+
+
+def _batch_independent() -> Any:
+    return option(
         False,
         valid="bool",
         check=is_bool,
         doc="per-row r and pairs, so a sample's output does not depend on its batch (official: batch-max r)",
     )
+
+
+@dataclass
+class CAToMeSDOptions(GridMergeLayout):
+    threshold: float = _threshold()
+    compute_on: Any = _compute_on()
+    batch_independent: bool = _batch_independent()
+
+    def validate(self) -> None:
+        require_some_sublayer(self)
+
+
+@dataclass
+class CAToMeMMDiTOptions(MMDiTMergeLayout):
+    threshold: float = _threshold()
+    compute_on: Any = _compute_on()
+    batch_independent: bool = _batch_independent()
+
+    def validate(self) -> None:
+        require_some_sublayer(self)
 
 
 @dataclass
@@ -187,13 +228,17 @@ def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_pro
 @register_method("ca_tome")
 class CAToMe(Method):
     summary = "Cached Adaptive ToMe: threshold merging, pairs reused between steps (arXiv 2501.00946)"
-    options = {"timm_vit": CAToMeViTOptions, "diffusers_unet": CAToMeSDOptions}
+    options = {"timm_vit": CAToMeViTOptions, "diffusers_unet": CAToMeSDOptions, "diffusers_mmdit": CAToMeMMDiTOptions}
     presets = {
         "timm_vit": {"threshold0.9": {"threshold": 0.9}, "threshold0.8": {"threshold": 0.8}},
         # The paper's best cache schedule at three thresholds; other schedules via options=compute_on.
         "diffusers_unet": {
             "config_3": {"compute_on": "config_3"},
             "config_3-threshold0.5": {"compute_on": "config_3", "threshold": 0.5},
+            "config_3-threshold0.9": {"compute_on": "config_3", "threshold": 0.9},
+        },
+        "diffusers_mmdit": {
+            "config_3": {"compute_on": "config_3"},
             "config_3-threshold0.9": {"compute_on": "config_3", "threshold": 0.9},
         },
     }
@@ -203,6 +248,9 @@ class CAToMe(Method):
         require_concrete(adapter.root, "ca_tome")  # the merge count is read from the activations
         if isinstance(adapter, DiffusersUNetAdapter):
             self.merging_blocks = adapter.blocks_up_to(self.options.max_downsample)
+            require_cross_attention(adapter, self.merging_blocks, self.options, "ca_tome")
+        elif isinstance(adapter, DiffusersMMDiTAdapter):
+            self.merging_blocks = None  # every JointTransformerBlock: they all run on the same patch grid
 
     def install(self, patch) -> None:
         if isinstance(patch.adapter, TimmViTAdapter):
@@ -218,12 +266,13 @@ class CAToMe(Method):
             patch.adapter.install_blocks(patch, self.planner(patch.state), self.merging_blocks)
 
     def planner(self, state):
-        opts: CAToMeSDOptions = self.options
+        """Threshold merging with cached pairs on a U-Net's or an MMDiT's image tokens."""
+        opts: CAToMeSDOptions | CAToMeMMDiTOptions = self.options
         st: CAToMeState = state.method
         compute_on = resolve_compute_on(opts.compute_on)
 
         def plan(call: BlockCall, x: torch.Tensor) -> BlockPlan | RowPlans:
-            if opts.threshold >= 1 or call.grid is None:
+            if opts.threshold >= 1 or call.grid is None or not has_windows(call.grid, opts.sx, opts.sy):
                 return FULL_BLOCK
             key = (x.shape[0], x.shape[1], call.grid, x.device)
             cached = st.pairs.get(call.name)

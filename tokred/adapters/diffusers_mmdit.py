@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import UnsupportedModelError
-from ..reduction import FULL_BLOCK, BlockCall, BlockPlan, Grid, Planner, kv_source, projected_kv
+from ..reduction import FULL_BLOCK, BlockCall, BlockPlan, Grid, Planner, RowPlans, kv_source, projected_kv
 from .base import Adapter, attach_denoiser_state, has_class_named
-from .diffusers_unet import feed_forward
+from .diffusers_unet import _row, feed_forward
 
 if TYPE_CHECKING:
     from ..patch import Patch
@@ -55,6 +55,15 @@ class DiffusersMMDiTAdapter(Adapter):
     def check(self) -> None:
         if not self.blocks:
             raise UnsupportedModelError("this SD3Transformer2DModel has no JointTransformerBlock to reduce tokens in")
+        from diffusers.models.attention import JointTransformerBlock
+
+        for name, block in self.blocks:
+            # planned_forward reproduces JointTransformerBlock.forward; a subclass with its own would be replaced
+            if type(block).forward is not JointTransformerBlock.forward:
+                raise UnsupportedModelError(
+                    f"block {name} is {type(block).__name__}, a JointTransformerBlock with its own forward; tokred "
+                    "reproduces diffusers' JointTransformerBlock.forward and cannot patch a different one"
+                )
 
     def attach(self, patch: Patch) -> None:
         attach_denoiser_state(
@@ -101,9 +110,9 @@ class DiffusersMMDiTAdapter(Adapter):
                 else:
                     grid = self.grid(state.latent_size, hidden_states.shape[1])
                     plan = planner(BlockCall(_name, _index, blk, 1, grid, state.step), hidden_states)
-                    if not isinstance(plan, BlockPlan):
-                        raise UnsupportedModelError("the diffusers_mmdit adapter takes one BlockPlan per call")
-                return planned_forward(blk, plan, hidden_states, *args, _count=(tokens, _name), **kwargs)
+                if isinstance(plan, BlockPlan):
+                    return planned_forward(blk, plan, hidden_states, *args, _count=(tokens, _name), **kwargs)
+                return rows_forward(blk, plan, hidden_states, args, kwargs, (tokens, _name))
 
             patch.replace_forward(block, forward)
 
@@ -124,6 +133,22 @@ class DiffusersMMDiTAdapter(Adapter):
             return None if new is out else new
 
         patch.register_forward_hook(proj_out, after_proj_out)
+
+
+def rows_forward(
+    block: torch.nn.Module, plans: RowPlans, hidden_states: torch.Tensor, args: tuple, kwargs: dict, count: tuple
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """One plan per batch row (CA-ToMe's ``batch_independent``): each row through the block on its own, its
+    per-sample arguments (text stream, ``temb``, batched ``joint_attention_kwargs`` such as IP-Adapter
+    embeddings) sliced alike."""
+    batch = hidden_states.shape[0]
+    outs = []
+    for i, plan in enumerate(plans.rows):
+        row_args = [_row(a, i, batch) for a in args]
+        row_kwargs = {k: _row(v, i, batch) for k, v in kwargs.items()}
+        outs.append(planned_forward(block, plan, hidden_states[i : i + 1], *row_args, _count=count, **row_kwargs))
+    encoder = None if outs[0][0] is None else torch.cat([o[0] for o in outs], dim=0)
+    return encoder, torch.cat([o[1] for o in outs], dim=0)
 
 
 # Copied from diffusers 0.42.1 JointTransformerBlock.forward; changes marked "tokred:".

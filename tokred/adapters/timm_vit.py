@@ -46,7 +46,10 @@ class MergedTokens:
 
 class TimmViTAdapter(Adapter):
     family = "timm_vit"
-    description = "timm VisionTransformer and subclasses: ViT, DeiT, DeiT-3 (LayerScale), distilled DeiT"
+    description = (
+        "timm VisionTransformer and subclasses: ViT, DeiT, DeiT-3 (LayerScale), distilled DeiT, register tokens, "
+        "no class token (SigLIP, MAP or average pooling), DINOv2, CLIP (pre-norm)"
+    )
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model, model)
@@ -66,6 +69,8 @@ class TimmViTAdapter(Adapter):
         from timm.layers import Attention
         from timm.models.vision_transformer import Block
 
+        if not self.blocks:
+            raise UnsupportedModelError("this VisionTransformer has no blocks (depth=0): there is nothing to merge in")
         for name, block in self.blocks:
             if type(block) is not Block or type(getattr(block, "attn", None)) is not Attention:
                 raise UnsupportedModelError(
