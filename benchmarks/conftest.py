@@ -21,16 +21,16 @@ import pytest
 import torch
 
 from tokred.bench import stats
-from tokred.tasks.arch import SD15_UNET_CONFIG, build_sd15_unet, sd15_unet_config
+from tokred.tasks.arch import build_sd15_unet, sd15_unet_config
 
 TINY = os.environ.get("TOKRED_BENCH_TINY") == "1"
 TINY_UNET = dict(block_out_channels=(32, 64, 64, 64), attention_head_dim=2, norm_num_groups=8, layers_per_block=1)
 
 
 def sd15_unet_config_for_bench() -> dict:
-    """Stable Diffusion 1.5's U-Net configuration (:data:`tokred.tasks.arch.SD15_UNET_CONFIG`), or the tiny
+    """Stable Diffusion 1.5's U-Net configuration (:func:`tokred.tasks.architectures.sd15_unet_config`), or the tiny
     smoke-test one."""
-    return sd15_unet_config(TINY_UNET) if TINY else dict(SD15_UNET_CONFIG)
+    return sd15_unet_config(TINY_UNET) if TINY else sd15_unet_config()
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +99,12 @@ def record_speedups(benchmark: Any, timed: dict[str, list[float]], baseline: str
 
 
 def timed_call(fn: Callable[[], Any]) -> float:
+    """Seconds of one call; on CUDA the queued kernels are waited for on both sides of it."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start

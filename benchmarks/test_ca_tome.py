@@ -50,7 +50,7 @@ def test_sd15_recompute_vs_reuse_step(benchmark, sd15_unet):
 
     def step(name: str) -> float:
         seconds = timed_call(lambda: sd15_unet(*args, **kwargs))
-        assert all(s.computed == (name == "recompute") for s in patch.state.call["ca_tome"].values())
+        assert all(s.computed == (name == "recompute") for s in patch.method_state.block_stats.values())
         return seconds
 
     # odd step, then even step, in this order every round (the step number decides); the timestep never rises,
@@ -58,7 +58,7 @@ def test_sd15_recompute_vs_reuse_step(benchmark, sd15_unet):
     variants = {"recompute": lambda: step("recompute"), "reuse": lambda: step("reuse")}
     try:
         timed = paired_rounds(benchmark, variants, baseline="recompute", rotate=False)
-        stats = patch.state.call["ca_tome"]
+        stats = patch.method_state.block_stats
     finally:
         patch.remove()
     differences = [a - b for a, b in zip(timed["recompute"], timed["reuse"], strict=True)]
@@ -145,7 +145,7 @@ def test_sd15_ca_tome_vs_tome_at_similar_token_count(benchmark, sd15_unet, top_b
         with tokred.apply(sd15_unet, "ca_tome", threshold=THRESHOLD, compute_on=[]) as patch:
             out = {f"{ca}_recompute": timed_call(call)}  # step 1: empty cache, pairs computed
             out[f"{ca}_reuse"] = timed_call(call)  # step 2: cached pairs
-            counts["ca_tome"] = [s.r[0] for s in patch.state.call["ca_tome"].values()]
+            counts["ca_tome"] = [s.r[0] for s in patch.method_state.block_stats.values()]
         return out
 
     def tome_step() -> float:

@@ -50,7 +50,7 @@ def _primed(unet, call, **options) -> tokred.Patch:
     patch = tokred.apply(unet, "cat_pruning", t0=2, alpha=ALPHA, **options)
     call()
     call()
-    g = patch.state.scratch["cat_pruning"]
+    g = patch.method_state
     assert g.sel is not None and g.sel_step == patch.state.step + 1  # (read only: the next call prunes)
     return patch
 
@@ -71,7 +71,7 @@ def test_sd15_unet_pruned_vs_full_step(benchmark, sd15_unet, latent):
             start = time.perf_counter()
             outputs["pruned"] = call()
             seconds = time.perf_counter() - start
-            outputs["counts"] = patch.state.scratch["cat_pruning"].counts
+            outputs["counts"] = patch.method_state.counts
         finally:
             patch.remove()
         return seconds

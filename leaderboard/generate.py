@@ -4,14 +4,18 @@ Input: any number of results files in pytest-benchmark's JSON layout, written by
 ``pytest benchmarks/ --benchmark-json=...`` (see :mod:`tokred.bench.results`); benchmarks without tokred's
 ``extra_info`` (other benchmark files) are ignored.
 
-Output: one section per task and hardware (task, size, device name, dtype), each with
+Output, all beside the markdown file:
 
-* a header: device, dtype, model, package versions, date, and the ``tokred run`` command that reproduces it;
-* a table in tabulate's ``pipe`` format: the baseline row at 1.00×, then every method preset, with speedup,
-  throughput (or seconds per image), GFLOPs, peak memory and the task's quality metrics (↑ higher is better,
-  ↓ lower is better); the best value of each column in bold; ★ marks the rows on the Pareto front of speedup
-  against the task's primary quality metric (the first of its quality metrics that the baseline reports);
-* a PNG plot of speedup against the primary quality metric (matplotlib, Agg backend), linked from the section.
+* the markdown: one section per comparable set of rows (:mod:`tokred.leaderboard.sections`: task, size, model,
+  hardware, dtype, threads and task settings), each with a header (device, model, versions, date, settings, the
+  ``tokred run`` command that reproduces it, the results file it comes from), a table in tabulate's ``pipe``
+  format (the baseline, then every preset by speedup: measured speedup with its 95% interval, FLOPs-ideal
+  speedup, efficiency, timing, GFLOPs, memory, tokens per block where recorded, and the quality metrics with
+  their intervals), marks that respect the noise (:mod:`tokred.leaderboard.ranking`), the contended rows and
+  the results' notes;
+* a PNG plot per section (:mod:`tokred.leaderboard.plot`);
+* ``results/``: a byte copy of every results file read, so that the markdown can be rebuilt from what is beside
+  it (its last line says how); the markdown depends only on those files, never on the date or the command line.
 
 Published numbers from the papers (``published.json``) go in a separate table labelled "published (not
 measured by us)", never mixed with measured rows.
@@ -24,178 +28,59 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
+import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from tokred.bench.results import ResultsError, load_results, tokred_benchmarks
+from tokred.bench.files import OutputError, OutputLock, atomic_write, check_writable_file
+from tokred.bench.results import ResultsError
+
+from .plot import ARROWS, plot, plotted_rows
+from .sections import Row, Section, load_sections
 
 PUBLISHED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "published.json")
-PARETO_MARK = "★"
-ARROWS = {"higher": "↑", "lower": "↓"}
+RESULTS_FOLDER = "results"
+PARETO_MARK, TIE_MARK, CONTENDED_MARK = "★", "≈", "⚠ contended"
+SOURCES_COMMENT = "tokred-leaderboard"  # <!-- tokred-leaderboard {...} -->: what the markdown was built from
 
-# Speed columns: (key in extra_info, header, direction). The throughput column is replaced by seconds per image
-# for tasks that define an ``s_per_image`` metric (diffusion).
-SPEEDUP = ("speedup", "speedup ×", "higher")
-THROUGHPUT = ("throughput_per_s", "throughput (img/s)", "higher")
-S_PER_IMAGE = ("s_per_image", "s/image", "lower")
-GFLOPS = ("gflops", "GFLOPs/image", "lower")
-MEMORY = ("peak_mem_mb", "peak memory (MB)", "lower")
+__all__ = ["build", "load_sections", "render", "main", "sources_of"]
 
-
-@dataclass
-class Row:
-    method: str
-    preset: str
-    options: str
-    values: dict[str, float]
-    datetime: str
-    source: str
-    info: dict[str, Any]
-    pareto: bool = False
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.method == "baseline"
-
-    @property
-    def label(self) -> str:
-        return "baseline" if self.is_baseline else f"{self.method} {self.preset}"
+INTRO = (
+    "Measured by tokred's benchmark harness. **speedup ×**: the median over the timed rounds of the baseline's "
+    "time over the method's in the same round (the two alternate; warm-up rounds dropped), with its 95% "
+    "bootstrap interval in brackets. **FLOPs-ideal ×**: the baseline's GFLOPs over the method's, the speedup if "
+    "time followed FLOPs; **efficiency**: measured speedup over FLOPs-ideal. s/image and throughput come from "
+    "the median call; GFLOPs per image; peak memory of one call above the memory already allocated. Quality "
+    "metrics carry their 95% interval (a bootstrap over images for FID, KID, CLIP score, PSNR and SSIM; Wilson "
+    "intervals for accuracies and agreement). ↑ higher is better, ↓ lower is better; — not reported (the "
+    "baseline's fidelity to itself is not a measurement)."
+)
+MARKS = (
+    "Marks respect the noise. **Bold**: best in its column, and its 95% interval overlaps no other row's "
+    f"interval. {TIE_MARK}: tied for best: the best value's interval overlaps these rows' intervals, so none of "
+    f"them is bold. {PARETO_MARK}: on the Pareto front of speedup against the section's primary quality "
+    "metric: no other row is better on one of the two with the intervals apart and at least as good on the "
+    f"other. A column where every row ties with the best carries no marks and is named under the table. "
+    f"{CONTENDED_MARK}: the machine was busy while the row was timed; its speedup does not compete and "
+    "the row carries no marks. GFLOPs and memory are exact counts (equal values tie); throughput and s/image "
+    "are not ranked (the paired speedup is); values at a cap (PSNR of identical images) and values without "
+    "intervals (results files of schema 1) are not ranked."
+)
 
 
-@dataclass
-class Section:
-    task: str
-    size: str
-    device: str
-    device_name: str
-    dtype: str
-    rows: list[Row] = field(default_factory=list)
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def key(self) -> tuple[str, str, str, str]:
-        return (self.task, self.size, self.device_name, self.dtype)
-
-    @property
-    def title(self) -> str:
-        return f"{self.task} · {self.size} · {self.device_name} · {self.dtype}"
-
-    @property
-    def slug(self) -> str:
-        text = f"{self.task}-{self.size}-{self.device}-{self.device_name}-{self.dtype}".lower()
-        return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
-
-    def metric(self, name: str) -> dict[str, Any] | None:
-        return next((m for m in self.metrics if m["name"] == name), None)
-
-    def quality_metrics(self) -> list[dict[str, Any]]:
-        """The task's quality metrics that at least one row reports, in the task's order."""
-        return [
-            m for m in self.metrics
-            if m.get("kind", "quality") == "quality" and any(m["name"] in r.values for r in self.rows)
-        ]  # fmt: skip
-
-    def primary_metric(self) -> dict[str, Any] | None:
-        """The first quality metric the baseline reports (or, without a baseline row, any row)."""
-        baseline = [r for r in self.rows if r.is_baseline]
-        pool = baseline or self.rows
-        return next((m for m in self.quality_metrics() if any(m["name"] in r.values for r in pool)), None)
-
-    def speed_columns(self) -> list[tuple[str, str, str]]:
-        timing = S_PER_IMAGE if self.metric("s_per_image") else THROUGHPUT
-        return [SPEEDUP, timing, GFLOPS, MEMORY]
+# --- cells -----------------------------------------------------------------------------------------------------
 
 
-# --- loading -------------------------------------------------------------------------------------------------
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def load_sections(paths: Sequence[str]) -> list[Section]:
-    """Read results files into sections; a later run of the same preset replaces an earlier one."""
-    sections: dict[tuple[str, str, str, str], Section] = {}
-    found = 0
-    for path in paths:
-        data = load_results(path)
-        when = str(data.get("datetime", ""))
-        for bench in tokred_benchmarks(data):
-            found += 1
-            info = bench["extra_info"]
-            sec = Section(info["task"], info["size"], info["device"], info.get("device_name") or info["device"],
-                          info["dtype"])
-            sec = sections.setdefault(sec.key, sec)
-            for metric in info.get("metrics", []):
-                if sec.metric(metric["name"]) is None:
-                    sec.metrics.append(dict(metric))
-            values = {k: v for k, v in ((k, _number(v)) for k, v in info["quality"].items()) if v is not None}
-            for key, *_ in (SPEEDUP, THROUGHPUT, S_PER_IMAGE, GFLOPS, MEMORY):
-                value = _number(info.get(key))
-                if value is not None:
-                    values[key] = value
-            options = info.get("options_repr")
-            if options is None:
-                options = ", ".join(f"{k}={v!r}" for k, v in info["options"].items())
-            row = Row(info["method"], info["preset"], options, values, when, path, info)
-            previous = next(
-                (i for i, r in enumerate(sec.rows) if (r.method, r.preset) == (row.method, row.preset)), None
-            )
-            if previous is None:
-                sec.rows.append(row)
-            elif row.datetime >= sec.rows[previous].datetime:
-                sec.rows[previous] = row
-    if paths and not found:
-        raise ResultsError(
-            f"{', '.join(paths)}: no tokred benchmarks (no benchmark has extra_info.tokred); write results with "
-            "`tokred run` or `pytest benchmarks/test_methods.py --benchmark-json=...`"
-        )
-    out = sorted(sections.values(), key=lambda s: s.key)
-    for sec in out:
-        sec.rows.sort(key=lambda r: (not r.is_baseline, -r.values.get("speedup", 0.0), r.method, r.preset))
-        mark_pareto(sec)
-    return out
-
-
-# --- Pareto front and best values --------------------------------------------------------------------------
-
-
-def _better(a: float, b: float, direction: str) -> bool:
-    return a > b if direction == "higher" else a < b
-
-
-def mark_pareto(section: Section) -> None:
-    """Set ``row.pareto`` for the rows no other row beats in both speedup and the primary quality metric."""
-    metric = section.primary_metric()
-    for row in section.rows:
-        row.pareto = False
-    if metric is None:
-        return
-    name, direction = metric["name"], metric["better"]
-    points = [r for r in section.rows if "speedup" in r.values and name in r.values]
-    for row in points:
-        s, q = row.values["speedup"], row.values[name]
-        dominated = any(
-            (o.values["speedup"] >= s and not _better(q, o.values[name], direction))
-            and (o.values["speedup"] > s or _better(o.values[name], q, direction))
-            for o in points
-            if o is not row
-        )
-        row.pareto = not dominated
-
-
-def fmt(value: float | None, key: str) -> str:
+def fmt(value: float | None, key: str = "") -> str:
     if value is None:
         return "—"
-    if key == "speedup":
+    if key in ("speedup", "flops_ideal_speedup"):
         return f"{value:.2f}×"
+    if key == "efficiency":
+        return f"{100 * value:.0f}%"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     if abs(value) >= 100:
@@ -203,84 +88,75 @@ def fmt(value: float | None, key: str) -> str:
     return f"{value:.4g}" if abs(value) < 1 else f"{value:.2f}"
 
 
+def _bound(value: float, key: str) -> str:
+    return f"{value:.2f}" if key == "speedup" else fmt(value, key)
+
+
+def cell(row: Row, key: str) -> str:
+    """A row's value in column ``key``: point estimate, interval, cap and mark."""
+    value = row.values.get(key)
+    if value is None:
+        return "—"
+    text = fmt(value, key)
+    estimate = row.estimates.get(key)
+    if row.capped(key):
+        return f"{text} (cap)"
+    if estimate is not None and estimate.interval is not None and estimate.interval[0] != estimate.interval[1]:
+        low, high = estimate.interval
+        text += f" [{_bound(low, key)}, {_bound(high, key)}]"
+    mark = row.marks.get(key)
+    if mark == "bold":
+        return f"**{text}**"
+    if mark == "tied":
+        return f"{text} {TIE_MARK}"
+    return text
+
+
+def tokens_summary(row: Row) -> str:
+    """``q 98 · kv 98 · mlp 90 of 197 (12/12 blocks)``: mean query, key/value and MLP tokens over the blocks
+    where any of them is below the tokens entering the block, against those entering tokens."""
+    tokens = row.info.get("tokens")
+    if not tokens:
+        return "—"
+    blocks = list(tokens.values())
+    reduced = [b for b in blocks if min(b["attn"], b["kv"], b["mlp"]) < b["tokens"] - 1e-9]
+    if not reduced:
+        return f"no reduction ({len(blocks)} blocks)"
+
+    def mean(field: str) -> float:
+        return sum(b[field] for b in reduced) / len(reduced)
+
+    return (f"q {mean('attn'):.0f} · kv {mean('kv'):.0f} · mlp {mean('mlp'):.0f} of {mean('tokens'):.0f} "
+            f"({len(reduced)}/{len(blocks)} blocks)")
+
+
 def _escape(text: str) -> str:
     return text.replace("|", "\\|") or "—"
 
 
 def table(section: Section) -> str:
-    """The section's pipe table (tabulate), best values in bold, the Pareto front marked."""
+    """The section's pipe table (tabulate)."""
     from tabulate import tabulate
 
-    columns = list(section.speed_columns())
+    columns: list[tuple[str, str, str | None]] = list(section.speed_columns())
     for m in section.quality_metrics():
         unit = f" ({m['unit']})" if m.get("unit") else ""
         columns.append((m["name"], f"{m['name']}{unit}", m["better"]))
     columns = [c for c in columns if c[0] == "speedup" or any(c[0] in r.values for r in section.rows)]
-    best: dict[str, str] = {}
-    for key, _, direction in columns:
-        values = [r.values[key] for r in section.rows if key in r.values]
-        if values:
-            best[key] = fmt(max(values) if direction == "higher" else min(values), key)
-    headers = ["method", "preset", "options", "Pareto"] + [f"{title} {ARROWS[d]}" for _, title, d in columns]
+    with_tokens = any(r.info.get("tokens") for r in section.rows)
+    headers = ["method", "preset", "options", "Pareto"]
+    headers += [f"{title} {ARROWS[d]}" if d else title for _, title, d in columns]
+    if with_tokens:
+        headers.append("tokens per block")
     body = []
     for row in section.rows:
-        cells = [_escape(row.method), "—" if row.is_baseline else _escape(row.preset), _escape(row.options),
-                 PARETO_MARK if row.pareto else ""]
-        for key, _, _ in columns:
-            text = fmt(row.values.get(key), key)
-            cells.append(f"**{text}**" if key in row.values and text == best.get(key) else text)
+        flag = CONTENDED_MARK if row.contended else (PARETO_MARK if row.pareto else "")
+        cells = [_escape(row.method), "—" if row.is_baseline else _escape(row.preset), _escape(row.options), flag]
+        cells += [cell(row, key) for key, _, _ in columns]
+        if with_tokens:
+            cells.append(tokens_summary(row))
         body.append(cells)
     return tabulate(body, headers=headers, tablefmt="pipe", disable_numparse=True)
-
-
-# --- plot ------------------------------------------------------------------------------------------------------
-
-
-def plot(section: Section, path: str) -> bool:
-    """Speedup (x) against the primary quality metric (y), the Pareto front joined; False if nothing to plot."""
-    metric = section.primary_metric()
-    if metric is None:
-        return False
-    name = metric["name"]
-    rows = [r for r in section.rows if "speedup" in r.values and name in r.values]
-    if not rows:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    methods = sorted({r.method for r in rows if not r.is_baseline})
-    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
-    ax.axvline(1.0, color="black", linewidth=0.6, alpha=0.4)
-    for i, row in enumerate(sorted(rows, key=lambda r: (r.values["speedup"], r.values[name]))):
-        x, y = row.values["speedup"], row.values[name]
-        if row.is_baseline:
-            ax.scatter([x], [y], marker="s", s=60, color="black", zorder=3, label="baseline")
-        else:
-            ax.scatter([x], [y], s=36, color=colors[row.method], zorder=3,
-                       edgecolors="black" if row.pareto else "none")
-        # presets only (the colour gives the method), offsets alternating so neighbours stay readable
-        text = "baseline" if row.is_baseline else row.preset
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 5 if i % 2 == 0 else -10), fontsize=7)
-    for method in methods:
-        ax.scatter([], [], color=colors[method], label=method)
-    front = sorted((r for r in rows if r.pareto), key=lambda r: r.values["speedup"])
-    if len(front) > 1:
-        ax.plot([r.values["speedup"] for r in front], [r.values[name] for r in front], "--", color="grey",
-                linewidth=1, zorder=2, label="Pareto front")
-    unit = f" ({metric['unit']})" if metric.get("unit") else ""
-    ax.set_xlabel("speedup × (vs. baseline, same run)")
-    ax.set_ylabel(f"{name}{unit} {ARROWS[metric['better']]}")
-    ax.set_title(section.title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return True
 
 
 # --- markdown --------------------------------------------------------------------------------------------------
@@ -294,30 +170,99 @@ def _unique(values: list[Any]) -> list[Any]:
     return out
 
 
+def _setting(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def header(section: Section) -> str:
     infos = [r.info for r in section.rows]
     first = infos[0]
-    threads = _unique([i.get("num_threads") for i in infos])
     device = f"`{section.device}` — {section.device_name}"
-    if threads and section.device.startswith("cpu"):
-        device += f" ({', '.join(map(str, threads))} threads)"
+    if section.threads and section.device.startswith("cpu"):
+        cores = _unique([i.get("cpu_count") for i in infos])
+        device += f" ({section.threads} threads" + (f" of {', '.join(map(str, cores))} cores)" if cores else ")")
     versions = first.get("versions", {})
     version_text = ", ".join(f"{k} {versions[k]}" for k in ("torch", "diffusers", "timm", "tokred") if versions.get(k))
     dates = sorted(_unique([r.datetime[:10] for r in section.rows]))
-    task_info = first.get("task_info", {})
-    settings = {k: v for k, v in task_info.items() if k not in ("task", "size", "device", "dtype", "model")}
     lines = [
         f"- **Device**: {device}",
         f"- **dtype**: {section.dtype}",
-        f"- **Model**: {first.get('model', '?')} ({section.size})",
+        f"- **Model**: {section.model} ({section.size})",
         f"- **Versions**: {version_text or 'unknown'}",
         f"- **Date**: {', '.join(dates) or 'unknown'}",
     ]
-    if settings:
-        lines.append("- **Settings**: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None))
+    if section.settings:
+        lines.append("- **Settings**: " + ", ".join(f"{k}={_setting(v)}" for k, v in section.settings.items()))
     for command in _unique([i.get("command") for i in infos]):
         lines.append(f"- **Reproduce**: `{command}`")
+    sources = _unique([r.source for r in section.rows])
+    lines.append("- **Results**: " + ", ".join(f"[`{s}`]({s})" for s in sources))
     return "\n".join(lines)
+
+
+def section_notes(section: Section) -> list[str]:
+    """The paragraphs under a section's table: primary metric, contended rows, the results' notes, caveats."""
+    parts = []
+    primary = section.primary_metric()
+    if primary is not None:
+        parts.append(f"Primary quality metric (Pareto front): `{primary['name']}` ({primary['better']} is better).")
+    elif section.size == "arch":
+        parts.append("Speed only: the real architecture with random weights (`--size arch`), so no quality "
+                     "metrics and no Pareto front.")
+    if not any(r.is_baseline for r in section.rows):
+        parts.append("_No baseline row in these results: speedups are still relative to the baseline timed in the "
+                     "same rounds._")
+    contended = section.contended_rows
+    if contended:
+        reasons = "; ".join(
+            f"{r.label}: {', '.join(r.info.get('contention') or ['machine busy'])}" for r in contended
+        )
+        parts.append(f"{CONTENDED_MARK} ({len(contended)} of {len(section.rows)} rows; not ranked): {reasons}.")
+    if section.inseparable:
+        titles = {m["name"]: m["name"] for m in section.metrics} | {k: t for k, t, _ in section.speed_columns()}
+        names = ", ".join(titles.get(k, k) for k in section.inseparable)
+        parts.append(f"Not separable (every row's interval overlaps the best's, so nothing is marked): {names}.")
+    if not section.has_intervals:
+        parts.append("_Some rows have no 95% intervals (results of schema 1): their columns are not ranked._")
+    for note in _unique([n for r in section.rows for n in r.info.get("notes") or []]):
+        parts.append(f"Note: {note}")
+    return parts
+
+
+def sources_of(markdown: str) -> dict[str, Any] | None:
+    """What a leaderboard markdown was built from: ``{"sources": [...], "published": bool}`` (paths relative to
+    the markdown's folder), read from its ``<!-- tokred-leaderboard ... -->`` line; None if it has none."""
+    match = re.search(rf"<!-- {SOURCES_COMMENT} (\{{.*\}}) -->", markdown)
+    return json.loads(match.group(1)) if match else None
+
+
+def render(sections: list[Section], sources: Sequence[str], published: bool = True) -> str:
+    """The leaderboard markdown. ``sources``: the results files (relative to the markdown's folder)."""
+    parts = ["# tokred leaderboard", "", INTRO, "", MARKS]
+    if not sections:
+        parts += ["", "_No measured results yet: `tokred bench` (README command 1) runs every task and writes this "
+                      "file._"]
+    for sec in sections:
+        parts += ["", f"## {sec.title}", "", header(sec), "", table(sec)]
+        notes = section_notes(sec)
+        for note in notes:
+            parts += ["", note]
+        if plotted_rows(sec):
+            parts += ["", f"![speed versus {sec.primary_metric()['name']}: {sec.title}]({sec.slug}.png)"]
+    if published:
+        parts += ["", published_table()]
+    names = sorted(sources)
+    command = shlex.join(["tokred", "leaderboard", *names, "-o", "README.md"] + ([] if published else
+                                                                                   ["--no-published"]))
+    parts += ["", "---", ""]
+    if names:
+        parts.append(f"Built from the results files beside this page ({', '.join(f'`{n}`' for n in names)}); "
+                     f"rebuild it in this folder with `{command}`.")
+    else:
+        parts.append("Built from no results files.")
+    recorded = json.dumps({"sources": names, "published": published})
+    parts += ["", f"<!-- {SOURCES_COMMENT} {recorded} -->"]
+    return "\n".join(parts) + "\n"
 
 
 def published_table(path: str = PUBLISHED_FILE) -> str:
@@ -333,55 +278,47 @@ def published_table(path: str = PUBLISHED_FILE) -> str:
     )
 
 
-def render(
-    sections: list[Section],
-    out_path: str,
-    command: str | None = None,
-    published: bool = True,
-    plots: bool = True,
-) -> str:
-    """The leaderboard markdown; plots are written next to ``out_path`` and linked relatively."""
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    parts = [
-        "# tokred leaderboard",
-        "",
-        "Measured by tokred's benchmark harness. **speedup ×**: the baseline's median time over this preset's, "
-        "timed in the same rounds (one baseline call before every timed call), so slow drifts of the machine "
-        "cancel. Throughput and s/image come from the same median; GFLOPs per image; peak memory of one call "
-        "above the memory already allocated. ↑ higher is better, ↓ lower is better; **bold**: best in the "
-        f"column; {PARETO_MARK}: on the Pareto front of speedup against the task's primary quality metric.",
-    ]
-    if command:
-        parts += ["", f"Generated with `{command}`."]
-    for sec in sections:
-        parts += ["", f"## {sec.title}", "", header(sec), "", table(sec)]
-        primary = sec.primary_metric()
-        if primary is not None:
-            parts += ["", f"Primary quality metric (Pareto front): `{primary['name']}` "
-                          f"({primary['better']} is better)."]
-        if not any(r.is_baseline for r in sec.rows):
-            parts += ["", "_No baseline row in these results: speedups are still relative to the baseline timed "
-                          "in the same rounds._"]
-        image = f"{sec.slug}.png"
-        if plots and plot(sec, os.path.join(out_dir, image)):
-            parts += ["", f"![speed versus {primary['name']}: {sec.title}]({image})"]
-    if published:
-        parts += ["", published_table()]
-    return "\n".join(parts) + "\n"
+# --- build -----------------------------------------------------------------------------------------------------
 
 
-def build(
-    paths: Sequence[str], out_path: str, command: str | None = None, published: bool = True, plots: bool = True
-) -> list[Section]:
-    """Read ``paths``, write the markdown to ``out_path`` (atomically) and the plots beside it."""
-    sections = load_sections(paths)
-    text = render(sections, out_path, command=command, published=published, plots=plots)
+def _copies(paths: Sequence[str], folder: str) -> list[tuple[str, str]]:
+    """(input, its copy in ``folder/results``) for every input; two different inputs with one name refuse."""
+    out: list[tuple[str, str]] = []
+    by_name: dict[str, str] = {}
+    for path in paths:
+        name = os.path.basename(path)
+        other = by_name.get(name)
+        if other is not None and os.path.realpath(other) != os.path.realpath(path):
+            raise OutputError(f"two results files are named {name} ({other}, {path}); their copies beside the "
+                              "leaderboard would collide: rename one")
+        if other is None:
+            by_name[name] = path
+            out.append((path, os.path.join(folder, RESULTS_FOLDER, name)))
+    return out
+
+
+def build(paths: Sequence[str], out_path: str, published: bool = True, plots: bool = True) -> list[Section]:
+    """Read ``paths``; write copies of them to ``results/`` beside ``out_path``, the plots, and the markdown to
+    ``out_path`` (all atomically, the markdown last). Bad inputs (:class:`ResultsError`) and outputs that cannot
+    be written (:class:`OutputError`) raise before anything is written."""
+    if os.path.isdir(out_path):
+        raise OutputError(f"-o {out_path} is a folder; give the markdown file, e.g. "
+                          f"{os.path.join(out_path, 'README.md')}")
     folder = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{out_path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, out_path)
+    copies = _copies(paths, folder)
+    sources = [os.path.relpath(dest, folder) for _, dest in copies]
+    sections = load_sections([src for src, _ in copies], sources)
+    text = render(sections, sources, published=published)
+    check_writable_file(out_path, "-o")
+    with OutputLock(out_path, "-o"):
+        for src, dest in copies:
+            if not (os.path.exists(dest) and os.path.samefile(src, dest)):
+                with open(src, "rb") as fh:
+                    atomic_write(dest, fh.read(), purpose="results copy")
+        if plots:
+            for sec in sections:
+                plot(sec, os.path.join(folder, f"{sec.slug}.png"))
+        atomic_write(out_path, text, purpose="-o")
     return sections
 
 
@@ -393,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         build(args.results, args.output, published=not args.no_published)
-    except ResultsError as err:
+    except (ResultsError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}")

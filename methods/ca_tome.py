@@ -17,9 +17,10 @@ after a change of batch size, resolution or device) the pairs are computed whate
 this is what the official code does on the first call of its first image, where its cache is empty.
 
 Stable Diffusion U-Net (``diffusers_unet``)
-    The layout options and their defaults are ToMe-SD's (``max_downsample=1``, ``sx=sy=2``,
-    ``use_rand=True``, merge for self-attention only); ToMe's ``ratio`` is replaced by ``threshold``
-    (default 0.7, the paper's) and ``compute_on`` (default ``"config_3"``, the paper's best schedule).
+    The layout options and their defaults are ToMe-SD's (``max_downsample`` at the highest-resolution level
+    with transformer blocks, ``sx=sy=2``, ``use_rand=True``, merge for self-attention only); ToMe's ``ratio``
+    is replaced by ``threshold`` (default 0.7, the paper's) and ``compute_on`` (default ``"config_3"``, the
+    paper's best schedule).
     With ``use_rand=False`` and ``batch_independent=False`` the outputs equal the official code's at every
     step (within float rounding). Differences from the official code, on purpose:
 
@@ -39,8 +40,22 @@ Stable Diffusion U-Net (``diffusers_unet``)
     * A threshold of 1 or more disables merging, as in the official code; thresholds outside [-1, 1] are
       an error.
 
-    After each call, ``patch.state.call["ca_tome"]`` maps each merging block's name to a
+    After each call, ``patch.method_state.block_stats`` maps each merging block's name to a
     :class:`BlockStat` (token count, merged count(s) and whether the pairs were computed or reused).
+    ``max_downsample`` defaults to the highest-resolution level with transformer blocks (1 on SD 1.x/2.x, as
+    the official code; 2 on SDXL).
+
+Stable Diffusion 3 / 3.5 MMDiT (``diffusers_mmdit``): our extension
+    CA-ToMe was published for the SD1.5 U-Net only. On an MMDiT it merges the image tokens of every
+    ``JointTransformerBlock`` with ToMe's MMDiT layout (:class:`~tokred.methods.tome.MMDiTMergeLayout`: one
+    destination per ``sy x sx`` window of the patch grid, matched on the block input; merged before joint
+    attention and SD3.5's second self-attention ``attn2``, which share the block's one merge, unmerged after;
+    text tokens never merged; ``merge_mlp`` optional), with the threshold count, the cached pairs
+    (``compute_on``, counted in transformer calls: step 1 is the first) and ``batch_independent`` as on the
+    U-Net. There is no ``max_downsample``: every block runs on the same patch grid. The published schedules
+    were chosen for 50 PLMS steps on SD1.5; SD3's usual 28 flow-matching steps reach fewer of their entries,
+    and no threshold has been tuned for SD3 (the block inputs of an MMDiT are not a U-Net's). Skip-layer
+    guidance's extra pass runs unmerged and leaves the cache alone.
 
 timm ViTs (``timm_vit``)
     ToMe's per-layer bipartite matching (alternating split, protected cls/distillation tokens, size-weighted
@@ -58,29 +73,24 @@ threshold: the merge count depends on how similar the trained features are.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from tokred import Method, register_method
-from tokred.adapters.diffusers_unet import (
-    FULL_BLOCK,
-    BlockPlan,
-    DiffusersUNetAdapter,
-    GridMergeLayout,
-    planned_block_forward,
-)
+from tokred.adapters.base import require_concrete
+from tokred.adapters.diffusers_mmdit import DiffusersMMDiTAdapter
+from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
 from tokred.adapters.timm_vit import TimmViTAdapter
-from tokred.merge import (
-    AlternateMerge,
-    GridMerge,
-    alternate_matching,
-    grid_destinations,
-    grid_matching,
-)
+from tokred.layout import GridMergeLayout
+from tokred.merge import AlternateMerge, GridMerge, alternate_matching, grid_destinations, grid_matching
+from tokred.method import MethodState
 from tokred.options import is_bool, is_int, number_in, option
+from tokred.reduction import FULL_BLOCK, BlockCall, BlockPlan, RowPlans
+
+from .tome import MMDiTMergeLayout, has_windows, require_cross_attention, require_some_sublayer
 
 # The official CacheConf schedules (Table II of the paper); step 1 is the first U-Net call.
 CACHE_PRESETS: dict[str, tuple[int, ...]] = {
@@ -92,23 +102,28 @@ CACHE_PRESETS: dict[str, tuple[int, ...]] = {
     "config_five": (0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50),
 }
 
-_STEP_LISTS = (list, tuple, set, frozenset, range)
+MAX_STEP_LIST = 100_000  # a longer explicit list is a mistake (a range is kept as a range, never enumerated)
+_STEP_LISTS = (list, tuple, set, frozenset)
 COMPUTE_ON_VALID = (
-    f"a preset name ({', '.join(CACHE_PRESETS)}; case-insensitive) or a list of step numbers "
-    "(ints >= 0; the first U-Net call of a generation is step 1)"
+    f"a preset name ({', '.join(CACHE_PRESETS)}; case-insensitive), a list of at most {MAX_STEP_LIST} step "
+    "numbers (ints >= 0; the first U-Net call of a generation is step 1), or a range with start >= 0 and step > 0"
 )
 
 
 def _is_compute_on(v: Any) -> bool:
     if isinstance(v, str):
         return v.lower() in CACHE_PRESETS
-    return isinstance(v, _STEP_LISTS) and all(is_int(s) and s >= 0 for s in v)
+    if isinstance(v, range):
+        return v.start >= 0 and v.step > 0
+    return isinstance(v, _STEP_LISTS) and len(v) <= MAX_STEP_LIST and all(is_int(s) and s >= 0 for s in v)
 
 
-def resolve_compute_on(value: str | Iterable[int]) -> frozenset[int]:
-    """The set of steps at which pairs are recomputed, from a preset name or a list of steps."""
+def resolve_compute_on(value: str | Collection[int]) -> Collection[int]:
+    """The steps at which pairs are recomputed (supports ``in``), from a preset name, a list or a range."""
     if isinstance(value, str):
         return frozenset(CACHE_PRESETS[value.lower()])
+    if isinstance(value, range):
+        return value
     return frozenset(value)
 
 
@@ -118,22 +133,47 @@ THRESHOLD_DOC = (
 )
 
 
-@dataclass
-class CAToMeSDOptions(GridMergeLayout):
-    threshold: float = option(0.7, valid="-1 <= threshold <= 1", check=number_in(-1.0, 1.0), doc=THRESHOLD_DOC)
-    compute_on: Any = option(
+def _threshold() -> Any:
+    return option(0.7, valid="-1 <= threshold <= 1", check=number_in(-1.0, 1.0), doc=THRESHOLD_DOC)
+
+
+def _compute_on() -> Any:
+    return option(
         "config_3",
         valid=COMPUTE_ON_VALID,
         check=_is_compute_on,
         doc="steps at which the merge pairs are recomputed; in between the last pairs are reused. "
         "config_3 is the paper's best",
     )
-    batch_independent: bool = option(
+
+
+def _batch_independent() -> Any:
+    return option(
         False,
         valid="bool",
         check=is_bool,
         doc="per-row r and pairs, so a sample's output does not depend on its batch (official: batch-max r)",
     )
+
+
+@dataclass
+class CAToMeSDOptions(GridMergeLayout):
+    threshold: float = _threshold()
+    compute_on: Any = _compute_on()
+    batch_independent: bool = _batch_independent()
+
+    def validate(self) -> None:
+        require_some_sublayer(self)
+
+
+@dataclass
+class CAToMeMMDiTOptions(MMDiTMergeLayout):
+    threshold: float = _threshold()
+    compute_on: Any = _compute_on()
+    batch_independent: bool = _batch_independent()
+
+    def validate(self) -> None:
+        require_some_sublayer(self)
 
 
 @dataclass
@@ -147,7 +187,7 @@ class CAToMeViTOptions:
     )
     prop_attn: bool = option(True, valid="bool", check=is_bool, doc="proportional attention: add log(size)")
     trace_source: bool = option(
-        False, valid="bool", check=is_bool, doc="keep patch.state.call['source']: merged -> input tokens"
+        False, valid="bool", check=is_bool, doc="keep patch.adapter.merged_tokens.source: merged -> input tokens"
     )
 
 
@@ -161,6 +201,22 @@ class BlockStat:
     computed: bool
 
 
+@dataclass
+class CAToMeState(MethodState):
+    """``pairs``: per block name, the shape key and the cached merges (one per generation); ``block_stats``:
+    per merging block, what it did in the last call."""
+
+    pairs: dict[str, tuple[tuple, tuple[GridMerge | None, ...]]] = field(default_factory=dict)
+    block_stats: dict[str, BlockStat] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.pairs.clear()
+        self.block_stats.clear()
+
+    def begin_call(self) -> None:
+        self.block_stats.clear()
+
+
 def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_protected: int) -> AlternateMerge | None:
     """ToMe's ViT bipartite matching with ``r`` = the batch maximum of sources reaching ``threshold``
     (capped at half the unprotected tokens, as ToMe caps it); a threshold of 1 or more merges nothing."""
@@ -169,19 +225,10 @@ def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_pro
     return alternate_matching(metric, num_protected=num_protected, threshold=threshold)
 
 
-def _row(value: Any, i: int, batch: int) -> Any:
-    """Row ``i`` of a per-sample block argument; anything not batched (None, scalars) passes unchanged."""
-    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
-        return value[i : i + 1]
-    if isinstance(value, dict):
-        return {k: _row(v, i, batch) for k, v in value.items()}
-    return value
-
-
 @register_method("ca_tome")
 class CAToMe(Method):
     summary = "Cached Adaptive ToMe: threshold merging, pairs reused between steps (arXiv 2501.00946)"
-    options = {"timm_vit": CAToMeViTOptions, "diffusers_unet": CAToMeSDOptions}
+    options = {"timm_vit": CAToMeViTOptions, "diffusers_unet": CAToMeSDOptions, "diffusers_mmdit": CAToMeMMDiTOptions}
     presets = {
         "timm_vit": {"threshold0.9": {"threshold": 0.9}, "threshold0.8": {"threshold": 0.8}},
         # The paper's best cache schedule at three thresholds; other schedules via options=compute_on.
@@ -190,80 +237,64 @@ class CAToMe(Method):
             "config_3-threshold0.5": {"compute_on": "config_3", "threshold": 0.5},
             "config_3-threshold0.9": {"compute_on": "config_3", "threshold": 0.9},
         },
+        "diffusers_mmdit": {
+            "config_3": {"compute_on": "config_3"},
+            "config_3-threshold0.9": {"compute_on": "config_3", "threshold": 0.9},
+        },
     }
+    State = CAToMeState
+
+    def check(self, adapter) -> None:
+        require_concrete(adapter.root, "ca_tome")  # the merge count is read from the activations
+        if isinstance(adapter, DiffusersUNetAdapter):
+            self.merging_blocks = adapter.blocks_up_to(self.options.max_downsample)
+            require_cross_attention(adapter, self.merging_blocks, self.options, "ca_tome")
+        elif isinstance(adapter, DiffusersMMDiTAdapter):
+            self.merging_blocks = None  # every JointTransformerBlock: they all run on the same patch grid
 
     def install(self, patch) -> None:
         if isinstance(patch.adapter, TimmViTAdapter):
-            self._install_vit(patch)
+            threshold, num_protected = self.options.threshold, patch.adapter.num_protected
+
+            def choose(call: BlockCall, metric):
+                return threshold_alternate_matching(metric, threshold, num_protected)
+
+            patch.adapter.install_merging(
+                patch, choose, self.options.prop_attn, self.options.trace_source, may_merge=threshold < 1
+            )
         else:
-            self._install_unet(patch)
+            patch.adapter.install_blocks(patch, self.planner(patch.state), self.merging_blocks)
 
-    def _install_vit(self, patch) -> None:
-        threshold = self.options.threshold
-
-        def choose(index, metric, num_protected):
-            return threshold_alternate_matching(metric, threshold, num_protected)
-
-        patch.adapter.install_merging_blocks(
-            patch, choose, prop_attn=self.options.prop_attn, trace_source=self.options.trace_source
-        )
-
-    def _install_unet(self, patch) -> None:
-        opts: CAToMeSDOptions = self.options
-        adapter: DiffusersUNetAdapter = patch.adapter
-        state = patch.state
+    def planner(self, state):
+        """Threshold merging with cached pairs on a U-Net's or an MMDiT's image tokens."""
+        opts: CAToMeSDOptions | CAToMeMMDiTOptions = self.options
+        st: CAToMeState = state.method
         compute_on = resolve_compute_on(opts.compute_on)
-        names = {block: name for name, block in adapter.blocks}
 
-        def merges_for(block: torch.nn.Module, x: torch.Tensor) -> tuple[GridMerge | None, ...] | None:
-            """The block's merges for this call (one for the batch, or one per row); None: no merging."""
-            if opts.threshold >= 1:
-                return None
-            grid = adapter.grid(state.latent_size, x.shape[1])
-            if grid is None or grid[2] > opts.max_downsample:
-                return None
-            cache = state.scratch.setdefault("ca_tome", {})  # block -> (shape key, merges); reset per generation
-            key = (x.shape[0], x.shape[1], grid, x.device)
-            cached = cache.get(block)
-            computed = cached is None or cached[0] != key or state.step in compute_on
+        def plan(call: BlockCall, x: torch.Tensor) -> BlockPlan | RowPlans:
+            if opts.threshold >= 1 or call.grid is None or not has_windows(call.grid, opts.sx, opts.sy):
+                return FULL_BLOCK
+            key = (x.shape[0], x.shape[1], call.grid, x.device)
+            cached = st.pairs.get(call.name)
+            computed = cached is None or cached[0] != key or call.step in compute_on
             if computed:
-                h, w, _ = grid
                 # Default mode follows ToMe-SD: an odd batch cannot hold matching CFG halves, so destinations
                 # fall back to top-left. Batch-independent mode must not depend on the batch, so it does not.
                 use_rand = opts.use_rand and (opts.batch_independent or x.shape[0] % 2 == 0)
                 generator = state.generator(x.device) if use_rand else None
-                a_idx, b_idx = grid_destinations(h, w, opts.sx, opts.sy, generator, x.device)
+                a_idx, b_idx = grid_destinations(call.grid.h, call.grid.w, opts.sx, opts.sy, generator, x.device)
                 if opts.batch_independent:
                     merges = tuple(
                         grid_matching(x[i : i + 1], a_idx, b_idx, threshold=opts.threshold) for i in range(x.shape[0])
                     )
                 else:
                     merges = (grid_matching(x, a_idx, b_idx, threshold=opts.threshold),)
-                cache[block] = (key, merges)
+                st.pairs[call.name] = (key, merges)
             else:
                 merges = cached[1]
-            stats = state.call.setdefault("ca_tome", {})
-            stats[names.get(block, str(id(block)))] = BlockStat(
-                x.shape[1], tuple(0 if m is None else m.r for m in merges), computed
-            )
-            return merges
+            st.block_stats[call.name] = BlockStat(x.shape[1], tuple(0 if m is None else m.r for m in merges), computed)
+            if len(merges) == 1:
+                return opts.plan(merges[0])
+            return RowPlans(tuple(opts.plan(m) for m in merges))
 
-        plan_slot: list[BlockPlan] = [FULL_BLOCK]
-        planned = planned_block_forward(lambda block, x: plan_slot[0])
-
-        def forward(block: torch.nn.Module, hidden_states: torch.Tensor, **args: Any) -> torch.Tensor:
-            # diffusers passes everything but hidden_states by keyword; the planned forward takes the same.
-            merges = merges_for(block, hidden_states)
-            if merges is None or len(merges) == 1:
-                plan_slot[0] = opts.plan(merges[0] if merges else None)
-                return planned(block, hidden_states, **args)
-            # Batch-independent: each row with its own pairs (and so its own token count).
-            batch, outs = hidden_states.shape[0], []
-            for i, merge in enumerate(merges):
-                plan_slot[0] = opts.plan(merge)
-                row_args = {k: (v if k == "cross_attention_kwargs" else _row(v, i, batch)) for k, v in args.items()}
-                outs.append(planned(block, hidden_states[i : i + 1], **row_args))
-            return torch.cat(outs, dim=0)
-
-        for _, block in adapter.blocks:
-            patch.replace_forward(block, forward)
+        return plan

@@ -10,7 +10,9 @@ ViT (``timm_vit``)
     honoured, so ``r=0`` is bit-identical to the unpatched model, DeiT-3 included.
 
 Stable Diffusion U-Net (``diffusers_unet``)
-    In each transformer block with at most ``max_downsample`` downsampling, tokens are merged before
+    In each transformer block with at most ``max_downsample`` downsampling (default: the highest-resolution
+    level with transformer blocks: 1 on SD 1.x/2.x, exactly tomesd's default, and 2 on SDXL, whose full-
+    resolution level has no attention), tokens are merged before
     self-attention (and optionally cross-attention and MLP) and unmerged after it. Destinations are one
     token per ``sy x sx`` window, random within the window (``use_rand``) or top-left; the metric is the
     block input. Options and defaults are tomesd's. Differences from tomesd, on purpose:
@@ -20,7 +22,25 @@ Stable Diffusion U-Net (``diffusers_unet``)
       (tomesd's generator keeps advancing); the first generation matches tomesd under the same
       ``torch.manual_seed``;
     * the U-Net may be called with keyword arguments only (tomesd reads ``args[0]``);
-    * grids that do not match the latent size (odd sizes) are left unmerged instead of crashing.
+    * grids that do not match the latent size (odd sizes) are left unmerged instead of crashing;
+    * ``max_downsample`` defaults to the U-Net's highest-resolution transformer level (tomesd: always 1, which
+      on SDXL merges nothing), and a value that selects no block is an error at ``apply``;
+    * options that merge for no sublayer (``merge_attn``, ``merge_crossattn`` and ``merge_mlp`` all False, or
+      only ``merge_crossattn`` where the selected blocks have no cross-attention) are an error at ``apply``
+      instead of a patch that does nothing.
+
+Stable Diffusion 3 / 3.5 MMDiT (``diffusers_mmdit``): our extension
+    ToMe for SD was published for U-Nets only; this applies its design to the image stream of every
+    ``JointTransformerBlock`` (see :class:`MMDiTMergeLayout`). Tokens are matched on the block input, with
+    one destination per ``sy x sx`` window of the 2-D patch grid (random within the window unless
+    ``use_rand=False``), and ``int(ratio * N)`` image tokens are merged before joint attention and
+    unmerged after it; the text tokens are never merged, so joint attention runs on ``N - r`` image tokens
+    plus all text tokens, and the text queries attend to the merged image tokens (without proportional
+    attention, as ToMe for SD has none). SD3.5's dual-attention blocks use the same merge for their second,
+    image-only self-attention (``attn2``): both attentions read the same block input, so one matching
+    serves both. ``merge_mlp`` (default False, as ToMe for SD) merges for the image feed-forward too.
+    There is no ``max_downsample``: every MMDiT block runs on the same patch grid, so there are no levels
+    to choose from. Skip-layer guidance's extra pass runs unmerged (the adapter marks it auxiliary).
 """
 
 from __future__ import annotations
@@ -29,11 +49,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokred import Method, register_method
-from tokred.adapters.diffusers_unet import FULL_BLOCK, BlockPlan, DiffusersUNetAdapter, GridMergeLayout
+from tokred.adapters.diffusers_mmdit import DiffusersMMDiTAdapter
+from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
 from tokred.adapters.timm_vit import TimmViTAdapter
 from tokred.errors import InvalidOptionError
-from tokred.merge import alternate_matching, grid_destinations, grid_matching
-from tokred.options import is_bool, is_int, is_number, number_in, option
+from tokred.layout import GridMergeLayout
+from tokred.merge import GridMerge, alternate_matching, grid_destinations, grid_matching
+from tokred.options import int_at_least, is_bool, is_int, is_number, number_in, option
+from tokred.reduction import FULL_BLOCK, KEEP, BlockCall, BlockPlan, Grid, Sublayer
 
 
 def _is_r_schedule(v: Any) -> bool:
@@ -44,6 +67,13 @@ def _is_r_schedule(v: Any) -> bool:
     if isinstance(v, tuple) and len(v) == 2:
         return is_int(v[0]) and v[0] >= 0 and is_number(v[1]) and -1 <= v[1] <= 1
     return False
+
+
+def _schedule_total(r: int | list[int] | tuple[int, float]) -> int:
+    """What the user asked to merge per block at most: 0 only for the zero-strength schedules."""
+    if isinstance(r, list):
+        return sum(r)
+    return r[0] if isinstance(r, tuple) else r
 
 
 def parse_r(r: int | list[int] | tuple[int, float], num_layers: int) -> list[int]:
@@ -81,75 +111,152 @@ class ToMeViTOptions:
     )
     prop_attn: bool = option(True, valid="bool", check=is_bool, doc="proportional attention: add log(size)")
     trace_source: bool = option(
-        False, valid="bool", check=is_bool, doc="keep patch.state.call['source']: merged -> input tokens"
+        False, valid="bool", check=is_bool, doc="keep patch.adapter.merged_tokens.source: merged -> input tokens"
     )
+
+
+def check_ratio(ratio: float, sx: int, sy: int) -> None:
+    """A ratio above ``1 - 1/(sx*sy)`` would merge destinations too (tomesd silently caps it)."""
+    limit = 1 - 1 / (sx * sy)
+    if ratio > limit + 1e-12:
+        raise ValueError(
+            f"option 'ratio'={ratio} exceeds the maximum 1 - 1/(sx*sy) = {limit:g} for sx={sx}, "
+            f"sy={sy}; valid: 0 <= ratio <= {limit:g}"
+        )
+
+
+RATIO_VALID = "0 <= ratio <= 1 - 1/(sx*sy) (0.75 for 2x2 strides)"
 
 
 @dataclass
 class ToMeSDOptions(GridMergeLayout):
     ratio: float = option(
-        0.5,
-        valid="0 <= ratio <= 1 - 1/(sx*sy) (0.75 for 2x2 strides)",
-        check=number_in(0.0, 1.0),
-        doc="fraction of tokens merged; <= 0.5 recommended",
+        0.5, valid=RATIO_VALID, check=number_in(0.0, 1.0), doc="fraction of tokens merged; <= 0.5 recommended"
     )
 
     def validate(self) -> None:
-        limit = 1 - 1 / (self.sx * self.sy)
-        if self.ratio > limit + 1e-12:
-            raise ValueError(
-                f"option 'ratio'={self.ratio} exceeds the maximum 1 - 1/(sx*sy) = {limit:g} for sx={self.sx}, "
-                f"sy={self.sy}; valid: 0 <= ratio <= {limit:g}"
-            )
+        check_ratio(self.ratio, self.sx, self.sy)
+        require_some_sublayer(self)
+
+
+def require_some_sublayer(opts: Any) -> None:
+    """Options that merge for no sublayer reduce nothing: an error, not a silent no-op."""
+    flags = [f for f in ("merge_attn", "merge_crossattn", "merge_mlp") if hasattr(opts, f)]
+    if not any(getattr(opts, f) for f in flags):
+        raise ValueError(
+            f"{', '.join(flags[:-1])} and {flags[-1]} are False, so no sublayer would see merged tokens and nothing "
+            "would be reduced; set at least one (merge_attn=True is the default and the recommended one)"
+        )
+
+
+def require_cross_attention(adapter: DiffusersUNetAdapter, names: set[str], opts: Any, method: str) -> None:
+    """``merge_crossattn`` as the only merged sublayer needs blocks that have cross-attention."""
+    if opts.merge_attn or opts.merge_mlp or not opts.merge_crossattn:
+        return
+    if not any(block.attn2 is not None for name, block in adapter.blocks if name in names):
+        raise InvalidOptionError(
+            f"{method}: merge_crossattn=True is the only merged sublayer, but none of the selected blocks has "
+            "cross-attention, so nothing would be reduced; set merge_attn=True or merge_mlp=True"
+        )
+
+
+@dataclass
+class MMDiTMergeLayout:
+    """ToMe for SD's layout options on an MMDiT's image tokens (no levels, no cross-attention).
+
+    One merge per block and call, from the block input on the 2-D patch grid, applied to the image tokens of
+    joint attention (``attn``) and of SD3.5's second image self-attention (``attn2``) with ``merge_attn``, and
+    of the image feed-forward with ``merge_mlp``. The text stream is never merged.
+    """
+
+    sx: int = option(2, valid="int >= 1", check=int_at_least(1), doc="destination stride along x (patch grid)")
+    sy: int = option(2, valid="int >= 1", check=int_at_least(1), doc="destination stride along y (patch grid)")
+    use_rand: bool = option(True, valid="bool", check=is_bool, doc="random destination in each window")
+    merge_attn: bool = option(
+        True, valid="bool", check=is_bool, doc="merge image tokens for joint attention and SD3.5's attn2"
+    )
+    merge_mlp: bool = option(False, valid="bool", check=is_bool, doc="merge for the image MLP (not recommended)")
+
+    def plan(self, merge: GridMerge | None) -> BlockPlan:
+        """The block plan that merges before (and unmerges after) the image sublayers these options select."""
+        if merge is None:
+            return FULL_BLOCK
+        sub = Sublayer(merge, merge.unmerge)
+        attn = sub if self.merge_attn else KEEP
+        return BlockPlan(attn=attn, attn2=attn, mlp=sub if self.merge_mlp else KEEP)
+
+
+@dataclass
+class ToMeMMDiTOptions(MMDiTMergeLayout):
+    ratio: float = option(
+        0.5,
+        valid=RATIO_VALID,
+        check=number_in(0.0, 1.0),
+        doc="fraction of image tokens merged (text tokens never are); untested on trained SD3 weights",
+    )
+
+    def validate(self) -> None:
+        check_ratio(self.ratio, self.sx, self.sy)
+        require_some_sublayer(self)
+
+
+def has_windows(grid: Grid, sx: int, sy: int) -> bool:
+    """Whether the grid holds at least one ``sy x sx`` window (a destination); a smaller grid (a tiny latent
+    with large strides) is left unmerged instead of failing on an empty destination set."""
+    return grid.h >= sy and grid.w >= sx
 
 
 @register_method("tome")
 class ToMe(Method):
     summary = "Token Merging: bipartite soft matching (ViT, arXiv 2210.09461; SD, arXiv 2303.17604)"
-    options = {"timm_vit": ToMeViTOptions, "diffusers_unet": ToMeSDOptions}
+    options = {"timm_vit": ToMeViTOptions, "diffusers_unet": ToMeSDOptions, "diffusers_mmdit": ToMeMMDiTOptions}
     presets = {
         "timm_vit": {"r8": {"r": 8}, "r13": {"r": 13}, "r16-decreasing": {"r": (16, -1)}},
         "diffusers_unet": {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}, "ratio0.6": {"ratio": 0.6}},
+        "diffusers_mmdit": {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}},
     }
 
     def check(self, adapter) -> None:
         if isinstance(adapter, TimmViTAdapter):
             self.schedule = parse_r(self.options.r, len(adapter.blocks))
+            if not any(self.schedule) and _schedule_total(self.options.r) > 0:
+                raise InvalidOptionError(
+                    f"tome: r={self.options.r!r} rounds down to 0 in every one of the {len(adapter.blocks)} blocks, so "
+                    "nothing would be merged; use a larger r (or r=0 on purpose, the exact identity)"
+                )
+        elif isinstance(adapter, DiffusersUNetAdapter):
+            self.merging_blocks = adapter.blocks_up_to(self.options.max_downsample)
+            require_cross_attention(adapter, self.merging_blocks, self.options, "tome")
+        elif isinstance(adapter, DiffusersMMDiTAdapter):
+            self.merging_blocks = None  # every JointTransformerBlock: they all run on the same patch grid
 
     def install(self, patch) -> None:
         if isinstance(patch.adapter, TimmViTAdapter):
-            self._install_vit(patch)
+            schedule, num_protected = self.schedule, patch.adapter.num_protected
+
+            def choose(call: BlockCall, metric):
+                r = schedule[call.index]
+                return alternate_matching(metric, r, num_protected) if r > 0 else None
+
+            patch.adapter.install_merging(
+                patch, choose, self.options.prop_attn, self.options.trace_source, may_merge=any(schedule)
+            )
         else:
-            self._install_unet(patch)
+            patch.adapter.install_blocks(patch, self.planner(patch.state), self.merging_blocks)
 
-    def _install_vit(self, patch) -> None:
-        schedule = self.schedule
+    def planner(self, state):
+        """Grid merging on a U-Net's or an MMDiT's image tokens (the layout options build the plan)."""
+        opts: ToMeSDOptions | ToMeMMDiTOptions = self.options
 
-        def choose(index, metric, num_protected):
-            return alternate_matching(metric, schedule[index], num_protected) if schedule[index] > 0 else None
-
-        patch.adapter.install_merging_blocks(
-            patch, choose, prop_attn=self.options.prop_attn, trace_source=self.options.trace_source
-        )
-
-    def _install_unet(self, patch) -> None:
-        opts: ToMeSDOptions = self.options
-        adapter: DiffusersUNetAdapter = patch.adapter
-        state = patch.state
-
-        def planner(block, x) -> BlockPlan:
-            grid = adapter.grid(state.latent_size, x.shape[1])
-            if grid is None or grid[2] > opts.max_downsample:
-                return FULL_BLOCK
-            h, w, _ = grid
+        def plan(call: BlockCall, x) -> BlockPlan:
             r = int(x.shape[1] * opts.ratio)
-            if r <= 0:
+            if call.grid is None or r <= 0 or not has_windows(call.grid, opts.sx, opts.sy):
                 return FULL_BLOCK
             # An odd batch cannot hold matching cond/uncond halves; random destinations would differ
             # between them and leave artifacts, so tomesd (and we) fall back to top-left.
             use_rand = opts.use_rand and x.shape[0] % 2 == 0
             generator = state.generator(x.device) if use_rand else None
-            a_idx, b_idx = grid_destinations(h, w, opts.sx, opts.sy, generator, x.device)
+            a_idx, b_idx = grid_destinations(call.grid.h, call.grid.w, opts.sx, opts.sy, generator, x.device)
             return opts.plan(grid_matching(x, a_idx, b_idx, r=r))
 
-        adapter.install_planned_blocks(patch, planner)
+        return plan

@@ -1,10 +1,11 @@
 """The ``size="arch"`` workloads: the real architectures with random weights, built offline, for speed only.
 
-* text_to_image: Stable Diffusion 1.5's ``UNet2DConditionModel`` (its full configuration, :data:`SD15_UNET_CONFIG`)
-  in a pipeline-like :class:`ArchDiffusion` (``.unet``, ``.scheduler``) that runs a real diffusers scheduler loop
-  (DDIM with SD1.5's noise schedule) with classifier-free guidance, so the U-Net sees a batch of 2 per prompt and
-  step-dependent methods (CA-ToMe's cache schedule, CAT's ``t0``) behave as in a generation. Text embeddings are
-  random (77 tokens of the U-Net's cross-attention width); the output is the final latents (no VAE).
+* text_to_image: Stable Diffusion 1.5's ``UNet2DConditionModel`` (its full configuration,
+  :func:`tasks.architectures.sd15_unet_config`) in a pipeline-like :class:`ArchDiffusion` (``.unet``,
+  ``.scheduler``) that runs a real diffusers scheduler loop (DDIM with SD1.5's noise schedule) with
+  classifier-free guidance, so the U-Net sees a batch of 2 per prompt and step-dependent methods (CA-ToMe's cache
+  schedule, CAT's ``t0``) behave as in a generation. Text embeddings are random (77 tokens of the U-Net's
+  cross-attention width); the output is the final latents (no VAE).
 * vit_classification: timm's DeiT-S (``deit_small_patch16_224``, the default) and ViT-B
   (``vit_base_patch16_224``) built with ``pretrained=False``, on random images.
 
@@ -14,7 +15,6 @@ those of trained weights; the results record the counts actually reached.
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -22,19 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import architectures
+
 SD15_NAME = "SD1.5 UNet2DConditionModel (random init)"
-# Stable Diffusion 1.5's U-Net (diffusers' defaults spelled out, SD1.5's text width 768, 8 heads per level).
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-}
 # Stable Diffusion 1.5's DDIM sampler (the scheduler config shipped with the model).
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -53,7 +43,7 @@ VIT_ARCH_MODELS = ("deit_small_patch16_224", "vit_base_patch16_224")
 
 def sd15_unet_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """SD1.5's U-Net configuration with ``overrides`` (e.g. a tiny one for tests); unknown keys raise here."""
-    config = copy.deepcopy(SD15_UNET_CONFIG)
+    config = architectures.sd15_unet_config()
     if overrides:
         from diffusers import UNet2DConditionModel
 

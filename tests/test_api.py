@@ -82,7 +82,7 @@ def test_second_apply_replaces_first(tiny_vit):
     assert not first.active and second.active
     with torch.no_grad():
         y = tiny_vit(x)
-        tokens = second.state.call["size"].shape[1]
+        tokens = second.adapter.merged_tokens.size.shape[1]
     assert tokens == 65 - 4 * 2  # r=2 in each of 4 blocks, not stacked with r=8
     assert tokred.remove(tiny_vit)
     with torch.no_grad():
@@ -111,8 +111,9 @@ def test_out_of_tree_method_found_through_entry_point(tmp_path, monkeypatch, tin
 
                 def install(self, patch):
                     k = self.options.k
-                    choose = lambda i, metric, p: alternate_matching(metric, k, p) if i == 0 else None
-                    patch.adapter.install_merging_blocks(patch, choose)
+                    p = patch.adapter.num_protected
+                    choose = lambda call, metric: alternate_matching(metric, k, p) if call.index == 0 else None
+                    patch.adapter.install_merging(patch, choose)
             """
         )
     )
@@ -130,4 +131,4 @@ def test_out_of_tree_method_found_through_entry_point(tmp_path, monkeypatch, tin
         tokred.apply(tiny_vit, "merge_first", k=0)
     with tokred.apply(tiny_vit, "merge_first", k=3) as patch, torch.no_grad():
         tiny_vit(torch.randn(1, 3, 32, 32))
-        assert patch.state.call["size"].shape[1] == 65 - 3
+        assert patch.adapter.merged_tokens.size.shape[1] == 65 - 3

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from conftest import require_reference
 from tiny_models import tiny_sd_pipeline, tiny_sd_unet
 
 import tokred
@@ -41,7 +42,7 @@ def rel_diff(a, b):
 
 def run_official(unet, calls, compute_on, **options):
     """The official block patch, driven as its own pipeline drives it: ``inference_step`` = call index + 1."""
-    ca_patch = pytest.importorskip("ca_tome.patch")
+    ca_patch = require_reference("ca_tome.patch")
     ref = copy.deepcopy(unet)
     ca_patch.apply_patch(ref, list(compute_on), **options)
     blocks = [m for m in ref.modules() if hasattr(m, "_cache_info")]
@@ -59,7 +60,7 @@ SCHEDULE = [0, 3, 4, 7, 10]  # over 10 calls: computed at 1 (empty cache), 3, 4,
 
 @pytest.mark.parametrize("threshold", [0.5, 0.7])
 def test_parity_with_official_at_every_step(unet, threshold):
-    pytest.importorskip("ca_tome")
+    require_reference("ca_tome")
     calls = unet_calls(10)
     theirs = run_official(unet, calls, SCHEDULE, r=threshold, use_rand=False)
 
@@ -76,7 +77,7 @@ def test_parity_with_official_at_every_step(unet, threshold):
         ours = call(mine, s, t, c)
         assert patch.state.step == step
         assert rel_diff(ours, ref) <= 1e-5, (step, rel_diff(ours, ref))
-        stats = patch.state.call["ca_tome"]
+        stats = patch.method_state.block_stats
         assert len(stats) == 5  # the five top-level transformer blocks (max_downsample=1)
         for stat in stats.values():
             assert stat.tokens == 256 and stat.computed == (step in SCHEDULE or step == 1)
@@ -95,7 +96,7 @@ def test_parity_with_official_at_every_step(unet, threshold):
 def test_parity_with_official_random_destinations(unet, batch):
     """With ``use_rand`` both fork the global RNG at the first merging block, so the first image matches; an
     odd batch falls back to top-left destinations in both."""
-    pytest.importorskip("ca_tome")
+    require_reference("ca_tome")
     calls = unet_calls(4, batch=batch)
     torch.manual_seed(3)
     theirs = run_official(unet, calls, [0, 3], r=0.7)
@@ -113,7 +114,7 @@ def test_parity_with_official_random_destinations(unet, batch):
 
 def test_parity_with_official_layout_options(unet):
     """Merging for cross-attention and the MLP too, and in the 2x downsampled blocks."""
-    pytest.importorskip("ca_tome")
+    require_reference("ca_tome")
     options = dict(max_downsample=2, merge_crossattn=True, merge_mlp=True, use_rand=False)
     calls = unet_calls(3)
     theirs = run_official(unet, calls, [0, 3], r=0.6, **options)
@@ -121,13 +122,13 @@ def test_parity_with_official_layout_options(unet):
     patch = tokred.apply(mine, "ca_tome", threshold=0.6, compute_on=[0, 3], **options)
     for step, (c, ref) in enumerate(zip(calls, theirs, strict=True), start=1):
         assert rel_diff(call(mine, *c), ref) <= 1e-5
-        stats = patch.state.call["ca_tome"]
+        stats = patch.method_state.block_stats
         assert sorted(s.tokens for s in stats.values()) == [64] * 5 + [256] * 5
         assert all(0 < s.r[0] < 3 * s.tokens // 4 and s.computed == (step != 2) for s in stats.values())
 
 
 def test_presets_equal_official_cache_conf():
-    ca_tome = pytest.importorskip("ca_tome")
+    ca_tome = require_reference("ca_tome")
     conf = ca_tome.CacheConf
     official = {
         "config_1": conf.CONFIG_1,
@@ -167,11 +168,7 @@ def test_two_generations_with_the_same_seed_are_identical():
     assert torch.equal(first, second)
 
     # The test can fail: keeping the cache across generations, as the official code does, changes the image.
-    class KeepOnReset(dict):
-        def clear(self):
-            pass
-
-    patch.state.scratch = KeepOnReset(patch.state.scratch)
+    patch.method_state.reset = patch.method_state.block_stats.clear  # keep the cached pairs
     assert not torch.equal(first, generate())
 
 
@@ -184,7 +181,7 @@ def test_batch_independent_sample_alone_equals_sample_in_batch(unet):
         outs, rs = [], []
         for s, t, c in calls:
             outs.append(call(mine, s[:batch], t, c[:batch])[:1])
-            rs.append([stat.r[0] for stat in patch.state.call["ca_tome"].values()])
+            rs.append([stat.r[0] for stat in patch.method_state.block_stats.values()])
         return outs, rs
 
     patch = tokred.apply(mine, "ca_tome", seed=0, batch_independent=True, threshold=0.6)
@@ -194,7 +191,7 @@ def test_batch_independent_sample_alone_equals_sample_in_batch(unet):
         assert r_together == r_alone
         for a, b in zip(together, alone, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert all(len(stat.r) == 3 for stat in patch.state.call["ca_tome"].values())
+    assert all(len(stat.r) == 3 for stat in patch.method_state.block_stats.values())
 
     # Default mode couples the rows (batch-max r; top-left destinations for odd batches): it differs.
     patch = tokred.apply(mine, "ca_tome", seed=0, threshold=0.6)
@@ -213,16 +210,16 @@ def test_batch_size_and_resolution_changes_recompute(unet):
     call(forced, s1, t1, c1)
     out = call(mine, s2, t2, c2)
     assert out.shape[0] == 4
-    assert all(stat.computed for stat in patch.state.call["ca_tome"].values())
+    assert all(stat.computed for stat in patch.method_state.block_stats.values())
     assert torch.equal(out, call(forced, s2, t2, c2))  # the same as a planned recompute at that step
 
     call(mine, s2, torch.tensor(700), c2)
-    assert not any(stat.computed for stat in patch.state.call["ca_tome"].values())  # same shape: reused
+    assert not any(stat.computed for stat in patch.method_state.block_stats.values())  # same shape: reused
 
     big = torch.randn(4, 4, 24, 24, generator=torch.Generator().manual_seed(6))
     out = call(mine, big, torch.tensor(600), c2)  # new resolution on a reuse step
     assert out.shape == big.shape and torch.isfinite(out).all()
-    stats = patch.state.call["ca_tome"]
+    stats = patch.method_state.block_stats
     assert patch.state.step == 4 and all(stat.computed and stat.tokens == 576 for stat in stats.values())
 
 
@@ -246,7 +243,7 @@ def test_threshold_one_disables_merging(unet):
     before = call(mine, s, t, c)
     with tokred.apply(mine, "ca_tome", threshold=1.0) as patch:
         assert torch.equal(call(mine, s, t, c), before)
-        assert "ca_tome" not in patch.state.call
+        assert not patch.method_state.block_stats
 
 
 @pytest.mark.parametrize(
@@ -292,7 +289,7 @@ def test_vit_threshold_one_is_bit_identical(tiny_vit):
         baseline = tiny_vit(x)
         with tokred.apply(tiny_vit, "ca_tome", threshold=1.0) as patch:
             assert torch.equal(tiny_vit(x), baseline)
-            assert "size" not in patch.state.call
+            assert patch.adapter.merged_tokens.size is None
 
 
 def test_vit_lower_threshold_merges_more(tiny_vit):
@@ -302,7 +299,7 @@ def test_vit_lower_threshold_merges_more(tiny_vit):
         for threshold in (0.9, 0.8, 0.5, -1.0):
             with tokred.apply(tiny_vit, "ca_tome", threshold=threshold) as patch:
                 tiny_vit(x)
-                size = patch.state.call.get("size")
+                size = patch.adapter.merged_tokens.size
                 counts.append(65 if size is None else size.shape[1])
                 if size is not None:
                     assert torch.equal(size.sum(dim=1).flatten(), torch.full((2,), 65.0))

@@ -85,13 +85,14 @@ def replace_rows(full, sel, rows):
     return full.scatter(1, sel[..., None].expand(-1, -1, full.shape[-1]), rows)
 
 
-def heads_to_tokens(t):
-    """[B, H, N, d] cached keys/values -> [B, N, H*d]."""
-    B, H, N, d = t.shape
-    return t.transpose(1, 2).reshape(B, N, H * d)
+CACHE_FIELDS = ("attn", "k", "v", "cross", "attn2", "k2", "v2", "mlp")
 
 
-# --- selection rule: vectorised vs a per-cluster loop transcription of the official rule --------------------------
+def cache_tensors(cache):
+    """The filled caches of one block (CatState.blocks[name]) by field, cloned."""
+    return {f: getattr(cache, f).value.clone() for f in CACHE_FIELDS if getattr(cache, f).value is not None}
+
+
 def loop_select(change, labels, scores, counts, budget, first):
     """The official selection, cluster by cluster (one sample), plus our exact-budget top-up."""
     N, K = len(change), len(scores)
@@ -222,7 +223,7 @@ def test_unet_alpha_one_is_bit_exact_and_remove_restores(unet):
     base = unet_calls(unet)
     with tokred.apply(unet, "cat_pruning", t0=2, alpha=1.0) as patch:
         out = unet_calls(unet)
-        assert patch.state.scratch["cat_pruning"].sel.shape == (2, 64)  # the sparse path ran
+        assert patch.method_state.sel.shape == (2, 64)  # the sparse path ran
     for a, b in zip(base, out, strict=True):
         assert torch.equal(a, b)
     after = unet_calls(unet)
@@ -231,16 +232,16 @@ def test_unet_alpha_one_is_bit_exact_and_remove_restores(unet):
 
 
 def test_unet_unselected_tokens_are_cached_and_selected_fresh(unet):
-    block = dict(unet.named_modules())["down_blocks.0.attentions.0.transformer_blocks.0"]
+    name = "down_blocks.0.attentions.0.transformer_blocks.0"
+    block = dict(unet.named_modules())[name]
     seen = {}
 
     with tokred.apply(unet, "cat_pruning", t0=2, alpha=0.3) as patch:
-        g = lambda: patch.state.scratch["cat_pruning"]
+        g = lambda: patch.method_state
 
         def before_call(step):
             if step == 3:  # the first pruned call: snapshot this block's cache and the selection
-                cache = g().blocks[block]
-                seen["before"] = {k: v.clone() for k, v in cache.items() if torch.is_tensor(v)}
+                seen["before"] = cache_tensors(g().blocks[name])
                 seen["sel"] = g().sel.clone()
 
         def attn1_io(module, args, kwargs, output):
@@ -252,7 +253,7 @@ def test_unet_unselected_tokens_are_cached_and_selected_fresh(unet):
             outs = unet_calls(unet, hook=before_call)
         finally:
             handle.remove()
-        after = g().blocks[block]
+        after = cache_tensors(g().blocks[name])
 
     sel = seen["sel"]
     mask = torch.zeros(2, 64, dtype=torch.bool).scatter_(1, sel, True)
@@ -262,7 +263,7 @@ def test_unet_unselected_tokens_are_cached_and_selected_fresh(unet):
     assert torch.equal(t3[~mask], t2[~mask])
     assert (t3[mask] != t2[mask]).any(-1).all()
     # block caches: unselected rows untouched, selected rows rewritten with this call's values
-    for key in ("attn1.out", "attn2.out", "ff.out"):
+    for key in ("attn", "cross", "mlp"):
         assert torch.equal(after[key][~mask], seen["before"][key][~mask]), key
         assert (after[key][mask] != seen["before"][key][mask]).any(-1).all(), key
     # self-attention of the selected queries over all keys: fresh keys/values for selected tokens, cached others
@@ -270,18 +271,18 @@ def test_unet_unselected_tokens_are_cached_and_selected_fresh(unet):
     x = seen["attn1_in"]  # normed selected tokens [B, M, C]
     assert x.shape[1] == sel.shape[1]
     with torch.no_grad():
-        keys = replace_rows(heads_to_tokens(seen["before"]["attn1.k"]), sel, attn.to_k(x))
-        values = replace_rows(heads_to_tokens(seen["before"]["attn1.v"]), sel, attn.to_v(x))
+        keys = replace_rows(seen["before"]["k"], sel, attn.to_k(x))
+        values = replace_rows(seen["before"]["v"], sel, attn.to_v(x))
         expected = attn.to_out[0](reference_attention(attn.to_q(x), keys, values, attn.heads))
     torch.testing.assert_close(seen["attn1_out"], expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(after["attn1.out"].gather(1, sel[..., None].expand(-1, -1, x.shape[-1])), expected)
+    torch.testing.assert_close(after["attn"].gather(1, sel[..., None].expand(-1, -1, x.shape[-1])), expected)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 4])
 def test_unet_any_batch_prunes_per_sample(unet, batch):
     with tokred.apply(unet, "cat_pruning", t0=2, alpha=0.3) as patch:
         outs = unet_calls(unet, batch=batch)
-        g = patch.state.scratch["cat_pruning"]
+        g = patch.method_state
         assert g.sel.shape == (batch, int(0.3 * 64))
         assert g.labels.shape == (batch, 64)
     assert all(o.shape == (batch, 4, 8, 8) and torch.isfinite(o).all() for o in outs)
@@ -290,17 +291,23 @@ def test_unet_any_batch_prunes_per_sample(unet, batch):
 
 
 def test_unet_lower_levels_pruned_with_max_downsample(unet):
-    block = dict(unet.named_modules())["down_blocks.1.attentions.0.transformer_blocks.0"]  # 2x downsampled
-    seen = {}
+    block = "down_blocks.1.attentions.0.transformer_blocks.0"  # 2x downsampled
+    seen, levels = {}, {}
     with tokred.apply(unet, "cat_pruning", t0=2, alpha=0.3, max_downsample=8) as patch:
 
         def before_call(step):
             if step == 3:
-                seen["before"] = patch.state.scratch["cat_pruning"].blocks[block]["ff.out"].clone()
+                seen["before"] = patch.method_state.blocks[block].mlp.value.clone()
 
-        unet_calls(unet, hook=before_call)
-        levels = patch.state.call["cat_levels"]
-        after = patch.state.scratch["cat_pruning"].blocks[block]["ff.out"]
+        def after_call(module, args, out):
+            levels.update(patch.method_state.levels)  # this call's pooled selections
+
+        handle = unet.register_forward_hook(after_call)
+        try:
+            unet_calls(unet, hook=before_call)
+        finally:
+            handle.remove()
+        after = patch.method_state.blocks[block].mlp.value
     assert set(levels) == {2, 4, 8}  # pooled maps for the 4x4, 2x2 and 1x1 (mid-block) levels
     assert levels[2].shape == (2, int(0.3 * 16))
     assert levels[4].shape == levels[8].shape == (2, 1)  # at least one token per level
@@ -309,8 +316,8 @@ def test_unet_lower_levels_pruned_with_max_downsample(unet):
     assert (after[mask] != seen["before"][mask]).any(-1).all()
     with tokred.apply(unet, "cat_pruning", t0=2, alpha=0.3) as patch:  # default: the lower levels stay dense
         unet_calls(unet)
-        assert "cat_levels" not in patch.state.call
-        assert block not in patch.state.scratch["cat_pruning"].blocks
+        assert not patch.method_state.levels
+        assert block not in patch.method_state.blocks
 
 
 def test_pipeline_generations_reset_and_repeat():
@@ -329,7 +336,7 @@ def test_pipeline_generations_reset_and_repeat():
 
     with tokred.apply(pipe, "cat_pruning", t0=2, alpha=0.3) as patch:
         first = generate()
-        assert patch.state.step == 3 and patch.state.scratch["cat_pruning"].sel_step == 4  # call 3 pruned
+        assert patch.state.step == 3 and patch.method_state.sel_step == 4  # call 3 pruned
         second = generate()
         assert patch.state.generation >= 2
     assert torch.equal(first, second)
@@ -341,7 +348,7 @@ def test_sd3_alpha_one_is_bit_exact_and_remove_restores(sd3):
     base = sd3_calls(sd3)
     with tokred.apply(sd3, "cat_pruning", t0=2, alpha=1.0) as patch:
         out = sd3_calls(sd3)
-        assert patch.state.scratch["cat_pruning"].sel.shape == (2, 64)
+        assert patch.method_state.sel.shape == (2, 64)
     after = sd3_calls(sd3)
     for a, b, c in zip(base, out, after, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
@@ -351,13 +358,11 @@ def test_sd3_step_schedule_follows_t0(sd3):
     """t0=3: call 2 gives the reference n_t0, call 3 clusters (still full), call 4 is the first pruned call."""
     states = {}
     with tokred.apply(sd3, "cat_pruning", t0=3, alpha=0.5) as patch:
-        g = lambda: patch.state.scratch["cat_pruning"]
+        g = lambda: patch.method_state
 
         def before_call(step):
-            gen = patch.state.scratch.get("cat_pruning")
-            states[step] = (
-                (False, False, -1) if gen is None else (gen.ref is not None, gen.labels is not None, gen.sel_step)
-            )
+            gen = patch.method_state
+            states[step] = (gen.ref is not None, gen.labels is not None, gen.sel_step)
 
         outs = sd3_calls(sd3, hook=before_call)
         assert torch.equal(g().ref, as_tokens_sd3(outs[1]).float())
@@ -370,11 +375,11 @@ def test_sd3_unselected_tokens_are_cached_and_selected_fresh(sd3):
     block = sd3.transformer_blocks[0]
     seen = {}
     with tokred.apply(sd3, "cat_pruning", t0=2, alpha=0.3) as patch:
-        g = lambda: patch.state.scratch["cat_pruning"]
+        g = lambda: patch.method_state
 
         def before_call(step):
             if step == 3:
-                seen["before"] = {k: v.clone() for k, v in g().blocks[block].items() if torch.is_tensor(v)}
+                seen["before"] = cache_tensors(g().blocks["transformer_blocks.0"])
                 seen["sel"] = g().sel.clone()
 
         def block_in(module, args, kwargs):
@@ -386,7 +391,7 @@ def test_sd3_unselected_tokens_are_cached_and_selected_fresh(sd3):
             outs = sd3_calls(sd3, steps=TIMESTEPS[:3], hook=before_call)
         finally:
             handle.remove()
-        after = g().blocks[block]
+        after = cache_tensors(g().blocks["transformer_blocks.0"])
 
     sel = seen["sel"]
     M = int(0.3 * 64)
@@ -395,7 +400,7 @@ def test_sd3_unselected_tokens_are_cached_and_selected_fresh(sd3):
     t2, t3 = as_tokens_sd3(outs[1]), as_tokens_sd3(outs[2])
     assert torch.equal(t3[~mask], t2[~mask])
     assert (t3[mask] != t2[mask]).any(-1).all()
-    for key in ("attn.out", "ff.out"):
+    for key in ("attn", "mlp"):
         assert torch.equal(after[key][~mask], seen["before"][key][~mask]), key
         assert (after[key][mask] != seen["before"][key][mask]).any(-1).all(), key
     # joint attention: queries of the selected image tokens and all text tokens; image keys/values from the cache
@@ -405,13 +410,13 @@ def test_sd3_unselected_tokens_are_cached_and_selected_fresh(sd3):
     with torch.no_grad():
         norm_x = block.norm1(x, emb=temb)[0].gather(1, sel[..., None].expand(-1, -1, x.shape[-1]))
         norm_ctx = block.norm1_context(ctx, emb=temb)[0]
-        keys = replace_rows(heads_to_tokens(seen["before"]["attn.k"]), sel, attn.to_k(norm_x))
-        values = replace_rows(heads_to_tokens(seen["before"]["attn.v"]), sel, attn.to_v(norm_x))
+        keys = replace_rows(seen["before"]["k"], sel, attn.to_k(norm_x))
+        values = replace_rows(seen["before"]["v"], sel, attn.to_v(norm_x))
         q = torch.cat([attn.to_q(norm_x), attn.add_q_proj(norm_ctx)], 1)
         k = torch.cat([keys, attn.add_k_proj(norm_ctx)], 1)
         v = torch.cat([values, attn.add_v_proj(norm_ctx)], 1)
         expected = attn.to_out[0](reference_attention(q, k, v, attn.heads)[:, :M])
-    got = after["attn.out"].gather(1, sel[..., None].expand(-1, -1, expected.shape[-1]))
+    got = after["attn"].gather(1, sel[..., None].expand(-1, -1, expected.shape[-1]))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -422,7 +427,7 @@ def test_sd3_dual_attention_blocks():
         assert all(torch.equal(a, b) for a, b in zip(base, sd3_calls(model, steps=TIMESTEPS[:3]), strict=True))
     with tokred.apply(model, "cat_pruning", t0=2, alpha=0.3) as patch:
         outs = sd3_calls(model, steps=TIMESTEPS[:3])
-        assert "attn2.k" in patch.state.scratch["cat_pruning"].blocks[model.transformer_blocks[0]]
+        assert patch.method_state.blocks["transformer_blocks.0"].k2.value is not None
     assert torch.isfinite(outs[-1]).all() and not torch.equal(outs[-1], base[-1])
 
 
@@ -445,7 +450,7 @@ def test_sd3_pipeline_end_to_end():
     patch = tokred.apply(pipe, "cat_pruning", t0=2, alpha=0.3)
     assert tokred.get_patch(pipe) is patch
     first = generate()
-    assert patch.state.scratch["cat_pruning"].sel.shape == (4, int(0.3 * 64))  # 2 prompts x CFG pair
+    assert patch.method_state.sel.shape == (4, int(0.3 * 64))  # 2 prompts x CFG pair
     second = generate()
     assert first.shape == base.shape == (2, 32, 32, 3)
     assert (first == second).all() and not (first == base).all()

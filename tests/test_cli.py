@@ -298,3 +298,292 @@ def test_missing_weights_is_one_line_and_setup_is_not_retried(fake_plugin, monke
         with pytest.raises((FileNotFoundError, RuntimeError), match="not found in /nowhere"):
             run.run_case(plan_cases("fake_vit")[0])
     assert len(calls) == 2  # once for the CLI run, once for this TaskRun: a failed setup is not repeated
+
+
+# --- results files: nothing lost, nothing silently wrong ---------------------------------------------------------
+
+FAKE_RUN = ["run", "--task", "fake_vit", "--methods", "fake_merge", "--rounds", "1"]
+
+
+@pytest.fixture
+def setup_calls(fake_plugin, monkeypatch):
+    """Counts the fake task's (slow, in real tasks) setups: a refused run must not reach one."""
+    import tokred_fake_plugin
+
+    calls = []
+    setup = tokred_fake_plugin.FakeVitTask.setup
+
+    def counted(self):
+        calls.append(1)
+        setup(self)
+
+    monkeypatch.setattr(tokred_fake_plugin.FakeVitTask, "setup", counted)
+    return calls
+
+
+def names_and_presets(path):
+    return [(b["extra_info"]["preset"], b["extra_info"]["case_key"]["settings"].get("num_images"))
+            for b in load_results(path)["benchmarks"]]
+
+
+@pytest.mark.parametrize("content", ["results", "unrelated", "not json"])
+def test_existing_output_is_refused_before_setup(setup_calls, capsys, tmp_path, content):
+    path = tmp_path / "run.json"
+    if content == "results":
+        assert run_cli(capsys, *FAKE_RUN, "--presets", "k2", "--out", path)[0] == 0
+        setup_calls.clear()
+    else:
+        path.write_text('{"hello": [1, 2, 3]}\n' if content == "unrelated" else "my notes, not JSON\n")
+    before = path.read_bytes()
+    code, _, err = run_cli(capsys, *FAKE_RUN, "--out", path)
+    assert_one_line_error(code, err)
+    assert str(path) in err and "--force" in err
+    if content == "results":
+        assert "already holds 2 benchmarks" in err and "--resume" in err
+    else:
+        assert "is not a results file" in err
+    assert path.read_bytes() == before and not setup_calls
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]  # no lock, backup or temporary file left
+
+    if content != "results":  # --resume cannot keep what is not a results file
+        code, _, err = run_cli(capsys, *FAKE_RUN, "--out", path, "--resume")
+        assert_one_line_error(code, err)
+        assert "--resume" in err and "--force replaces it" in err
+        assert path.read_bytes() == before and not setup_calls
+
+
+def test_force_replaces_the_file_and_keeps_a_backup(setup_calls, capsys, tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"hello": 1}\n')
+    code, _, err = run_cli(capsys, *FAKE_RUN, "--presets", "k2", "--out", path, "--force")
+    assert code == 0, err
+    assert [b["extra_info"]["preset"] for b in load_results(path)["benchmarks"]] == ["baseline", "k2"]
+    assert (tmp_path / "run.json.bak").read_text() == '{"hello": 1}\n'
+    code, _, err = run_cli(capsys, *FAKE_RUN, "--out", path, "--force", "--resume")
+    assert_one_line_error(code, err)
+    assert "not allowed with argument" in err
+
+
+def test_force_keeps_the_old_file_when_nothing_finishes(interrupter, capsys, tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"hello": 1}\n')
+    code, _, err = run_cli(capsys, "run", "--task", "fake_vit", "--methods", "interrupter", "--presets", "second",
+                           "--rounds", "1", "--out", path, "--force", "--set", "num_images=8")
+    # the baseline finished (the file was replaced, the old one kept), then Ctrl-C
+    assert code == 130
+    assert (tmp_path / "run.json.bak").read_text() == '{"hello": 1}\n'
+    assert [b["extra_info"]["preset"] for b in load_results(path)["benchmarks"]] == ["baseline"]
+
+
+def test_resume_matches_the_whole_case_identity(setup_calls, capsys, tmp_path):
+    path = tmp_path / "run.json"
+    assert run_cli(capsys, *FAKE_RUN, "--presets", "k2", "--set", "num_images=8", "--out", path)[0] == 0
+    first = names_and_presets(path)
+    assert first == [("baseline", 8), ("k2", 8)]
+    key = load_results(path)["benchmarks"][1]["extra_info"]["case_key"]
+    assert key == {"task": "fake_vit", "size": "embedded", "device": "cpu", "dtype": "float32",
+                   "method": "fake_merge", "preset": "k2", "options": {"k": 2}, "settings": {"num_images": 8}}
+
+    # the same selection with other task settings: nothing matches, every case runs again, both kept
+    code, out, err = run_cli(capsys, *FAKE_RUN, "--presets", "k2", "--set", "num_images=16", "--out", path,
+                             "--resume")
+    assert code == 0, err
+    assert "2 benchmarks in" in out and "other settings (settings.num_images 8 -> 16)" in out
+    assert names_and_presets(path) == first + [("baseline", 16), ("k2", 16)]
+
+    # the same settings again: everything is there, nothing runs (not even the setup)
+    setup_calls.clear()
+    code, out, _ = run_cli(capsys, *FAKE_RUN, "--presets", "k2", "--set", "num_images=16", "--out", path,
+                           "--resume")
+    assert code == 0 and not setup_calls and "2 benchmarks already in" in out
+    assert len(load_results(path)["benchmarks"]) == 4
+
+    # other options under the same preset name ("custom") are another case
+    code, out, _ = run_cli(capsys, *FAKE_RUN, "--options", "k=3", "--set", "num_images=16", "--out", path,
+                           "--resume")
+    assert code == 0
+    code, out, _ = run_cli(capsys, *FAKE_RUN, "--options", "k=4", "--set", "num_images=16", "--out", path,
+                           "--resume")
+    assert code == 0 and "options.k 3 -> 4" in out
+    customs = [b["extra_info"]["options"] for b in load_results(path)["benchmarks"]
+               if b["extra_info"]["preset"] == "custom"]
+    assert customs == [{"k": 3}, {"k": 4}]
+
+
+def test_resume_reruns_rows_without_a_case_identity(setup_calls, capsys, tmp_path):
+    path = tmp_path / "run.json"
+    assert run_cli(capsys, *FAKE_RUN, "--presets", "k2", "--out", path)[0] == 0
+    data = load_results(path)
+    for bench in data["benchmarks"]:
+        del bench["extra_info"]["case_key"]  # as an older tokred wrote them
+    path.write_text(json.dumps(data))
+    code, out, err = run_cli(capsys, *FAKE_RUN, "--presets", "k2", "--out", path, "--resume")
+    assert code == 0, err
+    assert "2 benchmarks in" in out and "have no case identity (written by an older tokred)" in out
+    assert [("case_key" in b["extra_info"]) for b in load_results(path)["benchmarks"]] == [False, False, True, True]
+
+
+def _cli_process(*args, gate):
+    command = [sys.executable, str(FIXTURES / "cli_process.py"), "--gate", str(gate)]
+    env = dict(os.environ, PYTHONPATH=str(FIXTURES / "fake_plugin"))
+    return subprocess.Popen([*command, "--", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def _wait_for(path, process, timeout=120):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_two_processes_on_one_output(tmp_path):
+    out = tmp_path / "run.json"
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    first = _cli_process(*FAKE_RUN, "--presets", "k2", "--out", out, gate=gate)
+    try:
+        _wait_for(gate / "ready", first)  # the first run holds the lock and has written nothing yet
+        second = subprocess.run(
+            [sys.executable, str(FIXTURES / "cli_process.py"), "--", *FAKE_RUN, "--out", str(out), "--resume"],
+            capture_output=True, text=True, timeout=120, env=dict(os.environ),
+        )  # fmt: skip
+        assert second.returncode == 2, second.stderr
+        assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+        assert f"{out} is being written by another tokred process (pid {first.pid}:" in second.stderr
+        (gate / "go").touch()
+        stdout, stderr = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, stderr
+    assert [b["extra_info"]["preset"] for b in load_results(out)["benchmarks"]] == ["baseline", "k2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gate", "run.json"]  # the lock file is gone
+
+
+KILLED_WRITER = """
+import os, sys, time
+from tokred.bench.results import load_results, write_results
+
+def hanging_fsync(fd):  # the temporary file is filled, not yet renamed over the target
+    open(sys.argv[2], "w").close()
+    time.sleep(600)
+
+os.fsync = hanging_fsync
+data = load_results(sys.argv[1])
+data["benchmarks"] = data["benchmarks"][:1]
+write_results(sys.argv[1], data)
+"""
+
+
+def test_killed_write_leaves_the_old_file_and_the_next_run_cleans_up(fake_plugin, capsys, tmp_path):
+    import signal
+
+    out = tmp_path / "run.json"
+    assert run_cli(capsys, *FAKE_RUN, "--presets", "k2", "--out", out)[0] == 0
+    before = out.read_bytes()
+    flag = tmp_path / "writing"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out), str(flag)], stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        _wait_for(flag, writer)
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        assert len(leftovers) == 1 and leftovers[0].startswith(".run.json.")
+        writer.send_signal(signal.SIGKILL)
+        writer.communicate(timeout=60)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert out.read_bytes() == before  # the last complete version
+    assert (tmp_path / leftovers[0]).exists()
+
+    code, out_text, err = run_cli(capsys, *FAKE_RUN, "--out", out, "--resume")
+    assert code == 0, err
+    assert f"removed 1 temporary file(s) left by an interrupted write: {leftovers[0]}" in out_text
+    assert [b["extra_info"]["preset"] for b in load_results(out)["benchmarks"]] == ["baseline", "k2", "k8"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "writing"]
+
+
+def _read_only_folder(tmp_path):
+    """A folder this process cannot create files in (root ignores permission bits: /sys is read-only to it)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if not os.access(folder, os.W_OK):
+        return folder
+    if os.path.isdir("/sys") and not os.access("/sys", os.W_OK):  # pragma: no cover - root without /sys rights
+        return Path("/sys")
+    try:
+        open("/sys/.tokred-probe", "w").close()
+    except OSError:
+        return Path("/sys")
+    pytest.skip("no read-only folder available")  # pragma: no cover
+
+
+@pytest.mark.parametrize("where", ["read-only folder", "folder named .json", "under a file"])
+def test_unwritable_output_fails_before_setup(setup_calls, capsys, tmp_path, where):
+    if where == "read-only folder":
+        out = _read_only_folder(tmp_path) / "run.json"
+        expected = "is not writable"
+    elif where == "folder named .json":
+        out = tmp_path / "run.json"
+        out.mkdir()
+        expected = "is a folder"
+    else:
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "results"
+        expected = "cannot create the folder"
+    code, _, err = run_cli(capsys, *FAKE_RUN, "--out", out)
+    assert_one_line_error(code, err)
+    assert expected in err and str(out.parent if where == "under a file" else out).split("/")[-1] in err
+    assert not setup_calls
+
+
+def test_bench_checks_the_leaderboard_output_before_running(setup_calls, capsys, tmp_path):
+    board = tmp_path / "board"
+    board.mkdir()
+    code, _, err = run_cli(capsys, "bench", "--task", "fake_vit", "--methods", "fake_merge", "--rounds", "1",
+                           "--out", tmp_path / "results", "-o", board)
+    assert_one_line_error(code, err)
+    assert f"-o {board} is a folder" in err
+    assert not setup_calls and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("problem", ["folder", "read-only"])
+def test_leaderboard_output_that_cannot_be_written(capsys, tmp_path, problem):
+    results = FIXTURES / "leaderboard" / "results" / "embedded-cpu.json"
+    if problem == "folder":
+        target = tmp_path / "board"
+        target.mkdir()
+        expected = "is a folder; give the markdown file"
+    else:
+        target = _read_only_folder(tmp_path) / "README.md"
+        expected = "is not writable"
+    code, _, err = run_cli(capsys, "leaderboard", results, "-o", target)
+    assert_one_line_error(code, err)
+    assert expected in err
+    if problem == "folder":
+        assert list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("task_info", "steps=3", "'benchmarks[1].extra_info.task_info': expected an object, got str"),
+        ("options_repr", 3, "'benchmarks[1].extra_info.options_repr': expected a string, got int 3"),
+        ("speedup", -3, "'benchmarks[1].extra_info.speedup': must be > 0, got -3"),
+        ("notes", ["ok", 2], "'benchmarks[1].extra_info.notes[1]': expected a string"),
+    ],
+)
+def test_leaderboard_bad_fields_are_one_line_errors(capsys, tmp_path, field, value, expected):
+    data = json.loads((FIXTURES / "leaderboard" / "results" / "embedded-cpu.json").read_text())
+    data["benchmarks"][1]["extra_info"][field] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    code, _, err = run_cli(capsys, "leaderboard", bad, "-o", tmp_path / "lb" / "README.md")
+    assert_one_line_error(code, err)
+    assert str(bad) in err and expected in err
+    assert not (tmp_path / "lb").exists()

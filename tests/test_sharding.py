@@ -42,7 +42,8 @@ def _launch_two(task_args: list[str], tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(result_file.read_text())
     assert result["num_processes"] == 2
-    return torch.load(images_file), result["metrics"]
+    assert result["metrics_n"] and set(result["metrics_ci"]) <= set(result["metrics"])
+    return torch.load(images_file), {**result["metrics"], "n": result["metrics_n"]}
 
 
 def _one_process(**kwargs):
@@ -69,7 +70,7 @@ def test_two_cpu_processes_match_one(tmp_path):
 
     assert sharded_images.shape == images.shape == (5, 3, 32, 32)
     assert torch.equal(sharded_images, images)  # each image's seed and batch are its global index's
-    assert sharded["num_images"] == 5
+    assert sharded["n"]["psnr"] == 5 == metrics.n["psnr"]  # every image scored once, on one process or two
     assert sharded["psnr"] == pytest.approx(metrics["psnr"]) and metrics["psnr"] < 100
     assert sharded["ssim"] == pytest.approx(metrics["ssim"])
 
@@ -83,6 +84,7 @@ def test_two_cpu_processes_match_one_embedded_fid(tmp_path):
     )
     images, metrics = _one_process(size="embedded", **settings)
     assert torch.equal(sharded_images, images)
+    assert sharded.pop("n") == metrics.n
     assert sharded.keys() == metrics.keys() >= {"fid", "class_accuracy", "psnr", "ssim"}
     for key, value in metrics.items():
         assert sharded[key] == pytest.approx(value, rel=1e-6), key

@@ -340,11 +340,12 @@ def test_arch_config_is_sd15_unet():
     """The arch workload's U-Net is SD1.5's (built on the meta device: no memory, no weights)."""
     from diffusers import UNet2DConditionModel
 
-    from tokred.tasks.arch import SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG, sd15_unet_config
+    from tokred.tasks.arch import SD15_SCHEDULER_CONFIG, sd15_unet_config
+    from tokred.tasks.architectures import sd15_unet_config as published_config
 
-    assert sd15_unet_config() == SD15_UNET_CONFIG
+    assert sd15_unet_config() == published_config()
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        unet = UNet2DConditionModel(**sd15_unet_config())
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # SD1.5's U-Net
     blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert len(blocks) == 16 and blocks[0].attn2.to_k.in_features == 768

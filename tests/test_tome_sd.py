@@ -5,12 +5,11 @@ import itertools
 
 import pytest
 import torch
+from conftest import require_reference
 from tiny_models import tiny_sd_pipeline, tiny_sd_unet
 
 import tokred
 from tokred.errors import InvalidOptionError
-
-tomesd = pytest.importorskip("tomesd")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,7 @@ def assert_rel_close(ours, theirs, rtol=1e-5):
 
 def parity(unet, options, calls, seed=None):
     ref, mine = copy.deepcopy(unet), copy.deepcopy(unet)
-    tomesd.apply_patch(ref, **options)
+    require_reference("tomesd").apply_patch(ref, **options)
     tokred.apply(mine, "tome", **options)
     if seed is not None:
         torch.manual_seed(seed)
@@ -96,7 +95,7 @@ def test_keyword_only_call(unet):
         keyword = run(unet, calls, keyword=True)
     assert torch.equal(positional[0], keyword[0])
     ref = copy.deepcopy(unet)
-    tomesd.apply_patch(ref, ratio=0.5, use_rand=False)
+    require_reference("tomesd").apply_patch(ref, ratio=0.5, use_rand=False)
     with pytest.raises(IndexError):  # tomesd's size hook reads args[0]
         run(ref, calls, keyword=True)
 
@@ -152,6 +151,7 @@ def test_same_seed_same_image_in_a_pipeline():
     assert torch.equal(first, second)
 
     torch.manual_seed(0)
+    tomesd = require_reference("tomesd")
     tomesd.apply_patch(pipe, ratio=0.5)
     try:
         theirs_first, theirs_second = gen(), gen()

@@ -48,7 +48,7 @@ def test_token_count_follows_schedule_and_protected_tokens_stay(name, r):
         blk.register_forward_hook(lambda m, i, o: counts.append(o.shape[1]))
     with tokred.apply(model, "tome", r=r, trace_source=True) as patch, torch.no_grad():
         model(x)
-        size, source = patch.state.call["size"], patch.state.call["source"]
+        size, source = patch.adapter.merged_tokens.size, patch.adapter.merged_tokens.source
     n = 16 + protected
     expected = []
     for r_i in schedule:
@@ -122,5 +122,5 @@ def test_layerscale_is_applied_when_merging():
         base = model(x)
         with tokred.apply(model, "tome", r=3) as patch:
             merged = model(x)
-            assert patch.state.call["size"].shape[1] < 17
+            assert patch.adapter.merged_tokens.size.shape[1] < 17
     assert torch.equal(merged, base)

@@ -25,6 +25,29 @@ def tiny_sd_unet(cross_attention_dim: int = 32, sample_size: int = 16, seed: int
     ).eval()
 
 
+def tiny_sd2_unet(cross_attention_dim: int = 32, sample_size: int = 16, seed: int = 0):
+    """A small UNet2DConditionModel with SD 2.x's differences from SD 1.5: linear projections in and out of the
+    transformers, a head count per level (SD2's ``attention_head_dim=(5, 10, 20, 20)``, read by diffusers as
+    heads) and upcast attention (SD 2.1)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=(2, 4, 8, 8),
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=16,
+    ).eval()
+
+
 def _byte_alphabet() -> list[str]:
     # The printable byte-to-unicode alphabet of GPT-2/CLIP BPE, so any text tokenizes to known symbols.
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -97,3 +120,14 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_timm_vit(name: str, seed: int = 0, **overrides):
+    """A timm model of architecture ``name`` (its own class and variant flags: LayerScale, registers, class
+    token or none, pooling, pre-norm) at a tiny size: 32x32 images in 4x4 patches (64 patch tokens), two blocks
+    of width 48 with 3 heads, random weights."""
+    import timm
+
+    torch.manual_seed(seed)
+    kwargs = dict(pretrained=False, img_size=32, patch_size=4, depth=2, embed_dim=48, num_heads=3, num_classes=10)
+    return timm.create_model(name, **{**kwargs, **overrides}).eval()

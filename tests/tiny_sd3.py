@@ -6,9 +6,12 @@ import torch
 from tiny_models import tiny_clip_tokenizer
 
 
-def tiny_sd3_transformer(seed: int = 0, num_layers: int = 2, dual_attention_layers: tuple[int, ...] = ()):
+def tiny_sd3_transformer(
+    seed: int = 0, num_layers: int = 2, dual_attention_layers: tuple[int, ...] = (), qk_norm: str | None = None
+):
     """A small SD3Transformer2DModel: 16 latent channels, patch 2 (16x16 latents -> 8x8 = 64 image tokens),
-    2 heads of 8 channels, 64-wide text input. ``dual_attention_layers`` gives SD3.5-style blocks."""
+    2 heads of 8 channels, 64-wide text input. ``dual_attention_layers`` gives SD3.5-style blocks and
+    ``qk_norm="rms_norm"`` SD3.5's query/key normalisation."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
@@ -25,7 +28,13 @@ def tiny_sd3_transformer(seed: int = 0, num_layers: int = 2, dual_attention_laye
         out_channels=16,
         pos_embed_max_size=16,
         dual_attention_layers=dual_attention_layers,
+        qk_norm=qk_norm,
     ).eval()
+
+
+def tiny_sd35_transformer(seed: int = 0):
+    """SD3.5's block types in small: the first block dual-attention (SD3.5 medium's layout), qk rms-norm."""
+    return tiny_sd3_transformer(seed=seed, num_layers=2, dual_attention_layers=(0,), qk_norm="rms_norm")
 
 
 def _tiny_clip_with_projection(tokenizer):

@@ -21,10 +21,6 @@ import math
 import torch
 
 
-def identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
 def best_destinations(
     a: torch.Tensor, b: torch.Tensor, protect_a: int = 0, protect_b: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:

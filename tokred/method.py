@@ -1,4 +1,4 @@
-"""The interface every token-reduction method implements."""
+"""The interface every token-reduction method implements, and the base of its typed state."""
 
 from __future__ import annotations
 
@@ -9,22 +9,40 @@ if TYPE_CHECKING:
     from .patch import Patch
 
 
+class MethodState:
+    """What a method remembers while it runs (caches, counters, per-call diagnostics).
+
+    Subclass it with typed attributes and set it as the method's ``State``. The run state creates one per
+    patch, calls :meth:`reset` at the start of every generation (diffusion) and :meth:`begin_call` before
+    every counted denoiser call, like the state classes of diffusers' hooks. The instance is
+    ``patch.method_state``.
+    """
+
+    def reset(self) -> None:
+        """Forget everything of the previous generation."""
+
+    def begin_call(self) -> None:
+        """A new denoiser call starts (per-call scratch is cleared here)."""
+
+
 class Method:
-    """A token-reduction method.
+    """A token-reduction method: a policy of which tokens to reduce, and when.
 
-    Subclasses set ``name`` (through :func:`tokred.register_method`), ``options`` (one options dataclass
-    per supported model family; see :mod:`tokred.options`), optionally ``presets`` (named option sets per
-    family, used by the benchmarks) and implement :meth:`install`.
+    Subclasses set ``name`` (through :func:`tokred.register_method`), ``options`` (one options dataclass per
+    supported model family; see :mod:`tokred.options`), optionally ``presets`` (named option sets per family,
+    used by the benchmarks) and ``State`` (a :class:`MethodState` subclass), and implement :meth:`install`.
 
-    ``install`` receives a fresh :class:`~tokred.patch.Patch` whose adapter knows the model's blocks and
-    whose state counts steps and generations; every change to the model must go through the patch so
-    that ``remove()`` can undo it.
+    ``install`` receives a fresh :class:`~tokred.patch.Patch` whose adapter drives the model's blocks: the
+    method hands the adapter a planner (``patch.adapter.install_blocks(patch, planner)``) that returns a
+    :class:`~tokred.reduction.BlockPlan` for each block call. Any other change to the model must go through
+    the patch's recording methods so that ``remove()`` can undo it.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     options: ClassVar[dict[str, type]] = {}
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
+    State: ClassVar[type[MethodState]] = MethodState
 
     def __init__(self, options: Any) -> None:
         self.options = options

@@ -3,89 +3,259 @@
 Every change goes through :class:`Patch`, which records how to undo it, so ``remove()`` restores the model
 exactly: parameters and buffers are never touched, replaced forwards are instance attributes that are
 deleted again, and hooks are removed.
+
+Lifecycle rules (each one tested):
+
+* ``remove()`` restores only what the patch changed, newest first, and leaves later changes of the user
+  alone: an attribute the user set again after ``apply`` (e.g. their own wrapper around a block's
+  ``forward``) stays. Such a wrapper that still calls the patched forward then reaches the original one,
+  because a removed patch's forwards and hooks pass straight through. ``remove()`` twice is harmless.
+* Forwards and hooks act only on the module they were installed on, while the patch is active: a copy of a
+  patched block (``copy.deepcopy(block)``, or a block swapped in while patched) runs unpatched, and
+  ``remove()`` also clears such copies it finds inside the model.
+* ``copy.deepcopy(patched_model)`` returns an independent copy carrying its own, fresh patch of the same
+  method, options and seed; removing either patch leaves the other alone. (A pipeline's deep copy gets the
+  patch on its denoiser, which then starts generations by the timestep rule.)
+* ``with patch:`` removes the patch on exit. Entering a patch that is already in a ``with`` block, or one
+  that was removed, raises :class:`~tokred.errors.TokredError`.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .errors import TokredError
 from .state import RunState
+from .tokens import BlockTokens, TokenCounter
 
 if TYPE_CHECKING:
     from .adapters.base import Adapter
-    from .method import Method
+    from .method import Method, MethodState
 
 _MISSING = object()
 PATCH_ATTR = "_tokred_patch"
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+@dataclasses.dataclass
+class _AttrChange:
+    obj: Any
+    name: str
+    value: Any
+    previous: Any
+
+    def undo(self) -> None:
+        # Only our own value is taken back: a value the user set afterwards stays.
+        if vars(self.obj).get(self.name, _MISSING) is not self.value:
+            return
+        if self.previous is _MISSING:
+            delattr(self.obj, self.name)
+        else:
+            setattr(self.obj, self.name, self.previous)
+
+    def undo_on_copy(self, memo: dict[int, Any]) -> None:
+        target = memo.get(id(self.obj))
+        if target is None or target is self.obj:
+            return
+        if self.previous is _MISSING:
+            vars(target).pop(self.name, None)
+        else:
+            setattr(target, self.name, copy.deepcopy(self.previous, memo))
+
+
+@dataclasses.dataclass
+class _HookChange:
+    module: Any
+    handle: Any
+
+    def undo(self) -> None:
+        self.handle.remove()
+
+    def undo_on_copy(self, memo: dict[int, Any]) -> None:
+        target = memo.get(id(self.module))
+        if target is None or target is self.module:
+            return
+        for name in _HOOK_DICTS:
+            hooks = getattr(target, name, None)
+            if isinstance(hooks, dict):
+                hooks.pop(self.handle.id, None)
+
+
+@dataclasses.dataclass
+class _Callback:
+    fn: Callable[[], None]
+
+    def undo(self) -> None:
+        self.fn()
+
+    def undo_on_copy(self, memo: dict[int, Any]) -> None:
+        pass
 
 
 class Patch:
-    """The handle returned by :func:`tokred.apply`. Use ``remove()`` or a ``with`` block to undo it."""
+    """The handle returned by :func:`tokred.apply`. Use ``remove()`` or a ``with`` block to undo it.
+
+    Attributes: ``adapter`` (drives the model family's blocks), ``method`` and ``options`` (the parsed options
+    dataclass), ``state`` (:class:`~tokred.state.RunState`), ``method_state`` (the method's typed state),
+    ``active``.
+    """
 
     def __init__(self, adapter: Adapter, method: Method, state: RunState) -> None:
         self.adapter = adapter
         self.method = method
         self.options = method.options
         self.state = state
-        self._undo: list[Callable[[], None]] = []
+        self.tokens = TokenCounter()
+        self._changes: list[_AttrChange | _HookChange | _Callback] = []
         self.active = True
+        self._entered = False
 
-    # --- recording changes -------------------------------------------------------------------------
+    @property
+    def method_state(self) -> MethodState:
+        """The method's own typed state (its ``State`` class), reset at every generation."""
+        return self.state.method
+
+    # --- per-block token counts ------------------------------------------------------------------------------
+    def token_counts(self) -> dict[str, BlockTokens]:
+        """Mean token counts per block name over the calls since :meth:`reset_token_counts` (or ``apply``)."""
+        return self.tokens.means()
+
+    def reset_token_counts(self) -> None:
+        self.tokens.reset()
+
+    # --- recording changes -------------------------------------------------------------------------------
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
         """Set ``obj.name = value`` and remember the previous value (or its absence)."""
         # Only the instance's own attribute is restored; a class attribute shows through again on undo.
         previous = vars(obj).get(name, _MISSING)
-
-        def undo() -> None:
-            if previous is _MISSING:
-                try:
-                    delattr(obj, name)
-                except AttributeError:
-                    pass
-            else:
-                setattr(obj, name, previous)
-
         setattr(obj, name, value)
-        self._undo.append(undo)
+        self._changes.append(_AttrChange(obj, name, value, previous))
 
     def replace_forward(self, module: Any, forward: Callable[..., Any]) -> None:
-        """Make ``forward(module, *args, **kwargs)`` the module's forward until removal."""
-        self.set_attr(module, "forward", types.MethodType(forward, module))
+        """Make ``forward(module, *args, **kwargs)`` the module's forward until removal.
+
+        The installed forward runs ``forward`` only for this very module while the patch is active; anywhere
+        else (a deep copy of the module, or after ``remove()`` through a user's wrapper) it runs what it
+        replaced.
+        """
+        patch = self
+        previous = vars(module).get("forward", _MISSING)
+
+        def patched(mod: Any, *args: Any, **kwargs: Any) -> Any:
+            if mod is module and patch.active:
+                return forward(mod, *args, **kwargs)
+            if mod is module and previous is not _MISSING:
+                return previous(*args, **kwargs)
+            return type(mod).forward(mod, *args, **kwargs)
+
+        patched._tokred_patch_id = id(self)  # lets remove() find stray copies
+        self.set_attr(module, "forward", types.MethodType(patched, module))
 
     def wrap_method(self, obj: Any, name: str, before: Callable[..., None]) -> None:
         """Call ``before(*args, **kwargs)`` ahead of ``obj.name(...)`` until removal."""
         original = getattr(obj, name)
+        patch = self
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            before(*args, **kwargs)
+            if patch.active:
+                before(*args, **kwargs)
             return original(*args, **kwargs)
 
         self.set_attr(obj, name, wrapped)
 
+    def register_forward_pre_hook(self, module: Any, hook: Callable[..., Any], *, with_kwargs: bool = False) -> None:
+        """``module.register_forward_pre_hook(hook)`` until removal; the hook runs only for this module while
+        the patch is active."""
+        self._changes.append(
+            _HookChange(module, module.register_forward_pre_hook(self._guard(module, hook), with_kwargs=with_kwargs))
+        )
+
+    def register_forward_hook(self, module: Any, hook: Callable[..., Any], *, with_kwargs: bool = False) -> None:
+        """``module.register_forward_hook(hook)`` until removal (same guard as the pre-hook)."""
+        self._changes.append(
+            _HookChange(module, module.register_forward_hook(self._guard(module, hook), with_kwargs=with_kwargs))
+        )
+
     def add_hook(self, handle: Any) -> None:
-        """Keep a ``torch.utils.hooks.RemovableHandle`` to remove with the patch."""
-        self._undo.append(handle.remove)
+        """Keep a ``torch.utils.hooks.RemovableHandle`` to remove with the patch (prefer the guarded
+        :meth:`register_forward_pre_hook` / :meth:`register_forward_hook`)."""
+        self._changes.append(_Callback(handle.remove))
 
     def on_remove(self, fn: Callable[[], None]) -> None:
-        self._undo.append(fn)
+        """Call ``fn()`` when the patch is removed."""
+        self._changes.append(_Callback(fn))
+
+    def _guard(self, module: Any, hook: Callable[..., Any]) -> Callable[..., Any]:
+        patch = self
+
+        def guarded(mod: Any, *args: Any) -> Any:
+            if mod is module and patch.active:
+                return hook(mod, *args)
+            return None
+
+        return guarded
 
     # --- lifecycle -------------------------------------------------------------------------------------
     def remove(self) -> None:
         """Undo every change, newest first. Calling it twice is harmless."""
-        while self._undo:
-            self._undo.pop()()
         self.active = False
+        while self._changes:
+            self._changes.pop().undo()
+        self._clear_strays()
+
+    def _clear_strays(self) -> None:
+        """Delete forwards of this patch that copies of patched modules carry inside the model."""
+        modules = getattr(self.adapter.root, "modules", None)
+        if modules is None:
+            return
+        for module in modules():
+            forward = vars(module).get("forward")
+            if getattr(getattr(forward, "__func__", None), "_tokred_patch_id", None) == id(self):
+                del module.forward
 
     def reset(self) -> None:
         """Start a new generation by hand (pipelines and timestep jumps do this automatically)."""
         self.state.reset()
 
+    def copy_into(self, clone_root: Any, memo: dict[int, Any]) -> None:
+        """On ``clone_root``, a deep copy of the patched model made with ``memo``, take back every change this
+        patch made, so the copy is the unpatched model."""
+        for change in self._changes:
+            change.undo_on_copy(memo)
+
+    def option_values(self) -> dict[str, Any]:
+        """The options as keyword arguments for :func:`tokred.apply`."""
+        return {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Patch:
+        # The patch is not part of a model's copy (the copy gets a fresh one, see the module docstring).
+        return self
+
     def __enter__(self) -> Patch:
+        if not self.active:
+            raise TokredError(
+                f"this {self.method.name!r} patch was removed; apply the method again (tokred.apply(...)) to use it"
+            )
+        if self._entered:
+            raise TokredError(
+                f"this {self.method.name!r} patch is already in a with block; re-entering it is not supported "
+                "(its with block removes it on exit)"
+            )
+        self._entered = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._entered = False
         self.remove()
 
     def __repr__(self) -> str:

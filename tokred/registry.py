@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import threading
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
@@ -33,17 +34,21 @@ class Registry:
         self.base = base
         self._items: dict[str, type] = {}
         self._loaded = False
+        # Loading imports the built-ins and the entry points, which register themselves; other threads wait
+        # until that has finished (re-entrant: a built-in module registering while loading holds it already).
+        self._lock = threading.RLock()
 
     def register(self, name: str | None = None) -> Callable[[type], type]:
         def decorator(cls: type) -> type:
             key = name or getattr(cls, "name", "") or cls.__name__.lower()
             if not isinstance(cls, type) or not issubclass(cls, self.base):
                 raise TypeError(f"can only register subclasses of {self.base.__name__}, got {cls!r}")
-            existing = self._items.get(key)
-            if existing is not None and existing is not cls:
-                raise ValueError(f"{self.kind} {key!r} is already registered by {existing.__module__}")
-            cls.name = key
-            self._items[key] = cls
+            with self._lock:
+                existing = self._items.get(key)
+                if existing is not None and existing is not cls:
+                    raise ValueError(f"{self.kind} {key!r} is already registered by {existing.__module__}")
+                cls.name = key
+                self._items[key] = cls
             return cls
 
         return decorator
@@ -51,20 +56,31 @@ class Registry:
     def _load(self) -> None:
         if self._loaded:
             return
-        self._loaded = True
-        importlib.import_module(self.builtin_package)
-        for ep in entry_points(group=self.entry_point_group):
-            if ep.name in self._items:
-                continue
-            obj = ep.load()
-            if isinstance(obj, type) and issubclass(obj, self.base):
-                self.register(ep.name)(obj)
+        with self._lock:
+            if self._loaded:  # another thread finished loading while this one waited
+                return
+            importlib.import_module(self.builtin_package)
+            for ep in entry_points(group=self.entry_point_group):
+                if ep.name in self._items:
+                    continue
+                obj = ep.load()
+                if isinstance(obj, type) and issubclass(obj, self.base):
+                    self.register(ep.name)(obj)
+            self._loaded = True  # only now: a thread that sees it set finds every built-in registered
 
-    def names(self, pattern: str = "*") -> list[str]:
+    def names(self, pattern: str | None = "*") -> list[str]:
+        if pattern is None:
+            pattern = "*"
+        if not isinstance(pattern, str):
+            raise TypeError(f"list of {self.kind}s: pattern must be a glob string such as 'to*' or None, "
+                            f"got {type(pattern).__name__} {pattern!r}")
         self._load()
         return sorted(n for n in self._items if fnmatch.fnmatch(n, pattern))
 
     def get(self, name: str) -> Any:
+        if not isinstance(name, str):
+            raise self.error(f"{self.kind} names are strings, got {type(name).__name__} {name!r}; "
+                             f"valid {self.kind}s: {', '.join(self.names()) or 'none'}")
         self._load()
         try:
             return self._items[name]
@@ -81,8 +97,8 @@ def register_method(name: str | None = None) -> Callable[[type], type]:
     return methods.register(name)
 
 
-def list_methods(pattern: str = "*") -> list[str]:
-    """Names of the registered methods matching a glob ``pattern``, sorted."""
+def list_methods(pattern: str | None = "*") -> list[str]:
+    """Names of the registered methods matching a glob ``pattern`` (None: all), sorted."""
     return methods.names(pattern)
 
 

@@ -3,49 +3,80 @@
 For diffusion models a *generation* is one sampling run (one ``pipe(...)`` call); its *steps* are the
 denoiser's own calls, counted from 1 as the official CA-ToMe pipeline does. The state is reset at the start
 of every generation, so nothing (random destinations, cached pairs, cached activations) leaks from one
-image to the next, and the same seed gives the same image twice.
+image to the next, and the same seed gives the same image twice. A generation starts when the pipeline's
+*current* scheduler holds new timesteps (every pipeline calls ``scheduler.set_timesteps`` once per call) or
+when the timestep goes up (a bare denoiser driven by hand).
+
+Each method keeps what it remembers in its own typed state class (:class:`~tokred.method.MethodState`),
+held here as :attr:`RunState.method` and reset with every generation.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from .method import MethodState
+
 
 class RunState:
-    """Step counter, per-generation scratch space and the patch's private random generator."""
+    """Step counter, generation counter, the method's state and the patch's private random generator.
 
-    def __init__(self, seed: int | None = None) -> None:
+    Public, read-only for methods: ``step`` (1-based denoiser call of this generation; 0 before the first),
+    ``generation`` (generations started), ``latent_size`` ((h, w) of the denoiser's input), ``expected_calls``
+    (denoiser calls this generation will make, when the pipeline's scheduler says so; else None),
+    ``auxiliary`` (the current call is an extra pass of the same step, e.g. SD3.5 skip-layer guidance, which
+    runs unreduced and does not count as a step), ``method`` (the method's state).
+    """
+
+    def __init__(self, seed: int | None = None, method: MethodState | None = None) -> None:
+        from .method import MethodState
+
         self.seed = seed
-        self.step = 0  # 1-based index of the current denoiser call; 0 before the first call
-        self.generation = 0  # how many generations have started
-        self.latent_size: tuple[int, int] | None = None  # (h, w) of the denoiser's input sample
+        self.method: MethodState = method if method is not None else MethodState()
+        self.step = 0
+        self.generation = 0
+        self.latent_size: tuple[int, int] | None = None
+        self.expected_calls: int | None = None
+        self.auxiliary = False
         self.last_timestep: float | None = None
-        self.scratch: dict[str, Any] = {}  # per-generation method state (caches); cleared by reset()
-        self.call: dict[str, Any] = {}  # per-call state (ViT token sizes); cleared by begin_call()
+        self._timesteps: Any = None  # the scheduler timesteps object of the current generation
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def reset(self) -> None:
-        """Start a new generation: forget steps, caches and random streams."""
+        """Start a new generation: forget steps, the method's state and random streams."""
         self.step = 0
         self.generation += 1
         self.last_timestep = None
-        self.scratch.clear()
+        self.expected_calls = None
         self._generators.clear()
+        self.method.reset()
 
-    def begin_call(self, timestep: Any = None) -> None:
+    def follow_scheduler(self, timesteps: Any, expected_calls: int | None) -> None:
+        """The pipeline's current scheduler holds ``timesteps``; a new object there starts a new generation."""
+        if timesteps is not None and timesteps is not self._timesteps:
+            self._timesteps = timesteps
+            self.reset()
+            self.expected_calls = expected_calls
+
+    def begin_call(self, timestep: Any = None, auxiliary: bool = False) -> None:
         """Called before each denoiser call. A timestep above the previous one means a new generation.
 
         Samplers walk the timesteps downwards, so a jump up can only be the start of another generation.
-        This keeps a bare U-Net (no pipeline to hook) correct without copying any pipeline code.
+        This keeps a bare denoiser (no pipeline to read a scheduler from) correct without any pipeline code.
+        An ``auxiliary`` call is a second pass of the current step and does not count.
         """
+        self.auxiliary = auxiliary
+        if auxiliary:
+            return
         t = _as_float(timestep)
         if t is not None and self.last_timestep is not None and t > self.last_timestep:
             self.reset()
         self.last_timestep = t if t is not None else self.last_timestep
         self.step += 1
-        self.call.clear()
+        self.method.begin_call()
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The random generator for ``device`` in this generation.

@@ -1,95 +1,71 @@
-"""diffusers U-Nets (``UNet2DConditionModel``, alone or as ``pipeline.unet``).
+"""diffusers U-Nets (``UNet2DConditionModel``: Stable Diffusion 1.x, 2.x, SDXL), alone or as ``pipeline.unet``.
 
-The adapter finds the ``BasicTransformerBlock`` modules, tells each block's token grid from the latent
-size, counts denoiser calls and generations (a pre-hook on the U-Net that reads ``sample`` and
-``timestep`` positionally or by keyword; the pipeline's ``scheduler.set_timesteps`` starts a generation),
-and offers :func:`planned_block_forward`, diffusers' block forward with a reduce/restore pair around each
-sublayer, for methods that shrink the token set of self-attention, cross-attention or the MLP.
+The adapter finds the ``BasicTransformerBlock`` modules and the downsampling *level* each one runs at (from
+the U-Net's architecture: ``down_blocks.i`` at ``2**i``, the mid block at the lowest resolution, ``up_blocks``
+mirrored), counts denoiser calls and generations, and runs every block through :func:`block_forward`,
+diffusers' block forward with the reduction points of :mod:`tokred.reduction`:
+
+* ``attn`` / ``cross`` / ``mlp``: reduce/restore around self-attention, cross-attention and the MLP;
+* ``kv``: the tokens self-attention's keys and values come from, and hooks on the projected keys and values
+  (the library's own attention processor then computes attention);
+* the denoiser's output (``conv_out``) as tokens on the latent grid (:meth:`DiffusersUNetAdapter.install_output`).
+
+Levels: SD 1.x/2.x have transformer blocks at levels 1, 2, 4 (and 8 in the mid block of some configs); SDXL
+at 2 and 4 only. :meth:`DiffusersUNetAdapter.default_level` is the highest-resolution level with transformer
+blocks (1 on SD 1.x/2.x, 2 on SDXL); methods reduce the blocks at levels up to their ``max_downsample``.
 """
 
 from __future__ import annotations
 
-import math
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import UnsupportedModelError
-from ..merge import GridMerge, identity
-from ..options import int_at_least, is_bool, one_of, option
-from .base import Adapter, attach_denoiser_state, has_class_named
+from ..errors import InvalidOptionError, UnsupportedModelError
+from ..reduction import FULL_BLOCK, BlockCall, BlockPlan, Grid, Planner, RowPlans, projected_kv
+from .base import Adapter, attach_denoiser_state, grid_for, has_class_named
 
 if TYPE_CHECKING:
     from ..patch import Patch
 
-# The norm types whose forward planned_block_forward reproduces (those of SD 1.x/2.x and DiT-style blocks).
-SUPPORTED_NORM_TYPES = ("layer_norm", "layer_norm_i2vgen", "ada_norm", "ada_norm_zero")
+# The norm types of BasicTransformerBlock that block_forward reproduces (all that diffusers 0.42 has).
+SUPPORTED_NORM_TYPES = (
+    "layer_norm",
+    "layer_norm_i2vgen",
+    "ada_norm",
+    "ada_norm_zero",
+    "ada_norm_single",
+    "ada_norm_continuous",
+)
+# Attention processors that project keys and values with attn.to_k / attn.to_v (where the kv hooks act).
+KV_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor", "XFormersAttnProcessor", "AttnProcessorNPU")
 
-Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class SublayerPlan:
-    """How one sublayer sees the tokens: ``reduce`` before it, ``restore`` on its output."""
-
-    reduce: Reduce = identity
-    restore: Reduce = identity
-
-
-KEEP = SublayerPlan()
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    attn: SublayerPlan = KEEP
-    cross: SublayerPlan = KEEP
-    mlp: SublayerPlan = KEEP
+_DOWN = re.compile(r"(?:^|\.)down_blocks\.(\d+)\.")
+_UP = re.compile(r"(?:^|\.)up_blocks\.(\d+)\.")
 
 
-FULL_BLOCK = BlockPlan()
-
-@dataclass
-class GridMergeLayout:
-    """ToMe-for-SD's layout options (tomesd's names and defaults), shared by the merging methods for U-Nets."""
-
-    max_downsample: int = option(
-        1, valid="1, 2, 4 or 8", check=one_of(1, 2, 4, 8), doc="merge in blocks with at most this downsampling"
-    )
-    sx: int = option(2, valid="int >= 1", check=int_at_least(1), doc="destination stride along x")
-    sy: int = option(2, valid="int >= 1", check=int_at_least(1), doc="destination stride along y")
-    use_rand: bool = option(True, valid="bool", check=is_bool, doc="random destination in each window")
-    merge_attn: bool = option(True, valid="bool", check=is_bool, doc="merge for self-attention (recommended)")
-    merge_crossattn: bool = option(False, valid="bool", check=is_bool, doc="merge for cross-attention")
-    merge_mlp: bool = option(False, valid="bool", check=is_bool, doc="merge for the MLP (not recommended)")
-
-    def plan(self, merge: GridMerge | None) -> BlockPlan:
-        """The block plan that merges before (and unmerges after) the sublayers these options select."""
-        if merge is None:
-            return FULL_BLOCK
-        sub = SublayerPlan(merge, merge.unmerge)
-        return BlockPlan(
-            attn=sub if self.merge_attn else KEEP,
-            cross=sub if self.merge_crossattn else KEEP,
-            mlp=sub if self.merge_mlp else KEEP,
-        )
-
-
-# planner(block, hidden_states) -> BlockPlan for this call of this block
-Planner = Callable[[torch.nn.Module, torch.Tensor], BlockPlan]
+def block_level(name: str, num_levels: int) -> int:
+    """The downsampling a U-Net transformer block runs at, from its module name."""
+    if m := _DOWN.search(name):
+        return 2 ** int(m.group(1))
+    if m := _UP.search(name):
+        return 2 ** (num_levels - 1 - int(m.group(1)))
+    return 2 ** (num_levels - 1)  # mid block: the lowest resolution
 
 
 class DiffusersUNetAdapter(Adapter):
     family = "diffusers_unet"
-    description = "diffusers UNet2DConditionModel (Stable Diffusion 1.x/2.x), alone or as a pipeline's .unet"
+    description = (
+        "diffusers UNet2DConditionModel (Stable Diffusion 1.x/2.x, SDXL), alone or as a pipeline's .unet"
+    )
 
     def __init__(self, container: Any, unet: torch.nn.Module) -> None:
         super().__init__(container, unet)
-        self.blocks: list[tuple[str, torch.nn.Module]] = [
-            (name, m) for name, m in unet.named_modules() if has_class_named(m, "BasicTransformerBlock")
-        ]
-        self.scheduler = getattr(container, "scheduler", None) if container is not unet else None
+        num_levels = len(getattr(unet, "down_blocks", ())) or 1
+        self.blocks = [(n, m) for n, m in unet.named_modules() if has_class_named(m, "BasicTransformerBlock")]
+        self.level: dict[str, int] = {name: block_level(name, num_levels) for name, _ in self.blocks}
 
     @classmethod
     def match(cls, obj: Any) -> DiffusersUNetAdapter | None:
@@ -110,111 +86,247 @@ class DiffusersUNetAdapter(Adapter):
 
     def attach(self, patch: Patch) -> None:
         # UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states, ...)
-        attach_denoiser_state(patch, self.root, self.scheduler, sample=("sample", 0), timestep=("timestep", 1))
+        attach_denoiser_state(patch, self.container, self.root, sample=("sample", 0), timestep=("timestep", 1))
 
-    @staticmethod
-    def grid(latent_size: tuple[int, int], num_tokens: int) -> tuple[int, int, int] | None:
-        """(h, w, downsample) of a block with ``num_tokens`` tokens, or None if no grid fits.
+    # --- levels -----------------------------------------------------------------------------------------
+    def levels(self) -> list[int]:
+        """The downsampling levels that have transformer blocks, highest resolution first."""
+        return sorted(set(self.level.values()))
 
-        The downsample factor follows tomesd: ceil(sqrt(latent tokens // block tokens)); sides round up
-        as the U-Net's strided convolutions do.
-        """
-        lh, lw = latent_size
-        downsample = int(math.ceil(math.sqrt((lh * lw) // num_tokens)))
-        h, w = int(math.ceil(lh / downsample)), int(math.ceil(lw / downsample))
-        if h * w != num_tokens:
-            return None
-        return h, w, downsample
+    def default_level(self) -> int:
+        """The highest-resolution level with transformer blocks: 1 on SD 1.x/2.x, 2 on SDXL."""
+        return self.levels()[0]
 
-    def install_planned_blocks(self, patch: Patch, planner: Planner) -> None:
-        """Replace every transformer block's forward by :func:`planned_block_forward` with ``planner``."""
-        forward = planned_block_forward(planner)
-        for _, block in self.blocks:
-            patch.replace_forward(block, forward)
-
-
-def planned_block_forward(planner: Planner) -> Callable[..., torch.Tensor]:
-    """diffusers ``BasicTransformerBlock.forward`` (for :data:`SUPPORTED_NORM_TYPES`) with the plan's
-    reduce/restore around self-attention, cross-attention and the MLP. A :data:`FULL_BLOCK` plan computes
-    exactly what diffusers computes. The merge metric of ToMe-SD is the block input ``hidden_states``."""
-
-    def forward(
-        block: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        timestep: torch.Tensor | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        class_labels: torch.Tensor | None = None,
-        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        plan = planner(block, hidden_states)
-        norm_type = block.norm_type
-
-        if norm_type == "ada_norm":
-            norm_hidden_states = block.norm1(hidden_states, timestep)
-        elif norm_type == "ada_norm_zero":
-            norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(
-                hidden_states, timestep, class_labels, hidden_dtype=hidden_states.dtype
+    def blocks_up_to(self, max_downsample: int | None, option: str = "max_downsample") -> set[str]:
+        """Names of the blocks at levels <= ``max_downsample`` (None: :meth:`default_level`); an error at apply
+        time when that selects no block."""
+        limit = self.default_level() if max_downsample is None else max_downsample
+        names = {name for name, level in self.level.items() if level <= limit}
+        if not names:
+            levels = ", ".join(map(str, self.levels()))
+            raise InvalidOptionError(
+                f"{option}={max_downsample} selects no transformer block of this U-Net: its transformer blocks "
+                f"run at downsampling {levels}; use {option}>={self.levels()[0]} or leave it unset (default: "
+                f"{self.default_level()}, the highest-resolution level with transformer blocks)"
             )
+        return names
+
+    def require_kv_hooks(self, names: set[str], method: str) -> None:
+        """Refuse blocks whose self-attention does not project keys/values with ``to_k``/``to_v`` (fused
+        projections, custom processors), where the ``kv`` point cannot act."""
+        for name, block in self.blocks:
+            if name not in names:
+                continue
+            attn = block.attn1
+            processor = type(getattr(attn, "processor", None)).__name__
+            if (
+                processor not in KV_PROCESSORS
+                or getattr(attn, "fused_projections", False)
+                or block.only_cross_attention
+                or attn.group_norm is not None
+                or attn.spatial_norm is not None
+            ):
+                raise UnsupportedModelError(
+                    f"{method}: {name}.attn1 uses {processor} (fused={getattr(attn, 'fused_projections', False)}, "
+                    f"only_cross_attention={block.only_cross_attention}, group_norm={attn.group_norm is not None}, "
+                    f"spatial_norm={attn.spatial_norm is not None}); it needs self-attention with separate "
+                    f"to_k/to_v projections and one of the processors {', '.join(KV_PROCESSORS)} (undo "
+                    "fuse_qkv_projections / custom processors first)"
+                )
+
+    # --- reduction points --------------------------------------------------------------------------------
+    def install_blocks(self, patch: Patch, planner: Planner, names: set[str] | None = None) -> None:
+        """Run the blocks (those in ``names``; default all) through :func:`block_forward` with ``planner``."""
+        for index, (name, block) in enumerate(self.blocks):
+            if names is None or name in names:
+                patch.replace_forward(block, block_forward(patch, planner, name, index, self.level[name]))
+
+    def install_output(self, patch: Patch, fn: Callable[[torch.Tensor, Grid], torch.Tensor]) -> None:
+        """``fn(tokens [B, H*W, C], grid)`` rewrites the U-Net's noise prediction (``conv_out``'s output) as
+        tokens on the latent grid, in every counted call."""
+        state = patch.state
+
+        def after_conv_out(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            if out.ndim != 4 or state.auxiliary:
+                return None
+            b, c, h, w = out.shape
+            tokens = out.flatten(2).transpose(1, 2)
+            new = fn(tokens, Grid(h, w, 1))
+            return None if new is tokens else new.transpose(1, 2).reshape(b, c, h, w)
+
+        conv_out = getattr(self.root, "conv_out", None)
+        if not isinstance(conv_out, torch.nn.Module):
+            raise UnsupportedModelError("this U-Net has no conv_out layer to read the noise prediction from")
+        patch.register_forward_hook(conv_out, after_conv_out)
+
+
+def feed_forward(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block's feed-forward, chunked over tokens as diffusers' ``set_chunk_feed_forward`` asks, except that a
+    reduced token count the chunk size does not divide runs in one piece (the same result: it is token-wise)."""
+    chunk = getattr(block, "_chunk_size", None)
+    if chunk is not None and x.shape[block._chunk_dim] % chunk == 0:
+        from diffusers.models.attention import _chunked_feed_forward
+
+        return _chunked_feed_forward(block.ff, x, block._chunk_dim, chunk)
+    return block.ff(x)
+
+
+def _row(value: Any, i: int, batch: int) -> Any:
+    """Row ``i`` of a per-sample block argument; anything not batched (None, scalars) passes unchanged."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return value[i : i + 1]
+    if isinstance(value, dict):
+        return {k: _row(v, i, batch) for k, v in value.items()}
+    return value
+
+
+def block_forward(patch: Patch, planner: Planner, name: str, index: int, level: int) -> Callable[..., torch.Tensor]:
+    """The forward of one U-Net transformer block (see :func:`planned_forward`), planned per call."""
+    state, tokens = patch.state, patch.tokens
+
+    def forward(block: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if state.auxiliary:
+            plan: BlockPlan | RowPlans = FULL_BLOCK
         else:
-            norm_hidden_states = block.norm1(hidden_states)
-        if block.pos_embed is not None:
-            norm_hidden_states = block.pos_embed(norm_hidden_states)
+            hw = grid_for(state.latent_size, hidden_states.shape[1], level)
+            grid = Grid(hw[0], hw[1], level) if hw is not None else None
+            plan = planner(BlockCall(name, index, block, level, grid, state.step), hidden_states)
+        if isinstance(plan, BlockPlan):
+            return planned_forward(block, plan, hidden_states, *args, _count=(tokens, name), **kwargs)
+        # One plan per row: each row through the block on its own, its arguments sliced alike.
+        batch = hidden_states.shape[0]
+        outs = []
+        for i, row_plan in enumerate(plan.rows):
+            row_args = [_row(a, i, batch) for a in args]
+            row_kwargs = {k: (v if k == "cross_attention_kwargs" else _row(v, i, batch)) for k, v in kwargs.items()}
+            outs.append(planned_forward(block, row_plan, hidden_states[i : i + 1], *row_args, _count=(tokens, name),
+                                        **row_kwargs))
+        return torch.cat(outs, dim=0)
 
-        cross_attention_kwargs = dict(cross_attention_kwargs) if cross_attention_kwargs else {}
-        cross_attention_kwargs.pop("scale", None)
-        gligen_kwargs = cross_attention_kwargs.pop("gligen", None)
+    return forward
 
+
+# Copied from diffusers 0.42.1 BasicTransformerBlock.forward; changes marked "tokred:".
+def planned_forward(
+    block: torch.nn.Module,
+    plan: BlockPlan,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
+    timestep: torch.LongTensor | None = None,
+    cross_attention_kwargs: dict[str, Any] | None = None,
+    class_labels: torch.LongTensor | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    _count: tuple[Any, str] | None = None,  # tokred: (TokenCounter, block name) to record the token counts in
+) -> torch.Tensor:
+    norm_type = block.norm_type
+    batch_size = hidden_states.shape[0]
+    num_tokens = hidden_states.shape[1]  # tokred
+
+    if norm_type == "ada_norm":
+        norm_hidden_states = block.norm1(hidden_states, timestep)
+    elif norm_type == "ada_norm_zero":
+        norm_hidden_states, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(
+            hidden_states, timestep, class_labels, hidden_dtype=hidden_states.dtype
+        )
+    elif norm_type in ["layer_norm", "layer_norm_i2vgen"]:
+        norm_hidden_states = block.norm1(hidden_states)
+    elif norm_type == "ada_norm_continuous":
+        norm_hidden_states = block.norm1(hidden_states, added_cond_kwargs["pooled_text_emb"])
+    elif norm_type == "ada_norm_single":
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            block.scale_shift_table[None] + timestep.reshape(batch_size, 6, -1)
+        ).chunk(6, dim=1)
+        norm_hidden_states = block.norm1(hidden_states)
+        norm_hidden_states = norm_hidden_states * (1 + scale_msa) + shift_msa
+    else:
+        raise ValueError("Incorrect norm used")
+
+    if block.pos_embed is not None:
+        norm_hidden_states = block.pos_embed(norm_hidden_states)
+
+    cross_attention_kwargs = cross_attention_kwargs.copy() if cross_attention_kwargs is not None else {}
+    gligen_kwargs = cross_attention_kwargs.pop("gligen", None)
+
+    # tokred: the queries see plan.attn.reduce's tokens; keys/values come from plan.kv
+    attn_input = plan.attn.reduce(norm_hidden_states)
+    kv_input = plan.kv.tokens(norm_hidden_states) if plan.kv.tokens is not None else None
+    if block.only_cross_attention:
+        kv_input = encoder_hidden_states
+    seen_kv: list[int] = []
+    with projected_kv(block.attn1, plan.kv, seen_kv):
         attn_output = block.attn1(
-            plan.attn.reduce(norm_hidden_states),
-            encoder_hidden_states=encoder_hidden_states if block.only_cross_attention else None,
+            attn_input,
+            encoder_hidden_states=kv_input,
             attention_mask=attention_mask,
             **cross_attention_kwargs,
         )
-        if norm_type == "ada_norm_zero":
-            attn_output = gate_msa.unsqueeze(1) * plan.attn.restore(attn_output)
+    attn_output = plan.attn.restore(attn_output)  # tokred
+
+    if norm_type == "ada_norm_zero":
+        attn_output = gate_msa.unsqueeze(1) * attn_output
+    elif norm_type == "ada_norm_single":
+        attn_output = gate_msa * attn_output
+
+    hidden_states = attn_output + hidden_states
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.squeeze(1)
+
+    if gligen_kwargs is not None:
+        hidden_states = block.fuser(hidden_states, gligen_kwargs["objs"])
+
+    cross_tokens = None  # tokred
+    if block.attn2 is not None:
+        if norm_type == "ada_norm":
+            norm_hidden_states = block.norm2(hidden_states, timestep)
+        elif norm_type in ["ada_norm_zero", "layer_norm", "layer_norm_i2vgen"]:
+            norm_hidden_states = block.norm2(hidden_states)
+        elif norm_type == "ada_norm_single":
+            norm_hidden_states = hidden_states
+        elif norm_type == "ada_norm_continuous":
+            norm_hidden_states = block.norm2(hidden_states, added_cond_kwargs["pooled_text_emb"])
         else:
-            attn_output = plan.attn.restore(attn_output)
-        hidden_states = attn_output + hidden_states
-        if hidden_states.ndim == 4:
-            hidden_states = hidden_states.squeeze(1)
-        if gligen_kwargs is not None:
-            hidden_states = block.fuser(hidden_states, gligen_kwargs["objs"])
+            raise ValueError("Incorrect norm")
 
-        if block.attn2 is not None:
-            if norm_type == "ada_norm":
-                norm_hidden_states = block.norm2(hidden_states, timestep)
-            else:
-                norm_hidden_states = block.norm2(hidden_states)
-            if block.pos_embed is not None:
-                norm_hidden_states = block.pos_embed(norm_hidden_states)
-            attn_output = block.attn2(
-                plan.cross.reduce(norm_hidden_states),
-                encoder_hidden_states=encoder_hidden_states,
-                attention_mask=encoder_attention_mask,
-                **cross_attention_kwargs,
-            )
-            hidden_states = plan.cross.restore(attn_output) + hidden_states
+        if block.pos_embed is not None and norm_type != "ada_norm_single":
+            norm_hidden_states = block.pos_embed(norm_hidden_states)
 
+        cross_input = plan.cross.reduce(norm_hidden_states)  # tokred
+        cross_tokens = cross_input.shape[1]
+        attn_output = block.attn2(
+            cross_input,
+            encoder_hidden_states=encoder_hidden_states,
+            attention_mask=encoder_attention_mask,
+            **cross_attention_kwargs,
+        )
+        hidden_states = plan.cross.restore(attn_output) + hidden_states  # tokred: restore
+
+    if norm_type == "ada_norm_continuous":
+        norm_hidden_states = block.norm3(hidden_states, added_cond_kwargs["pooled_text_emb"])
+    elif not norm_type == "ada_norm_single":
         norm_hidden_states = block.norm3(hidden_states)
-        if norm_type == "ada_norm_zero":
-            norm_hidden_states = norm_hidden_states * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        norm_hidden_states = plan.mlp.reduce(norm_hidden_states)
-        if block._chunk_size is not None:
-            from diffusers.models.attention import _chunked_feed_forward
 
-            ff_output = _chunked_feed_forward(block.ff, norm_hidden_states, block._chunk_dim, block._chunk_size)
-        else:
-            ff_output = block.ff(norm_hidden_states)
-        if norm_type == "ada_norm_zero":
-            ff_output = gate_mlp.unsqueeze(1) * plan.mlp.restore(ff_output)
-        else:
-            ff_output = plan.mlp.restore(ff_output)
-        hidden_states = ff_output + hidden_states
-        if hidden_states.ndim == 4:
-            hidden_states = hidden_states.squeeze(1)
-        return hidden_states
+    if norm_type == "ada_norm_zero":
+        norm_hidden_states = norm_hidden_states * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
 
-    return forward
+    if norm_type == "ada_norm_single":
+        norm_hidden_states = block.norm2(hidden_states)
+        norm_hidden_states = norm_hidden_states * (1 + scale_mlp) + shift_mlp
+
+    mlp_input = plan.mlp.reduce(norm_hidden_states)  # tokred
+    ff_output = plan.mlp.restore(feed_forward(block, mlp_input))  # tokred: restore; chunking that fits
+
+    if norm_type == "ada_norm_zero":
+        ff_output = gate_mlp.unsqueeze(1) * ff_output
+    elif norm_type == "ada_norm_single":
+        ff_output = gate_mlp * ff_output
+
+    hidden_states = ff_output + hidden_states
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.squeeze(1)
+
+    if _count is not None:  # tokred
+        kv_tokens = seen_kv[0] if seen_kv else (kv_input.shape[1] if kv_input is not None else attn_input.shape[1])
+        _count[0].record(_count[1], num_tokens, attn_input.shape[1], kv_tokens, mlp_input.shape[1], cross_tokens)
+    return hidden_states

@@ -5,20 +5,35 @@
     tokred list [--json]                          methods (options, defaults, valid ranges, presets) and tasks
     tokred run --task NAME|all [--methods A,B] [--presets P,M:P] [--options K=V ...]
                [--size embedded|arch|full] [--device cpu] [--dtype float32] [--set K=V ...]
-               [--rounds N] [--quick] [--out results/] [--resume]
+               [--rounds N] [--quick] [--out results/] [--resume | --force]
     tokred leaderboard RESULTS.json ... [-o leaderboard/README.md] [--no-published]
     tokred bench [run options] [--out results/] [-o leaderboard/README.md]     run every task, then the leaderboard
 
 Results use pytest-benchmark's JSON layout (``pytest-benchmark compare`` reads them) and are written atomically
 after every finished benchmark, so an interrupted run keeps what it finished (``--resume`` continues it).
 
-Exit codes: 0 success; 1 some benchmarks failed (the others are kept); 2 bad input (one line on stderr, the
-valid names listed); 130 interrupted.
+Results files are never overwritten by surprise (:mod:`tokred.bench.runner`). If the ``--out`` file already
+exists, ``tokred run`` stops before setting anything up (exit 2) unless it is given ``--resume`` or ``--force``.
+``--resume`` keeps every benchmark in the file and runs only the cases it lacks. A case counts as done only if
+its whole identity matches: task, size, device, dtype, method, preset, options and task settings (``--set`` and
+the profile's). A case with other settings runs again, and the file keeps both. ``--force`` replaces the file
+when the first new benchmark is written, and keeps the old file as ``FILE.bak``. A run holds a lock on its
+results file from start to end. A second ``tokred run`` on the same file exits at once with code 2, naming the
+file and the process holding it; it does not wait. Temporary files left by a killed run are removed by the
+next run on the same file. Every output (``--out``, ``-o``) is checked before the first, slow setup: the
+folder is created, the file must be writable and must not be a folder, and no other run may hold its lock.
+
+``tokred leaderboard`` / ``tokred bench`` write the markdown, its plots and a copy of every results file they
+read (``results/`` beside the markdown), so the leaderboard can be rebuilt from what sits next to it.
+
+Exit codes: 0 success; 1 some benchmarks failed (the others are kept); 2 bad input or an output that cannot be
+written (one line on stderr, the valid choices listed); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -164,17 +179,30 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def run_planned(planned: list[tuple[Any, list[Any], str]], resume: bool) -> tuple[int, list[str]]:
+def open_outputs(planned: list[tuple[Any, list[Any], str]], resume: bool, force: bool,
+                 stack: contextlib.ExitStack) -> list[Any]:
+    """Open (lock, check) every results file before anything runs; closed when ``stack`` closes."""
+    from .runner import ResultsOutput
+
+    return [stack.enter_context(ResultsOutput(path, resume=resume, force=force)) for _, _, path in planned]
+
+
+def run_planned(planned: list[tuple[Any, list[Any], str]], outputs: list[Any]) -> tuple[int, list[str]]:
     from ..errors import TokredError
     from .contention import warn_if_loaded
+    from .files import OutputError
     from .runner import run_task
 
     warn_if_loaded([run.threads for run, _, _ in planned])  # one line on stderr when other processes hold the cores
     written: list[str] = []
     status = EXIT_OK
-    for run, cases, path in planned:
+    for (run, cases, path), output in zip(planned, outputs, strict=True):
         try:
-            report = run_task(run, cases, path, resume=resume, log=_log)
+            report = run_task(run, cases, output, log=_log)
+        except OutputError as err:  # the disk filled up, the folder vanished...: the file keeps what it had
+            print(f"tokred: error: {run.task_name}: {err}", file=sys.stderr)
+            status = max(status, EXIT_FAILED)
+            continue
         except (TokredError, FileNotFoundError) as err:  # e.g. missing weights: the other tasks still run
             print(f"tokred: error: {run.task_name}: {err}", file=sys.stderr)
             status = max(status, EXIT_USAGE)
@@ -198,7 +226,9 @@ def run_planned(planned: list[tuple[Any, list[Any], str]], resume: bool) -> tupl
 
 def cmd_run(args: argparse.Namespace) -> int:
     planned = plan(args)
-    status, _ = run_planned(planned, args.resume)
+    with contextlib.ExitStack() as stack:
+        outputs = open_outputs(planned, args.resume, args.force, stack)
+        status, _ = run_planned(planned, outputs)
     return status
 
 
@@ -208,25 +238,35 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from ..leaderboard.generate import build
 
-    command = "tokred leaderboard " + " ".join(args.results) + f" -o {args.output}"
-    sections = build(args.results, args.output, command=command, published=not args.no_published)
-    print(f"wrote {args.output} ({len(sections)} sections)")
+    sections = build(args.results, args.output, published=not args.no_published)
+    print(f"wrote {args.output} ({len(sections)} sections; results copied to {_copies_folder(args.output)})")
     return EXIT_OK
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    planned = plan(args)
-    status, written = run_planned(planned, args.resume)
-    if status == EXIT_INTERRUPTED:
-        return status
-    from ..leaderboard.generate import build
+def _copies_folder(markdown: str) -> str:
+    from ..leaderboard.generate import RESULTS_FOLDER
 
-    existing = [p for p in written if os.path.exists(p)]
-    if not existing:
-        return status
-    command = "tokred bench" + (" --quick" if args.quick else "")
-    sections = build(existing, args.output, command=command, published=not args.no_published)
-    print(f"wrote {args.output} ({len(sections)} sections)")
+    return os.path.join(os.path.dirname(markdown) or ".", RESULTS_FOLDER)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..leaderboard.generate import build
+    from .files import OutputLock, check_writable_file
+
+    planned = plan(args)
+    with contextlib.ExitStack() as stack:
+        # the leaderboard's file is checked (and held) too before the long run, not only at its end
+        check_writable_file(args.output, "-o")
+        stack.enter_context(OutputLock(args.output, "-o"))
+        outputs = open_outputs(planned, args.resume, args.force, stack)
+        status, written = run_planned(planned, outputs)
+        if status == EXIT_INTERRUPTED:
+            return status
+        existing = [p for p in written if os.path.exists(p)]
+        if not existing:
+            return status
+        sections = build(existing, args.output, published=not args.no_published)
+    print(f"wrote {args.output} ({len(sections)} sections; results copied to {_copies_folder(args.output)})")
     return status
 
 
@@ -253,7 +293,13 @@ def _add_run_arguments(p: argparse.ArgumentParser, default_task: str | None) -> 
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per benchmark (default: calibrated)")
     p.add_argument("--quick", action="store_true", help="smaller embedded runs: a smoke test of a few minutes")
     p.add_argument("--out", default="results", help="output folder (one file per task) or .json file")
-    p.add_argument("--resume", action="store_true", help="keep finished benchmarks in the output and run the rest")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="the output exists: keep its benchmarks and run only the cases it lacks (same task, "
+                               "size, device, dtype, method, preset, options and task settings)")
+    existing.add_argument("--force", action="store_true",
+                          help="the output exists: replace it once the first benchmark finishes (the old file is "
+                               "kept as FILE.bak)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -270,7 +316,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("leaderboard", help="build the leaderboard markdown and plots from results files")
     p.add_argument("results", nargs="+", help="results JSON files (tokred run or pytest --benchmark-json)")
-    p.add_argument("-o", "--output", default="leaderboard/README.md", help="markdown file (plots go beside it)")
+    p.add_argument("-o", "--output", default="leaderboard/README.md",
+                   help="markdown file (plots and copies of the results files go beside it)")
     p.add_argument("--no-published", action="store_true", help="leave out the published-results table")
     p.set_defaults(func=cmd_leaderboard)
 
@@ -282,8 +329,27 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What the CLI needs beyond the core: the ``bench`` extra.
+BENCH_MODULES = ("tabulate", "pytest_benchmark", "timm", "diffusers", "torchmetrics")
+
+
+def missing_bench_modules() -> list[str]:
+    import importlib.util
+
+    return [name for name in BENCH_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    missing = missing_bench_modules()
+    if missing:
+        print(
+            f"tokred: the benchmark suite needs the 'bench' extra (missing: {', '.join(missing)}); "
+            'install it with: pip install "tokred[bench]"',
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     from ..errors import TokredError
+    from .files import OutputError
     from .results import ResultsError
 
     parser = make_parser()
@@ -293,8 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"{err}", file=sys.stderr)
         return EXIT_USAGE
-    except (TokredError, ResultsError, FileNotFoundError) as err:
-        # bad names, options, results files, missing weights or data: one line, no traceback
+    except (TokredError, ResultsError, OutputError, FileNotFoundError) as err:
+        # bad names, options, results files, outputs, missing weights or data: one line, no traceback
         print(f"tokred: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,0 +1,312 @@
+"""Leaderboard sections read from results files: which rows belong together, and their marks.
+
+A section is one comparable set of rows: the same task, size, model, hardware (device name), dtype, torch
+threads and task settings (``task_info`` less :data:`VOLATILE_SETTINGS`), so a 3-step and a 20-step run never
+share a table. Within a section a row is one method, preset and options; when several results files hold the
+same row, the one from the newer file (its ``datetime``) wins, and between files of the same date the one whose
+path sorts last.
+
+Marks (see :mod:`tokred.leaderboard.ranking` for the definitions):
+
+* ranked columns: speedup (its ``speedup_ci``), GFLOPs and peak memory (exact counts), and the quality metrics
+  (their ``quality_ci``); throughput and s/image are not ranked (they restate the speedup's timings without the
+  pairing with the baseline);
+* rows whose timing was contended (``contended: true``) never carry a mark, and their speedups do not compete;
+  their quality, FLOPs and memory still do (contention does not change them), so a contended row can prevent
+  another from being bold;
+* a value at a cap constant (:data:`CAPS`: PSNR of identical images) is shown but not ranked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokred.bench.results import ResultsError, load_results, tokred_benchmarks
+
+from .ranking import ColumnMarks, Estimate, pareto_front, rank_column
+
+# task_info fields that say when or how a run went, not what it measured: left out of the section identity
+VOLATILE_SETTINGS = frozenset({"date", "datetime", "time", "timestamp", "progress", "setup_s", "duration_s"})
+# task_info fields shown elsewhere in the section (title, Model line)
+IDENTITY_FIELDS = frozenset({"task", "size", "device", "dtype", "model"})
+CAPS = {"psnr": 100.0}  # tasks/quality.py PSNR_CAP_DB: identical images, not a measurement
+
+# Speed columns: (key in extra_info, header, direction or None when the column is not ranked).
+SPEEDUP = ("speedup", "speedup ×", "higher")
+FLOPS_IDEAL = ("flops_ideal_speedup", "FLOPs-ideal ×", None)
+EFFICIENCY = ("efficiency", "efficiency", None)
+THROUGHPUT = ("throughput_per_s", "throughput (img/s)", None)
+S_PER_IMAGE = ("s_per_image", "s/image", None)
+GFLOPS = ("gflops", "GFLOPs/image", "lower")
+MEMORY = ("peak_mem_mb", "peak memory (MB)", "lower")
+EXACT = ("gflops", "peak_mem_mb")
+TIMED = ("speedup",)  # ranked columns that contention invalidates
+
+
+@dataclass
+class Row:
+    method: str
+    preset: str
+    options: str
+    values: dict[str, float]
+    estimates: dict[str, Estimate]  # the ranked values
+    datetime: str
+    source: str
+    info: dict[str, Any]
+    pareto: bool = False
+    marks: dict[str, str] = field(default_factory=dict)  # column key -> "bold" | "tied"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method == "baseline"
+
+    @property
+    def label(self) -> str:
+        return "baseline" if self.is_baseline else f"{self.method} {self.preset}"
+
+    @property
+    def contended(self) -> bool:
+        return bool(self.info.get("contended"))
+
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        return self.method, self.preset, json.dumps(self.info.get("options", {}), sort_keys=True)
+
+    def capped(self, key: str) -> bool:
+        return key in CAPS and self.values.get(key) is not None and self.values[key] >= CAPS[key]
+
+
+@dataclass
+class Section:
+    task: str
+    size: str
+    model: str
+    device: str
+    device_name: str
+    dtype: str
+    threads: int | None
+    settings: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    distinction: str = ""  # the settings that tell this section from others with the same title
+    inseparable: list[str] = field(default_factory=list)  # ranked columns where every value ties with the best
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (self.task, self.size, self.model, self.device_name, self.dtype, self.threads or 0,
+                json.dumps(self.settings, sort_keys=True))
+
+    @property
+    def base_title(self) -> str:
+        return f"{self.task} · {self.size} · {self.device_name} · {self.dtype}"
+
+    @property
+    def title(self) -> str:
+        return f"{self.base_title} · {self.distinction}" if self.distinction else self.base_title
+
+    @property
+    def slug(self) -> str:
+        text = f"{self.task}-{self.size}-{self.device}-{self.device_name}-{self.dtype}-{self.distinction}".lower()
+        return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+
+    def metric(self, name: str) -> dict[str, Any] | None:
+        return next((m for m in self.metrics if m["name"] == name), None)
+
+    def quality_metrics(self) -> list[dict[str, Any]]:
+        """The task's quality metrics that at least one row reports, in the task's order."""
+        return [
+            m for m in self.metrics
+            if m.get("kind", "quality") == "quality" and any(m["name"] in r.values for r in self.rows)
+        ]  # fmt: skip
+
+    def primary_metric(self) -> dict[str, Any] | None:
+        """The first quality metric the baseline reports (or, without a baseline row, any row)."""
+        baseline = [r for r in self.rows if r.is_baseline]
+        pool = baseline or self.rows
+        return next((m for m in self.quality_metrics() if any(m["name"] in r.values for r in pool)), None)
+
+    def speed_columns(self) -> list[tuple[str, str, str | None]]:
+        timing = S_PER_IMAGE if self.metric("s_per_image") else THROUGHPUT
+        return [SPEEDUP, FLOPS_IDEAL, EFFICIENCY, timing, GFLOPS, MEMORY]
+
+    def ranked_columns(self) -> list[tuple[str, str]]:
+        """(key, direction) of every column that carries marks."""
+        speed = [(k, d) for k, _, d in self.speed_columns() if d is not None]
+        return speed + [(m["name"], m["better"]) for m in self.quality_metrics()]
+
+    @property
+    def contended_rows(self) -> list[Row]:
+        return [r for r in self.rows if r.contended]
+
+    @property
+    def has_intervals(self) -> bool:
+        return all("speedup_ci" in r.info for r in self.rows)
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def section_settings(task_info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in task_info.items() if k not in IDENTITY_FIELDS | VOLATILE_SETTINGS and v is not None}
+
+
+def _row(info: dict[str, Any], when: str, source: str) -> Row:
+    values: dict[str, float] = {}
+    estimates: dict[str, Estimate] = {}
+    quality_ci = info.get("quality_ci") or {}
+    for name, raw in info["quality"].items():
+        value = _number(raw)
+        if value is None:
+            continue
+        values[name] = value
+        ci = quality_ci.get(name)
+        estimates[name] = Estimate(value, (float(ci[0]), float(ci[1])) if ci else None)
+    for key in ("speedup", "throughput_per_s", "s_per_image", "gflops", "peak_mem_mb", "flops_ideal_speedup",
+                "efficiency", "baseline_gflops"):
+        value = _number(info.get(key))
+        if value is not None:
+            values[key] = value
+    ci = info.get("speedup_ci")
+    estimates["speedup"] = Estimate(values["speedup"], (float(ci[0]), float(ci[1])) if ci else None)
+    for key in EXACT:
+        if key in values:  # exact counts, but a schema-1 row is never ranked
+            estimates[key] = Estimate.exact(values[key]) if info["tokred"] >= 2 else Estimate(values[key])
+    options = info.get("options_repr")
+    if options is None:
+        options = ", ".join(f"{k}={v!r}" for k, v in info["options"].items())
+    return Row(info["method"], info["preset"], options, values, estimates, when, source, info)
+
+
+def _section_for(info: dict[str, Any]) -> Section:
+    task_info = info.get("task_info") or {}
+    threads = info.get("threads", info.get("num_threads"))
+    return Section(info["task"], info["size"], str(info.get("model") or task_info.get("model") or "?"),
+                   info["device"], info.get("device_name") or info["device"], info["dtype"],
+                   threads if isinstance(threads, int) else None, section_settings(task_info))
+
+
+def load_sections(paths: Sequence[str], sources: Sequence[str] | None = None) -> list[Section]:
+    """Read results files into sections (marks set). ``sources``: how each path is named in the markdown
+    (default: the path). Files are read in the order of their names, so the result does not depend on the
+    order they were given in."""
+    named = sorted(zip(sources or paths, paths, strict=True))
+    sections: dict[tuple[Any, ...], Section] = {}
+    found = 0
+    for source, path in named:
+        data = load_results(path)
+        when = str(data.get("datetime", ""))
+        for bench in tokred_benchmarks(data):
+            found += 1
+            info = bench["extra_info"]
+            sec = _section_for(info)
+            sec = sections.setdefault(sec.key, sec)
+            for metric in info.get("metrics", []):
+                if sec.metric(metric["name"]) is None:
+                    sec.metrics.append(dict(metric))
+            row = _row(info, when, source)
+            previous = next((i for i, r in enumerate(sec.rows) if r.identity == row.identity), None)
+            if previous is None:
+                sec.rows.append(row)
+            elif row.datetime >= sec.rows[previous].datetime:
+                sec.rows[previous] = row
+    if paths and not found:
+        raise ResultsError(
+            f"{', '.join(paths)}: no tokred benchmarks (no benchmark has extra_info.tokred); write results with "
+            "`tokred run` or `pytest benchmarks/test_methods.py --benchmark-json=...`"
+        )
+    out = sorted(sections.values(), key=lambda s: s.key)
+    _distinguish(out)
+    for sec in out:
+        fill_derived(sec)
+        sec.rows.sort(key=lambda r: (not r.is_baseline, -r.values.get("speedup", 0.0), r.method, r.preset,
+                                     r.identity[2]))
+        mark(sec)
+    return out
+
+
+def _distinguish(sections: list[Section]) -> None:
+    """Sections sharing a title get the settings (and model, threads) that differ among them appended."""
+    groups: dict[str, list[Section]] = {}
+    for sec in sections:
+        groups.setdefault(sec.base_title, []).append(sec)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        described = [{"model": s.model, "threads": s.threads, **s.settings} for s in group]
+        keys = sorted({k for d in described for k in d})
+        differing = [k for k in keys if len({json.dumps(d.get(k), sort_keys=True) for d in described}) > 1]
+        for sec, desc in zip(group, described, strict=True):
+            sec.distinction = ", ".join(f"{k}={_short(desc.get(k))}" for k in differing)
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def fill_derived(section: Section) -> None:
+    """FLOPs-ideal speedup and efficiency where older files lack them: the baseline's GFLOPs (the row's own
+    ``baseline_gflops``, else the section's baseline row) over the row's, and speedup over that."""
+    baseline = next((r for r in section.rows if r.is_baseline), None)
+    for row in section.rows:
+        if "flops_ideal_speedup" not in row.values and row.values.get("gflops"):
+            base = row.values.get("baseline_gflops")
+            if base is None and baseline is not None:
+                base = baseline.values.get("gflops")
+            if base:
+                row.values["flops_ideal_speedup"] = base / row.values["gflops"]
+        if "efficiency" not in row.values and row.values.get("flops_ideal_speedup"):
+            row.values["efficiency"] = row.values["speedup"] / row.values["flops_ideal_speedup"]
+
+
+# --- marks -----------------------------------------------------------------------------------------------------
+
+
+def column_marks(section: Section, key: str, direction: str) -> ColumnMarks:
+    competitors = {
+        i: r.estimates[key]
+        for i, r in enumerate(section.rows)
+        if key in r.estimates and not r.capped(key) and not (key in TIMED and r.contended)
+    }
+    eligible = [i for i in competitors if not section.rows[i].contended]
+    return rank_column(competitors, direction, eligible)
+
+
+def mark(section: Section) -> None:
+    """Set every row's column marks (bold / tied) and Pareto flag."""
+    for row in section.rows:
+        row.marks = {}
+        row.pareto = False
+    section.inseparable = []
+    for key, direction in section.ranked_columns():
+        marks = column_marks(section, key, direction)
+        for i in marks.bold:
+            section.rows[i].marks[key] = "bold"
+        if marks.all_tied:  # a mark on every row would say nothing: the section text names the column
+            section.inseparable.append(key)
+            continue
+        for i in marks.tied:
+            section.rows[i].marks[key] = "tied"
+    metric = section.primary_metric()
+    if metric is None:
+        return
+    name = metric["name"]
+    points = {
+        i: (r.estimates["speedup"], r.estimates[name])
+        for i, r in enumerate(section.rows)
+        if name in r.estimates and not r.contended and not r.capped(name)
+    }
+    for i in pareto_front(points, ("higher", metric["better"])):
+        section.rows[i].pareto = True
+

@@ -1,0 +1,234 @@
+"""The reduction points an adapter offers a method, and the plan a method returns for one block call.
+
+Every adapter reproduces its model family's block forward once (``tokred/adapters/``) and asks the method's
+*planner* what to do at each call of each block. The answer is a :class:`BlockPlan`, built from three kinds of
+points:
+
+=====================  ========================================================  =======================
+point                  what the method supplies                                  used by
+=====================  ========================================================  =======================
+:class:`Sublayer`      ``reduce(x) -> x_small`` before a sublayer (self-         ToMe, CA-ToMe, CAT
+                       attention, cross-attention, MLP) and ``restore(y_small)
+                       -> y`` on its output
+:class:`KeyValue`      the tokens self-attention's keys and values are           ToDo, CAT
+                       projected from (queries keep the sublayer's own input),
+                       and/or a hook on the projected keys and values
+cached output          a :class:`Sublayer` whose ``restore`` writes the fresh    CAT
+                       rows into a :class:`RowCache` (:func:`recompute_rows`)
+=====================  ========================================================  =======================
+
+A plan holds no state of its own: anything a method remembers between calls lives in its typed state class
+(:class:`tokred.method.MethodState`), and the plan's callables close over it. ``FULL_BLOCK`` (every point the
+identity) makes the adapter's forward compute exactly what the library computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Tokens = Callable[[torch.Tensor], torch.Tensor]
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class Sublayer:
+    """How one sublayer sees the tokens: ``reduce`` on its input [B, N, C] -> [B, n, C], ``restore`` on its
+    output [B, n, C] -> [B, N, C]."""
+
+    reduce: Tokens = identity
+    restore: Tokens = identity
+
+    @property
+    def is_identity(self) -> bool:
+        return self.reduce is identity and self.restore is identity
+
+
+KEEP = Sublayer()
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    """Where self-attention's keys and values come from.
+
+    ``tokens`` receives the sublayer's full (normalised, unreduced) input [B, N, C] and returns the tokens the
+    keys and values are projected from (ToDo: the token grid downsampled); None: the same tokens as the queries.
+    ``keys`` / ``values`` receive the projected keys / values [B, n, C] (before the split into heads) and return
+    the ones attention uses (CAT: the fresh rows written into a cache of all tokens); None: unchanged.
+    """
+
+    tokens: Tokens | None = None
+    keys: Tokens | None = None
+    values: Tokens | None = None
+
+    @property
+    def is_identity(self) -> bool:
+        return self.tokens is None and self.keys is None and self.values is None
+
+
+SAME_TOKENS = KeyValue()
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """What one call of one transformer block does. Fields an adapter's block lacks are ignored (a U-Net block
+    has no ``attn2``-style second self-attention; an MMDiT block has no cross-attention)."""
+
+    attn: Sublayer = KEEP  # self-attention (joint attention's image stream on an MMDiT)
+    kv: KeyValue = SAME_TOKENS  # keys/values of that self-attention
+    cross: Sublayer = KEEP  # cross-attention (U-Net)
+    attn2: Sublayer = KEEP  # second image self-attention (SD3.5 dual-attention blocks)
+    kv2: KeyValue = SAME_TOKENS
+    mlp: Sublayer = KEEP
+
+    @property
+    def is_full(self) -> bool:
+        return all(p.is_identity for p in (self.attn, self.kv, self.cross, self.attn2, self.kv2, self.mlp))
+
+
+FULL_BLOCK = BlockPlan()
+
+
+@dataclass(frozen=True)
+class RowPlans:
+    """One plan per batch row: the adapter runs the block once per row (each row may end with another token
+    count inside the block). CA-ToMe's ``batch_independent`` mode uses it."""
+
+    rows: tuple[BlockPlan, ...]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The 2-D layout of a block's tokens: ``h x w`` in row-major order, at ``downsample`` times coarser than the
+    denoiser's input (1 for the full-resolution blocks of a U-Net and for every MMDiT block)."""
+
+    h: int
+    w: int
+    downsample: int = 1
+
+    @property
+    def tokens(self) -> int:
+        return self.h * self.w
+
+
+@dataclass(frozen=True)
+class BlockCall:
+    """What a planner is told about the block call it plans.
+
+    ``name``: the block's module name in the model; ``index``: its position among the adapter's blocks;
+    ``level``: the downsampling level the block belongs to (U-Net: 1, 2, 4, 8 from the architecture; 1 elsewhere);
+    ``grid``: its token grid in this call (None when the tokens do not form the expected grid, e.g. odd sizes);
+    ``step``: the 1-based denoiser call of the current generation (0 for models without steps).
+    """
+
+    name: str
+    index: int
+    module: torch.nn.Module = field(repr=False, compare=False)
+    level: int
+    grid: Grid | None
+    step: int
+
+
+# planner(call, hidden_states [B, N, C]) -> the plan for this call of this block
+Planner = Callable[[BlockCall, torch.Tensor], "BlockPlan | RowPlans"]
+
+
+# --- cached sublayer outputs ----------------------------------------------------------------------------------
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` [B, M] of ``x`` [B, N, C] -> [B, M, C]."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class RowCache:
+    """The last full [B, N, C] value of one sublayer output (or of keys/values), updated row-wise in place.
+
+    ``record(full)`` keeps a full value; ``update(index, rows)`` overwrites rows ``index`` [B, M] with ``rows``
+    [B, M, C] and returns the whole cached tensor. Inference only: the update is in place.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def record(self, full: torch.Tensor) -> torch.Tensor:
+        self.value = full
+        return full
+
+    def update(self, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if self.value is None:
+            raise RuntimeError("RowCache.update before record: nothing cached for this sublayer")
+        return self.value.scatter_(1, index[..., None].expand(-1, -1, self.value.shape[-1]), rows.to(self.value.dtype))
+
+
+def record_output(cache: RowCache) -> Sublayer:
+    """A full sublayer whose output is kept in ``cache`` (the call before a pruned one)."""
+    return Sublayer(identity, cache.record)
+
+
+def recompute_rows(index: torch.Tensor, cache: RowCache) -> Sublayer:
+    """The sublayer runs on rows ``index`` only; the other rows take their cached output."""
+    return Sublayer(lambda x: gather_rows(x, index), lambda y: cache.update(index, y))
+
+
+# --- applying a KeyValue to a diffusers Attention ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def kv_source(attn: torch.nn.Module, tokens: torch.Tensor | None) -> Iterator[None]:
+    """While active, ``attn.to_k`` / ``attn.to_v`` (diffusers' ``Attention``) project ``tokens`` instead of their
+    input: ``KeyValue.tokens`` for processors that project keys and values from the queries' own tensor (SD3's
+    ``JointAttnProcessor2_0``, whose text stream uses ``add_k_proj`` / ``add_v_proj`` and is left alone). The
+    tokens are computed once per call by the caller; the hooks live for one call only."""
+    if tokens is None:
+        yield
+        return
+
+    def replace(module: Any, args: tuple) -> tuple:
+        return (tokens, *args[1:])
+
+    handles = [attn.to_k.register_forward_pre_hook(replace), attn.to_v.register_forward_pre_hook(replace)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def projected_kv(attn: torch.nn.Module, kv: KeyValue, seen: list[int] | None = None) -> Iterator[None]:
+    """While active, ``kv.keys`` / ``kv.values`` rewrite the outputs of ``attn.to_k`` / ``attn.to_v`` (diffusers'
+    ``Attention``), so the library's own attention processor computes attention with them; ``seen`` collects
+    the key count attention used. The hooks live for one call only."""
+    if kv.keys is None and kv.values is None:
+        yield
+        return
+    handles = []
+
+    def hook(fn: Tokens) -> Callable[[Any, Any, torch.Tensor], torch.Tensor]:
+        def rewrite(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+            new = fn(out)
+            if seen is not None:
+                seen.append(int(new.shape[1]))
+            return new
+
+        return rewrite
+
+    try:
+        if kv.keys is not None:
+            handles.append(attn.to_k.register_forward_hook(hook(kv.keys)))
+        if kv.values is not None:
+            handles.append(attn.to_v.register_forward_hook(hook(kv.values)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

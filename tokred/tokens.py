@@ -1,0 +1,65 @@
+"""Per-block token counts: what every patched block really computed, recorded by the adapters.
+
+``patch.token_counts()`` gives, for each block the adapter drives, the mean over the calls since
+``patch.reset_token_counts()`` (or since ``apply``) of
+
+* ``tokens``: tokens entering the block (the unreduced count for methods that restore tokens inside the block),
+* ``attn``: query tokens of self-attention, ``kv``: its key/value tokens,
+* ``cross``: query tokens of cross-attention (None where the block has none),
+* ``mlp``: tokens through the MLP,
+
+and ``calls``, how many calls the means cover. The counts are plain Python integers read from tensor shapes,
+so recording them costs no device synchronisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BlockTokens:
+    """Mean token counts of one block over ``calls`` calls (see the module docstring)."""
+
+    tokens: float
+    attn: float
+    kv: float
+    mlp: float
+    cross: float | None
+    calls: int
+
+
+class TokenCounter:
+    """Sums of token counts per block name; :meth:`means` turns them into :class:`BlockTokens`."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, list[float]] = {}  # name -> [calls, tokens, attn, kv, mlp, cross, cross_calls]
+
+    def record(self, name: str, tokens: int, attn: int, kv: int, mlp: int, cross: int | None = None) -> None:
+        row = self._sums.get(name)
+        if row is None:
+            row = self._sums[name] = [0, 0, 0, 0, 0, 0, 0]
+        row[0] += 1
+        row[1] += tokens
+        row[2] += attn
+        row[3] += kv
+        row[4] += mlp
+        if cross is not None:
+            row[5] += cross
+            row[6] += 1
+
+    def reset(self) -> None:
+        self._sums.clear()
+
+    def means(self) -> dict[str, BlockTokens]:
+        out = {}
+        for name, (calls, tokens, attn, kv, mlp, cross, cross_calls) in self._sums.items():
+            out[name] = BlockTokens(
+                tokens=tokens / calls,
+                attn=attn / calls,
+                kv=kv / calls,
+                mlp=mlp / calls,
+                cross=cross / cross_calls if cross_calls else None,
+                calls=int(calls),
+            )
+        return out
