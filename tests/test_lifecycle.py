@@ -189,7 +189,7 @@ def test_huge_compute_on_range_is_checked_without_enumerating(unet):
 
 def test_list_methods_patterns():
     assert tokred.list_methods(None) == tokred.list_methods()
-    assert tokred.list_methods("to*") == ["tome"] + [m for m in tokred.list_methods("to*") if m != "tome"]
+    assert tokred.list_methods("tom*") == ["tome"]
     with pytest.raises(TypeError, match="pattern must be a glob string"):
         tokred.list_methods(5)
     with pytest.raises(tokred.UnknownMethodError, match="names are strings"):

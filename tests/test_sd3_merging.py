@@ -225,12 +225,12 @@ def generate(pipe, skip_layers=True):
 
 
 def image_tokens_per_call(pipe, patch, fn):
-    """Run ``fn``; return (auxiliary, image tokens into block 0's joint attention) for every transformer call."""
+    """Run ``fn``; return (auxiliary, image keys out of block 0's key projection) for every transformer call.
+    The keys, not the attention's input, because ToDo shortens the keys and values only (an output hook: it runs
+    after the pre-hooks the patch adds within the call)."""
     calls = []
-    attn = pipe.transformer.transformer_blocks[0].attn
-    hook = attn.register_forward_pre_hook(
-        lambda m, a, k: calls.append((patch.state.auxiliary, k["hidden_states"].shape[1])), with_kwargs=True
-    )
+    to_k = pipe.transformer.transformer_blocks[0].attn.to_k
+    hook = to_k.register_forward_hook(lambda m, a, out: calls.append((patch.state.auxiliary, out.shape[1])))
     try:
         out = fn()
     finally:
