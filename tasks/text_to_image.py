@@ -270,6 +270,7 @@ class TextToImage(Task):
         inception_weights: str | None = None,
         clip_model: str | None = None,
         unet_config: dict[str, Any] | None = None,
+        architecture: str | None = None,
         progress: bool = True,
     ) -> None:
         """Every setting is checked here (a ValueError naming it and its valid range).
@@ -297,7 +298,8 @@ class TextToImage(Task):
             num_real_images: int >= 2: use an evenly spaced subset of the real images.
             inception_weights: local Inception weights file for torchmetrics' FID (offline use).
             clip_model: CLIP model id or local path for the CLIP score (none by default).
-            unet_config: arch only: entries overriding SD1.5's U-Net configuration (tests use a tiny one).
+            unet_config: arch only: entries overriding the U-Net configuration (tests use a tiny one).
+            architecture: arch only: the U-Net, ``"sd15"`` (default, SD1.5) or ``"sdxl"`` (SDXL base 1.0).
             progress: tqdm progress bars.
         """
         cuda = str(device).startswith("cuda")
@@ -321,11 +323,13 @@ class TextToImage(Task):
         check_int("seed", seed, 0, 2**63 - 1)
         check_int("num_real_images", num_real_images, 2, none_ok=True)
         check_bool("progress", progress)
-        if unet_config is not None and not is_arch:
-            raise ValueError("unet_config applies to size='arch' (SD1.5's architecture at random init)")
+        for name, value in (("unet_config", unet_config), ("architecture", architecture)):
+            if value is not None and not is_arch:
+                raise ValueError(f"{name} applies to size='arch' (a real architecture at random init)")
         if unet_config is not None and not isinstance(unet_config, dict):
             raise ValueError(f"unet_config must be a dict of UNet2DConditionModel arguments, got {unet_config!r}")
-        self.unet_config = arch.sd15_unet_config(unet_config) if is_arch else None
+        self.architecture = arch.check_architecture(architecture or "sd15") if is_arch else None
+        self.unet_config = arch.unet_config(self.architecture, unet_config) if is_arch else None
         if embedded and resolution not in (None, 32):
             raise ValueError(f"resolution must be 32 (or None) for the embedded 32x32 digits model, got {resolution!r}")
         check_int("resolution", resolution, 8, none_ok=True)
@@ -349,7 +353,8 @@ class TextToImage(Task):
         if embedded and self._given_prompts is not None:
             for p in self._given_prompts:
                 digit_label(p)  # each embedded prompt must name one digit
-        self.model_name = {"embedded": EMBEDDED_MODEL, "arch": arch.SD15_NAME}.get(size, model or DEFAULT_MODEL)
+        arch_name = arch.UNETS[self.architecture][0] if is_arch else None
+        self.model_name = {"embedded": EMBEDDED_MODEL, "arch": arch_name}.get(size, model or DEFAULT_MODEL)
         self.scheduler_name = scheduler
         default_steps = {"embedded": 20, "arch": 50 if cuda else 10}.get(size, 50)
         self.num_inference_steps = num_inference_steps if num_inference_steps is not None else default_steps
@@ -414,7 +419,9 @@ class TextToImage(Task):
         self._real_images_loader = lambda: to_uint8(torch.as_tensor(load_digits_split("test")[0]), (-1.0, 1.0))
 
     def _setup_arch(self) -> None:
-        unet = arch.build_sd15_unet(self.unet_config, seed=self.seed).to(self.torch_device, self.torch_dtype)
+        unet = arch.build_unet(self.unet_config, seed=self.seed).to(self.torch_device)
+        if self.torch_dtype != torch.float32:  # (diffusers warns at every dtype cast, even to float32)
+            unet = unet.to(self.torch_dtype)
         sched = arch.sd15_scheduler()
         if self.scheduler_name is not None:
             sched = make_scheduler(self.scheduler_name, sched.config)

@@ -369,6 +369,40 @@ def test_arch_tiny_generation_speed_only():
         assert task.measure_speed(memory=False)["unet_gflops"] < speed["unet_gflops"]
 
 
+TINY_SDXL_ARCH = dict(
+    block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8),
+    cross_attention_dim=64, addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+    norm_num_groups=16, layers_per_block=1,
+)
+
+
+def test_arch_sdxl_has_its_conditioning_and_default_level():
+    """architecture="sdxl": SDXL's layout (no attention at full resolution) with its text_time conditioning in
+    the loop; every method acts at its SDXL default level (2) and the tokens per block go down."""
+    task = get_task("text_to_image")(size="arch", architecture="sdxl", unet_config=TINY_SDXL_ARCH, resolution=128,
+                                     num_inference_steps=3, progress=False)
+    task.setup()
+    assert task.describe()["model"].startswith("SDXL base 1.0") and task.model.pooled[0].shape == (32,)
+    base = task.generate([0])
+    assert base.shape == (1, 4, 16, 16) and torch.isfinite(base).all()
+    for method in ("tome", "todo"):  # (CA-ToMe's threshold merges next to nothing on random weights)
+        with tokred.apply(task.model, method) as patch:
+            out = task.generate([0])
+            counts = patch.token_counts()
+        assert not torch.equal(out, base), method
+        assert any(min(c.attn, c.kv) < c.tokens for c in counts.values()), method
+        assert all(c.tokens == 64 for c in counts.values() if min(c.attn, c.kv) < c.tokens), method  # level 2 only
+    assert torch.equal(task.generate([0]), base)
+
+
+def test_arch_settings_are_checked():
+    task = get_task("text_to_image")
+    with pytest.raises(ValueError, match="unknown architecture 'sd2'; valid: sd15, sdxl"):
+        task(size="arch", architecture="sd2")
+    with pytest.raises(ValueError, match="architecture applies to size='arch'"):
+        task(size="embedded", architecture="sdxl")
+
+
 def test_arch_tiny_through_the_harness_every_method():
     """What `tokred run --task text_to_image --size arch` writes, on a tiny U-Net: FLOPs-ideal speedup, measured
     speedup with an interval and efficiency for every method, no quality, CA-ToMe's caveat. (4 steps; CAT with

@@ -171,7 +171,9 @@ def plan(args: argparse.Namespace) -> list[tuple[Any, list[Any], str]]:
         )  # fmt: skip
         run = TaskRun(task, args.size, args.device, args.dtype, task_kwargs, profile, args.rounds, command=command)
         run.build()  # bad task arguments fail here, before anything runs
-        out.append((run, cases, _out_path(args.out, task, args.size, args.device, several=len(tasks) > 1)))
+        # another architecture of the arch workload (--set architecture=sdxl) gets a file of its own
+        size = f"{args.size}-{task_kwargs['architecture']}" if "architecture" in task_kwargs else args.size
+        out.append((run, cases, _out_path(args.out, task, size, args.device, several=len(tasks) > 1)))
     return out
 
 

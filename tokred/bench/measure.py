@@ -20,6 +20,8 @@ Wall time is not measured here: :mod:`tokred.bench.timing` times every workload,
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -81,9 +83,40 @@ def memory_scope(device: torch.device | str) -> Iterator[dict[str, float]]:
     from torch.profiler import ProfilerActivity, profile
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # kineto's start-up chatter (e.g. no GPU found) is noise here
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False)
+    with _without_profiler_markers():
+        prof.__enter__()
+    try:
         yield record
+    finally:
+        with _without_profiler_markers():
+            prof.__exit__(None, None, None)
     record["peak_mem_mb"] = _peak_from_events(prof) / MB
+
+
+@contextmanager
+def _without_profiler_markers() -> Iterator[None]:
+    """Around the profiler's start and stop only: kineto (torch 2.14) writes a ``USDT: ... profiler_start`` /
+    ``profiler_stop`` line to the process's stderr each time, whatever its log level, which floods the CLI's
+    progress. The C-level stderr goes to a temporary file meanwhile; every other line is written back."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().splitlines(keepends=True) if not line.startswith(b"USDT:")]
+            if kept:
+                os.write(fd, b"".join(kept))
 
 
 def _peak_from_events(prof: Any) -> int:
