@@ -124,3 +124,28 @@ def test_layerscale_is_applied_when_merging():
             merged = model(x)
             assert patch.adapter.merged_tokens.size.shape[1] < 17
     assert torch.equal(merged, base)
+
+
+@pytest.mark.parametrize("num_protected", [0, 1, 2, 5])
+@pytest.mark.parametrize("with_size", [False, True])
+def test_weighted_mean_equals_the_plain_formula(num_protected, with_size):
+    """The one-buffer merge (inference) and the training path both equal ``merge(x * size) / merge(size)``:
+    sizes summed, tokens averaged by size, protected tokens in front, whatever the join order."""
+    from tokred.merge import alternate_matching
+
+    g = torch.Generator().manual_seed(num_protected)
+    x = torch.randn(3, 2 * 13 + num_protected, 8, generator=g)
+    size = torch.randint(1, 4, (3, x.shape[1], 1), generator=g).float() if with_size else None
+    merge = alternate_matching(torch.randn(x.shape, generator=g), r=7, num_protected=num_protected)
+    ones = torch.ones_like(x[..., :1]) if size is None else size
+    expected_size = merge(ones, mode="sum")
+    expected = merge(x * ones, mode="sum") / expected_size
+    with torch.no_grad():
+        merged, sizes = merge.weighted_mean(x, size)
+    torch.testing.assert_close(merged, expected)
+    assert torch.equal(sizes, expected_size) and merged.shape == (3, x.shape[1] - 7, 8)
+    trained = x.clone().requires_grad_(True)
+    merged_grad, _ = merge.weighted_mean(trained, size)
+    torch.testing.assert_close(merged_grad, expected)
+    merged_grad.sum().backward()
+    assert trained.grad is not None and torch.isfinite(trained.grad).all()

@@ -74,6 +74,51 @@ class BipartiteMerge:
     def join(self, unm: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         return torch.cat([unm, dst], dim=1)
 
+    @property
+    def joins_in_order(self) -> bool:
+        """Whether :meth:`join` is ``cat([unm, dst])``, so a merge can write both parts into one buffer."""
+        return type(self).join is BipartiteMerge.join
+
+    def weighted_mean(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge ``x`` [B, N, C] by the size-weighted mean of each destination and its sources; returns the
+        merged tokens [B, N - r, C] and their sizes [B, N - r, 1] (``size`` None: every token has size 1).
+
+        Only the ``r`` sources and the destinations are weighted: unmerged sources pass through unchanged (the
+        mean of one token is itself), and with ``size=None`` nothing is multiplied at all. The destinations are
+        weighted straight into the output buffer and normalised in place, so the merge makes no full-size
+        temporaries (the official ``merge(x * size) / merge(size)`` makes four).
+        """
+        if torch.is_grad_enabled() and (x.requires_grad or (size is not None and size.requires_grad)):
+            # training: the out= and in-place writes below are not differentiable; the plain formula is
+            ones = torch.ones_like(x[..., :1]) if size is None else size
+            new_size = self(ones, mode="sum")
+            return self(x * ones, mode="sum") / new_size, new_size
+        src, dst = self.split(x)
+        n, na, c = src.shape
+        nu, nd, r = na - self.r, dst.shape[1], self.r
+        src_idx, dst_idx, unm_idx = (i.expand(n, -1, -1) for i in (self.src_idx, self.dst_idx, self.unm_idx))
+        merged = src.gather(1, src_idx.expand(n, r, c))
+        if size is None:
+            unm_size, src_size, dst_size = x.new_ones(n, nu, 1), x.new_ones(n, r, 1), x.new_ones(n, nd, 1)
+        else:
+            size_src, dst_size = self.split(size)
+            unm_size, src_size = size_src.gather(1, unm_idx), size_src.gather(1, src_idx)
+            merged.mul_(src_size)
+        new_size = dst_size.scatter_add(1, dst_idx, src_size)
+        if self.joins_in_order:
+            out = x.new_empty(n, nu + nd, c)
+            unm, dst_out = out[:, :nu], out[:, nu:]
+            torch.gather(src, 1, unm_idx.expand(n, nu, c), out=unm)
+        else:
+            unm, dst_out = src.gather(1, unm_idx.expand(n, nu, c)), x.new_empty(n, nd, c)
+        if size is None:
+            dst_out.copy_(dst)
+        else:
+            torch.mul(dst, dst_size, out=dst_out)
+        dst_out.scatter_add_(1, dst_idx.expand(n, r, c), merged).div_(new_size)
+        sizes = self.join(unm_size, new_size)
+        return (out if self.joins_in_order else self.join(unm, dst_out)), sizes
+
     def __call__(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         """Merge ``x`` [B, N, C] to [B, N - r, C]; ``mode`` is a ``scatter_reduce`` reduction."""
         src, dst = self.split(x)
@@ -94,6 +139,10 @@ class AlternateMerge(BipartiteMerge):
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x[..., ::2, :], x[..., 1::2, :]
+
+    @property
+    def joins_in_order(self) -> bool:
+        return self.num_protected <= 1
 
     def join(self, unm: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         p = self.num_protected
@@ -131,12 +180,9 @@ def alternate_matching(
 def merge_wavg(
     merge: BipartiteMerge, x: torch.Tensor, size: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average merge of ``x``; returns the merged tokens and their new sizes [B, N', 1]."""
-    if size is None:
-        size = torch.ones_like(x[..., :1])
-    x = merge(x * size, mode="sum")
-    size = merge(size, mode="sum")
-    return x / size, size
+    """Size-weighted average merge of ``x``; returns the merged tokens and their new sizes [B, N', 1]
+    (:meth:`BipartiteMerge.weighted_mean`)."""
+    return merge.weighted_mean(x, size)
 
 
 def merge_source(merge: BipartiteMerge, x: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
