@@ -25,6 +25,8 @@ def test_load_above_the_cores_is_contended():
     verdict = assess([1.2, 2.6], cpu_seconds=9.9, wall_seconds=10.0, threads=1, cores=2)
     assert verdict.contended and verdict.reasons == ("load average 2.60 > 2 cores",)
     assert not assess([2.0], 9.9, 10.0, 1, 2).contended  # equal is not more
+    assert not assess([2.12], 19.8, 10.0, 2, 2).contended  # kernel threads beside a case on every core
+    assert assess([2.3], 19.8, 10.0, 2, 2).contended  # beyond the tolerance
 
 
 def test_cpu_time_short_of_the_threads_is_contended():

@@ -149,3 +149,18 @@ def test_weighted_mean_equals_the_plain_formula(num_protected, with_size):
     torch.testing.assert_close(merged_grad, expected)
     merged_grad.sum().backward()
     assert trained.grad is not None and torch.isfinite(trained.grad).all()
+
+
+def test_weighted_mean_of_known_tokens():
+    """Token 0 (size 3, value 2) merges into token 1 (size 1, value 6): (3 * 2 + 1 * 6) / 4 = 3, size 4; the others
+    pass unchanged. A plain mean would give 4."""
+    from tokred.merge import alternate_matching, merge_wavg
+
+    metric = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.2]]])  # token 0 is token 1's twin
+    merge = alternate_matching(metric, r=1)
+    x = torch.tensor([[[2.0], [6.0], [5.0], [7.0]]])
+    size = torch.tensor([[[3.0], [1.0], [2.0], [1.0]]])
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            merged, sizes = merge_wavg(merge, x.clone().requires_grad_(grad), size)
+        assert merged.flatten().tolist() == [5.0, 3.0, 7.0] and sizes.flatten().tolist() == [2.0, 4.0, 1.0]

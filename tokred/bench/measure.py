@@ -94,11 +94,18 @@ def memory_scope(device: torch.device | str) -> Iterator[dict[str, float]]:
     record["peak_mem_mb"] = _peak_from_events(prof) / MB
 
 
+def _is_profiler_chatter(line: bytes) -> bool:
+    # the start/stop markers, and the notice that blocks allocated before the start are not tracked (the peak is
+    # measured above what was allocated at the start, so it loses nothing)
+    return line.startswith(b"USDT:") or b"allocated before the profiling started" in line
+
+
 @contextmanager
 def _without_profiler_markers() -> Iterator[None]:
     """Around the profiler's start and stop only: kineto (torch 2.14) writes a ``USDT: ... profiler_start`` /
     ``profiler_stop`` line to the process's stderr each time, whatever its log level, which floods the CLI's
-    progress. The C-level stderr goes to a temporary file meanwhile; every other line is written back."""
+    progress (and a notice about blocks allocated before the start). The C-level stderr goes to a temporary file
+    meanwhile; every other line is written back."""
     try:
         fd = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
@@ -114,7 +121,7 @@ def _without_profiler_markers() -> Iterator[None]:
             os.dup2(saved, fd)
             os.close(saved)
             capture.seek(0)
-            kept = [line for line in capture.read().splitlines(keepends=True) if not line.startswith(b"USDT:")]
+            kept = [line for line in capture.read().splitlines(keepends=True) if not _is_profiler_chatter(line)]
             if kept:
                 os.write(fd, b"".join(kept))
 
