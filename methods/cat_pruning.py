@@ -119,9 +119,9 @@ import torch
 from tokred import Method, register_method
 from tokred.adapters.base import require_concrete
 from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
-from tokred.layout import MAX_DOWNSAMPLE_VALID
+from tokred.layout import max_downsample_option
 from tokred.method import MethodState
-from tokred.options import int_at_least, is_number, one_of, option, optional
+from tokred.options import int_at_least, is_number, option
 from tokred.reduction import (
     FULL_BLOCK,
     BlockCall,
@@ -176,13 +176,10 @@ class CatOptions:
 
 @dataclass
 class CatUNetOptions(CatOptions):
-    max_downsample: int | None = option(
-        None,
-        valid=MAX_DOWNSAMPLE_VALID,
-        check=optional(one_of(1, 2, 4, 8)),
-        doc="prune transformer blocks with at most this downsampling; None: the highest-resolution level with "
+    max_downsample: int | None = max_downsample_option(
+        "prune transformer blocks with at most this downsampling; None: the highest-resolution level with "
         "transformer blocks (1 on SD 1.x/2.x, whose tokens map one-to-one onto the noise output; 2 on SDXL); "
-        "higher values add lower levels with a pooled index map",
+        "higher values add lower levels with a pooled index map"
     )
 
 

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from tokred import Method, register_method
 from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
-from tokred.layout import MAX_DOWNSAMPLE_VALID
-from tokred.options import int_at_least, number_in, one_of, option, optional
+from tokred.layout import max_downsample_option
+from tokred.options import int_at_least, number_in, one_of, option
 from tokred.reduction import FULL_BLOCK, BlockCall, BlockPlan, Grid, KeyValue
 
 DOWNSAMPLE_METHODS = ("nearest-exact", "nearest", "area", "bilinear", "bicubic", "max_pool")
@@ -83,12 +83,9 @@ class ToDoOptions:
 
 @dataclass
 class ToDoUNetOptions(ToDoOptions):
-    max_downsample: int | None = option(
-        None,
-        valid=MAX_DOWNSAMPLE_VALID,
-        check=optional(one_of(1, 2, 4, 8)),
-        doc="downsample in the transformer blocks with at most this downsampling; None: the highest-resolution "
-        "level with transformer blocks (1 on SD 1.x/2.x, the official default; 2 on SDXL)",
+    max_downsample: int | None = max_downsample_option(
+        "downsample in the transformer blocks with at most this downsampling; None: the highest-resolution "
+        "level with transformer blocks (1 on SD 1.x/2.x, the official default; 2 on SDXL)"
     )
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from tiny_models import tiny_sd_pipeline, tiny_sd_unet
-from tiny_sd3 import tiny_sd3_pipeline, tiny_sd3_transformer
+from tiny_sd3 import sd3_denoise, tiny_sd3_pipeline, tiny_sd3_transformer
 
 import tokred
 from tokred.errors import InvalidOptionError, UnsupportedModelError
@@ -46,20 +46,7 @@ def sd3_calls(model, batch=2, latent=16, steps=TIMESTEPS, seed=0, hook=None):
     sample = torch.randn(batch, 16, latent, latent, generator=g)
     text = torch.randn(batch, 8, 64, generator=g)
     pooled = torch.randn(batch, 64, generator=g)
-    outs = []
-    with torch.no_grad():
-        for i, t in enumerate(steps):
-            if hook is not None:
-                hook(i + 1)
-            outs.append(
-                model(
-                    hidden_states=sample + 0.1 * i,
-                    encoder_hidden_states=text,
-                    pooled_projections=pooled,
-                    timestep=torch.full((batch,), float(t)),
-                ).sample
-            )
-    return outs
+    return sd3_denoise(model, sample, text, pooled, steps, before_step=hook)
 
 
 def as_tokens_unet(out):

@@ -110,21 +110,12 @@ def mmdit_family(name: str, config: str, builder: str) -> Family:
         return getattr(tiny_sd3, builder)()
 
     def run(model: torch.nn.Module) -> torch.Tensor:
+        import tiny_sd3
+
         g = torch.Generator().manual_seed(0)
         sample = smooth_latents(2, 16, 16, g)
         text, pooled = torch.randn(2, 8, 64, generator=g), torch.randn(2, 64, generator=g)
-        with torch.no_grad():
-            return torch.stack(
-                [
-                    model(
-                        hidden_states=sample + 0.1 * i,
-                        encoder_hidden_states=text,
-                        pooled_projections=pooled,
-                        timestep=torch.full((2,), float(t)),
-                    ).sample
-                    for i, t in enumerate(TIMESTEPS)
-                ]
-            )
+        return torch.stack(tiny_sd3.sd3_denoise(model, sample, text, pooled, TIMESTEPS))
 
     return Family("MMDiT", name, config, build, run)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_sd3 import tiny_sd3_pipeline, tiny_sd3_transformer, tiny_sd35_transformer
+from tiny_sd3 import sd3_denoise, tiny_sd3_pipeline, tiny_sd3_transformer, tiny_sd35_transformer
 
 import tokred
 from tokred.errors import InvalidOptionError, UnsupportedModelError
@@ -26,19 +26,7 @@ def sd3_calls(model, latent=(16, 16), batch=2, steps=TIMESTEPS, seed=0, rows=Non
     pooled = torch.randn(batch, 64, generator=g)
     if rows is not None:
         sample, text, pooled = sample[rows], text[rows], pooled[rows]
-        batch = sample.shape[0]
-    with torch.no_grad():
-        return torch.stack(
-            [
-                model(
-                    hidden_states=sample + 0.1 * i,
-                    encoder_hidden_states=text,
-                    pooled_projections=pooled,
-                    timestep=torch.full((batch,), float(t)),
-                ).sample
-                for i, t in enumerate(steps)
-            ]
-        )
+    return torch.stack(sd3_denoise(model, sample, text, pooled, steps))
 
 
 class Recorder:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 
-def tiny_sd_unet(cross_attention_dim: int = 32, sample_size: int = 16, seed: int = 0):
+def tiny_sd_unet(cross_attention_dim: int = 32, sample_size: int = 16, seed: int = 0, **overrides):
     """A small UNet2DConditionModel with SD 1.5's block layout: three cross-attention down blocks and a
-    plain one, mirrored going up, two layers per block (so 2 + 3 top-level transformer blocks)."""
+    plain one, mirrored going up, two layers per block (so 2 + 3 top-level transformer blocks). ``overrides``
+    replace entries of that configuration."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
+    config = dict(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
@@ -22,30 +23,18 @@ def tiny_sd_unet(cross_attention_dim: int = 32, sample_size: int = 16, seed: int
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=16,
-    ).eval()
+    )
+    return UNet2DConditionModel(**{**config, **overrides}).eval()
 
 
 def tiny_sd2_unet(cross_attention_dim: int = 32, sample_size: int = 16, seed: int = 0):
     """A small UNet2DConditionModel with SD 2.x's differences from SD 1.5: linear projections in and out of the
     transformers, a head count per level (SD2's ``attention_head_dim=(5, 10, 20, 20)``, read by diffusers as
     heads) and upcast attention (SD 2.1)."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64, 64, 64),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=(2, 4, 8, 8),
-        use_linear_projection=True,
-        upcast_attention=True,
-        norm_num_groups=16,
-    ).eval()
+    return tiny_sd_unet(
+        cross_attention_dim, sample_size, seed,
+        attention_head_dim=(2, 4, 8, 8), use_linear_projection=True, upcast_attention=True,
+    )  # fmt: skip
 
 
 def _byte_alphabet() -> list[str]:
@@ -71,36 +60,52 @@ def tiny_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
-    """A complete StableDiffusionPipeline (tokenizer, text encoder, VAE, U-Net) small enough for CPU tests."""
-    from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_clip_text_encoder(tokenizer, width: int = 32, projection_dim: int | None = None):
+    """A 2-layer CLIP text encoder on :func:`tiny_clip_tokenizer`'s vocabulary; with ``projection_dim`` the
+    ``CLIPTextModelWithProjection`` whose pooled output SDXL and SD3 use."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    torch.manual_seed(seed)
-    tokenizer = tiny_clip_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer.get_vocab()),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    ).eval()
-    vae = AutoencoderKL(
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer.get_vocab()),
+        hidden_size=width,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **({} if projection_dim is None else {"projection_dim": projection_dim}),
+    )
+    return (CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection)(config).eval()
+
+
+def tiny_vae(latent_channels: int, **config):
+    """A 2-level ``AutoencoderKL`` (scale factor 2) with ``latent_channels`` and the model's own extras
+    (scaling/shift factors, quant convs)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         block_out_channels=(16, 32),
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=16,
         layers_per_block=1,
+        **config,
     ).eval()
+
+
+def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
+    """A complete StableDiffusionPipeline (tokenizer, text encoder, VAE, U-Net) small enough for CPU tests."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = tiny_clip_text_encoder(tokenizer)
+    vae = tiny_vae(latent_channels=4)
     unet = tiny_sd_unet(cross_attention_dim=32, seed=seed)
     cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[scheduler]
     sched = cls(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from tiny_models import tiny_clip_tokenizer
+from tiny_models import tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_vae
 
 
 def tiny_sd3_transformer(
@@ -37,49 +37,19 @@ def tiny_sd35_transformer(seed: int = 0):
     return tiny_sd3_transformer(seed=seed, num_layers=2, dual_attention_layers=(0,), qk_norm="rms_norm")
 
 
-def _tiny_clip_with_projection(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    return CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer.get_vocab()),
-            hidden_size=32,
-            intermediate_size=64,
-            projection_dim=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    ).eval()
-
-
 def tiny_sd3_pipeline(seed: int = 0, **transformer_kwargs):
     """A complete StableDiffusion3Pipeline (two tiny CLIP encoders with projection, no T5: the pipeline then
     uses zeros for it, a 16-channel VAE with scale factor 2, flow-matching Euler). Call it with
     ``height=width=32`` for 16x16 latents and a short ``max_sequence_length``."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
-    text_encoder = _tiny_clip_with_projection(tokenizer)
-    text_encoder_2 = _tiny_clip_with_projection(tokenizer_2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=16,
-        norm_num_groups=16,
-        layers_per_block=1,
-        shift_factor=0.0609,
-        scaling_factor=1.5305,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    text_encoder = tiny_clip_text_encoder(tokenizer, projection_dim=32)
+    text_encoder_2 = tiny_clip_text_encoder(tokenizer_2, projection_dim=32)
+    vae = tiny_vae(
+        latent_channels=16, shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False
+    )
     transformer = tiny_sd3_transformer(seed=seed, **transformer_kwargs)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -94,3 +64,24 @@ def tiny_sd3_pipeline(seed: int = 0, **transformer_kwargs):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sd3_denoise(model, sample, text, pooled, timesteps, before_step=None) -> list:
+    """A bare generation: one transformer call per timestep on ``sample + 0.1 * i`` (so every call differs) with
+    fixed text tokens and pooled projections; ``before_step(i)`` (1-based) runs before call ``i``. The outputs,
+    in order."""
+    batch = sample.shape[0]
+    outs = []
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            if before_step is not None:
+                before_step(i + 1)
+            outs.append(
+                model(
+                    hidden_states=sample + 0.1 * i,
+                    encoder_hidden_states=text,
+                    pooled_projections=pooled,
+                    timestep=torch.full((batch,), float(t)),
+                ).sample
+            )
+    return outs

@@ -9,7 +9,7 @@ plus six micro-conditioning numbers, each embedded to ``addition_time_embed_dim`
 from __future__ import annotations
 
 import torch
-from tiny_models import tiny_clip_tokenizer
+from tiny_models import tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_vae
 
 TEXT_WIDTH = 32  # hidden size of each tiny text encoder; the U-Net's cross_attention_dim is their sum
 POOLED_WIDTH = 32  # projection_dim of the second encoder: SDXL's pooled "text_embeds"
@@ -48,45 +48,17 @@ def sdxl_added_cond(batch: int, height: int, width: int, seed: int = 0) -> dict:
     return {"text_embeds": torch.randn(batch, POOLED_WIDTH, generator=g), "time_ids": time_ids}
 
 
-def _tiny_clip(tokenizer, with_projection: bool):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer.get_vocab()),
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=64,
-        projection_dim=POOLED_WIDTH,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
-
-
 def tiny_sdxl_pipeline(seed: int = 0):
     """A complete StableDiffusionXLPipeline: two tiny CLIP text encoders (the second with projection, whose
     pooled output is the U-Net's ``text_embeds``), a 4-channel VAE with scale factor 2, Euler. Call it with
     ``height=width=32`` for 16x16 latents."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
-    text_encoder = _tiny_clip(tokenizer, with_projection=False)
-    text_encoder_2 = _tiny_clip(tokenizer_2, with_projection=True)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        norm_num_groups=16,
-        layers_per_block=1,
-        scaling_factor=0.13025,  # SDXL's VAE scaling factor
-    ).eval()
+    text_encoder = tiny_clip_text_encoder(tokenizer, width=TEXT_WIDTH)
+    text_encoder_2 = tiny_clip_text_encoder(tokenizer_2, width=TEXT_WIDTH, projection_dim=POOLED_WIDTH)
+    vae = tiny_vae(latent_channels=4, scaling_factor=0.13025)  # SDXL's VAE scaling factor
     unet = tiny_sdxl_unet(seed=seed)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,

@@ -5,6 +5,7 @@ merged tokens."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .merge import GridMerge
 from .options import int_at_least, is_bool, one_of, option, optional
@@ -15,14 +16,16 @@ MAX_DOWNSAMPLE_VALID = (
 )
 
 
+def max_downsample_option(doc: str) -> Any:
+    """The U-Net level option every method shares (None: the adapter's default level); ``doc`` says what acts."""
+    return option(None, valid=MAX_DOWNSAMPLE_VALID, check=optional(one_of(1, 2, 4, 8)), doc=doc)
+
+
 @dataclass
 class GridMergeLayout:
-    max_downsample: int | None = option(
-        None,
-        valid=MAX_DOWNSAMPLE_VALID,
-        check=optional(one_of(1, 2, 4, 8)),
-        doc="merge in the transformer blocks with at most this downsampling; None: the highest-resolution level "
-        "that has transformer blocks (tomesd's 1 on SD 1.x/2.x)",
+    max_downsample: int | None = max_downsample_option(
+        "merge in the transformer blocks with at most this downsampling; None: the highest-resolution level "
+        "that has transformer blocks (tomesd's 1 on SD 1.x/2.x)"
     )
     sx: int = option(2, valid="int >= 1", check=int_at_least(1), doc="destination stride along x")
     sy: int = option(2, valid="int >= 1", check=int_at_least(1), doc="destination stride along y")
