@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tokred.bench import stats
-from tokred.tasks.arch import build_sd15_unet, sd15_unet_config
+from tokred.tasks.arch import build_unet, sd15_unet_config
 
 TINY = os.environ.get("TOKRED_BENCH_TINY") == "1"
 TINY_UNET = dict(block_out_channels=(32, 64, 64, 64), attention_head_dim=2, norm_num_groups=8, layers_per_block=1)
@@ -36,7 +36,7 @@ def sd15_unet_config_for_bench() -> dict:
 @pytest.fixture(scope="session")
 def sd15_unet():
     """SD1.5's U-Net at random init (about 3.4 GB in fp32), built once per session."""
-    return build_sd15_unet(sd15_unet_config_for_bench(), seed=0)
+    return build_unet(sd15_unet_config_for_bench(), seed=0)
 
 
 def unet_inputs(batch: int = 2, latent: int = 32, seed: int = 0) -> dict:

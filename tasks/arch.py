@@ -94,9 +94,6 @@ def build_unet(config: dict[str, Any], seed: int = 0) -> nn.Module:
         return UNet2DConditionModel(**config).eval()
 
 
-build_sd15_unet = build_unet  # the benchmarks' name
-
-
 def sd15_scheduler():
     from diffusers import DDIMScheduler
 
