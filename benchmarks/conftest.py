@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tokred.bench import stats
-from tokred.tasks.arch import build_unet, sd15_unet_config
+from tokred.tasks.architectures import build_unet, sd15_unet_config
 
 TINY = os.environ.get("TOKRED_BENCH_TINY") == "1"
 TINY_UNET = dict(block_out_channels=(32, 64, 64, 64), attention_head_dim=2, norm_num_groups=8, layers_per_block=1)

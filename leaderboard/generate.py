@@ -36,9 +36,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from tokred.bench.files import OutputError, OutputLock, atomic_write, check_writable_file
-from tokred.bench.results import ResultsError
+from tokred.bench.results import ResultsError, load_results
 
 from .plot import ARROWS, plot, plotted_rows
+from .scaling import ScalingGroup, scaling_groups, scaling_markdown, scaling_plot
 from .sections import Row, Section, load_sections
 
 PUBLISHED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "published.json")
@@ -115,7 +116,7 @@ def cell(row: Row, key: str) -> str:
 def tokens_summary(row: Row) -> str:
     """``q 98 · kv 98 · mlp 90 of 197 (12/12 blocks)``: mean query, key/value and MLP tokens over the blocks
     where any of them is below the tokens entering the block, against those entering tokens."""
-    tokens = row.info.get("tokens")
+    tokens = row.record.tokens
     if not tokens:
         return "—"
     blocks = list(tokens.values())
@@ -143,7 +144,7 @@ def table(section: Section) -> str:
         unit = f" ({m['unit']})" if m.get("unit") else ""
         columns.append((m["name"], f"{m['name']}{unit}", m["better"]))
     columns = [c for c in columns if c[0] == "speedup" or any(c[0] in r.values for r in section.rows)]
-    with_tokens = any(r.info.get("tokens") for r in section.rows)
+    with_tokens = any(r.record.tokens for r in section.rows)
     headers = ["method", "preset", "options", "Pareto"]
     headers += [f"{title} {ARROWS[d]}" if d else title for _, title, d in columns]
     if with_tokens:
@@ -175,13 +176,13 @@ def _setting(value: Any) -> str:
 
 
 def header(section: Section) -> str:
-    infos = [r.info for r in section.rows]
-    first = infos[0]
+    records = [r.record for r in section.rows]
+    first = records[0]
     device = f"`{section.device}` — {section.device_name}"
     if section.threads and section.device.startswith("cpu"):
-        cores = _unique([i.get("cpu_count") for i in infos])
+        cores = _unique([r.cpu_count for r in records])
         device += f" ({section.threads} threads" + (f" of {', '.join(map(str, cores))} cores)" if cores else ")")
-    versions = first.get("versions", {})
+    versions = first.versions or {}
     version_text = ", ".join(f"{k} {versions[k]}" for k in ("torch", "diffusers", "timm", "tokred") if versions.get(k))
     dates = sorted(_unique([r.datetime[:10] for r in section.rows]))
     lines = [
@@ -193,7 +194,7 @@ def header(section: Section) -> str:
     ]
     if section.settings:
         lines.append("- **Settings**: " + ", ".join(f"{k}={_setting(v)}" for k, v in section.settings.items()))
-    for command in _unique([i.get("command") for i in infos]):
+    for command in _unique([r.command for r in records]):
         lines.append(f"- **Reproduce**: `{command}`")
     sources = _unique([r.source for r in section.rows])
     lines.append("- **Results**: " + ", ".join(f"[`{s}`]({s})" for s in sources))
@@ -206,7 +207,7 @@ def section_notes(section: Section) -> list[str]:
     primary = section.primary_metric()
     if primary is not None:
         parts.append(f"Primary quality metric (Pareto front): `{primary['name']}` ({primary['better']} is better).")
-    elif section.size == "arch":
+    elif not any(r.record.quality for r in section.rows):
         parts.append("Speed only: the real architecture with random weights (`--size arch`), so no quality "
                      "metrics and no Pareto front.")
     if not any(r.is_baseline for r in section.rows):
@@ -215,7 +216,7 @@ def section_notes(section: Section) -> list[str]:
     contended = section.contended_rows
     if contended:
         reasons = "; ".join(
-            f"{r.label}: {', '.join(r.info.get('contention') or ['machine busy'])}" for r in contended
+            f"{r.label}: {', '.join(r.record.contention or ['machine busy'])}" for r in contended
         )
         parts.append(f"{CONTENDED_MARK} ({len(contended)} of {len(section.rows)} rows; not ranked): {reasons}.")
     if section.inseparable:
@@ -224,7 +225,7 @@ def section_notes(section: Section) -> list[str]:
         parts.append(f"Not separable (every row's interval overlaps the best's, so nothing is marked): {names}.")
     if not section.has_intervals:
         parts.append("_Some rows have no 95% intervals (results of schema 1): their columns are not ranked._")
-    for note in _unique([n for r in section.rows for n in r.info.get("notes") or []]):
+    for note in _unique([n for r in section.rows for n in r.record.notes or []]):
         parts.append(f"Note: {note}")
     return parts
 
@@ -236,8 +237,10 @@ def sources_of(markdown: str) -> dict[str, Any] | None:
     return json.loads(match.group(1)) if match else None
 
 
-def render(sections: list[Section], sources: Sequence[str], published: bool = True) -> str:
-    """The leaderboard markdown. ``sources``: the results files (relative to the markdown's folder)."""
+def render(sections: list[Section], sources: Sequence[str], published: bool = True,
+           scaling: Sequence[ScalingGroup] = ()) -> str:
+    """The leaderboard markdown. ``sources``: the results files (relative to the markdown's folder); ``scaling``:
+    the speedup-against-resolution groups (:mod:`tokred.leaderboard.scaling`)."""
     parts = ["# tokred leaderboard", "", INTRO, "", MARKS]
     if not sections:
         parts += ["", "_No measured results yet: `tokred bench` (README command 1) runs every task and writes this "
@@ -249,6 +252,8 @@ def render(sections: list[Section], sources: Sequence[str], published: bool = Tr
             parts += ["", note]
         if plotted_rows(sec):
             parts += ["", f"![speed versus {sec.primary_metric()['name']}: {sec.title}]({sec.slug}.png)"]
+    for group in scaling:
+        parts += ["", scaling_markdown(group, f"{group.slug}.png").rstrip("\n")]
     if published:
         parts += ["", published_table()]
     names = sorted(sources)
@@ -297,6 +302,13 @@ def _copies(paths: Sequence[str], folder: str) -> list[tuple[str, str]]:
     return out
 
 
+def _benchmarks_oldest_first(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """Every benchmark of ``paths``, the files' in order of their ``datetime`` (a later file's row wins)."""
+    docs = [load_results(p) for p in paths]
+    docs.sort(key=lambda d: str(d.get("datetime", "")))
+    return [b for d in docs for b in d["benchmarks"]]
+
+
 def build(paths: Sequence[str], out_path: str, published: bool = True, plots: bool = True) -> list[Section]:
     """Read ``paths``; write copies of them to ``results/`` beside ``out_path``, the plots, and the markdown to
     ``out_path`` (all atomically, the markdown last). Bad inputs (:class:`ResultsError`) and outputs that cannot
@@ -308,7 +320,8 @@ def build(paths: Sequence[str], out_path: str, published: bool = True, plots: bo
     copies = _copies(paths, folder)
     sources = [os.path.relpath(dest, folder) for _, dest in copies]
     sections = load_sections([src for src, _ in copies], sources)
-    text = render(sections, sources, published=published)
+    scaling = scaling_groups(_benchmarks_oldest_first([src for src, _ in copies]))
+    text = render(sections, sources, published=published, scaling=scaling)
     check_writable_file(out_path, "-o")
     with OutputLock(out_path, "-o"):
         for src, dest in copies:
@@ -318,6 +331,8 @@ def build(paths: Sequence[str], out_path: str, published: bool = True, plots: bo
         if plots:
             for sec in sections:
                 plot(sec, os.path.join(folder, f"{sec.slug}.png"))
+            for group in scaling:
+                scaling_plot(group, os.path.join(folder, f"{group.slug}.png"))
         atomic_write(out_path, text, purpose="-o")
     return sections
 

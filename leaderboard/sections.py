@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokred.bench.results import ResultsError, load_results, tokred_benchmarks
+from tokred.bench.record import CaseRecord
+from tokred.bench.results import ResultsError, load_results, tokred_records
 
 from .ranking import ColumnMarks, Estimate, pareto_front, rank_column
 
@@ -36,7 +37,7 @@ VOLATILE_SETTINGS = frozenset({"date", "datetime", "time", "timestamp", "progres
 IDENTITY_FIELDS = frozenset({"task", "size", "device", "dtype", "model"})
 CAPS = {"psnr": 100.0}  # tasks/quality.py PSNR_CAP_DB: identical images, not a measurement
 
-# Speed columns: (key in extra_info, header, direction or None when the column is not ranked).
+# Speed columns: (CaseRecord field, header, direction or None when the column is not ranked).
 SPEEDUP = ("speedup", "speedup ×", "higher")
 FLOPS_IDEAL = ("flops_ideal_speedup", "FLOPs-ideal ×", None)
 EFFICIENCY = ("efficiency", "efficiency", None)
@@ -57,7 +58,7 @@ class Row:
     estimates: dict[str, Estimate]  # the ranked values
     datetime: str
     source: str
-    info: dict[str, Any]
+    record: CaseRecord  # the case as its results file holds it
     pareto: bool = False
     marks: dict[str, str] = field(default_factory=dict)  # column key -> "bold" | "tied"
 
@@ -71,11 +72,11 @@ class Row:
 
     @property
     def contended(self) -> bool:
-        return bool(self.info.get("contended"))
+        return bool(self.record.contended)
 
     @property
     def identity(self) -> tuple[str, str, str]:
-        return self.method, self.preset, json.dumps(self.info.get("options", {}), sort_keys=True)
+        return self.method, self.preset, json.dumps(self.record.options, sort_keys=True)
 
     def capped(self, key: str) -> bool:
         return key in CAPS and self.values.get(key) is not None and self.values[key] >= CAPS[key]
@@ -145,7 +146,7 @@ class Section:
 
     @property
     def has_intervals(self) -> bool:
-        return all("speedup_ci" in r.info for r in self.rows)
+        return all(r.record.speedup_ci is not None for r in self.rows)
 
 
 # --- loading -------------------------------------------------------------------------------------------------
@@ -161,11 +162,11 @@ def section_settings(task_info: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in task_info.items() if k not in IDENTITY_FIELDS | VOLATILE_SETTINGS and v is not None}
 
 
-def _row(info: dict[str, Any], when: str, source: str) -> Row:
+def _row(record: CaseRecord, when: str, source: str) -> Row:
     values: dict[str, float] = {}
     estimates: dict[str, Estimate] = {}
-    quality_ci = info.get("quality_ci") or {}
-    for name, raw in info["quality"].items():
+    quality_ci = record.quality_ci or {}
+    for name, raw in record.quality.items():
         value = _number(raw)
         if value is None:
             continue
@@ -174,26 +175,25 @@ def _row(info: dict[str, Any], when: str, source: str) -> Row:
         estimates[name] = Estimate(value, (float(ci[0]), float(ci[1])) if ci else None)
     for key in ("speedup", "throughput_per_s", "s_per_image", "gflops", "peak_mem_mb", "flops_ideal_speedup",
                 "efficiency", "baseline_gflops"):
-        value = _number(info.get(key))
+        value = _number(getattr(record, key))
         if value is not None:
             values[key] = value
-    ci = info.get("speedup_ci")
+    ci = record.speedup_ci
     estimates["speedup"] = Estimate(values["speedup"], (float(ci[0]), float(ci[1])) if ci else None)
     for key in EXACT:
         if key in values:  # exact counts, but a schema-1 row is never ranked
-            estimates[key] = Estimate.exact(values[key]) if info["tokred"] >= 2 else Estimate(values[key])
-    options = info.get("options_repr")
+            estimates[key] = Estimate.exact(values[key]) if record.tokred >= 2 else Estimate(values[key])
+    options = record.options_repr
     if options is None:
-        options = ", ".join(f"{k}={v!r}" for k, v in info["options"].items())
-    return Row(info["method"], info["preset"], options, values, estimates, when, source, info)
+        options = ", ".join(f"{k}={v!r}" for k, v in record.options.items())
+    return Row(record.method, record.preset, options, values, estimates, when, source, record)
 
 
-def _section_for(info: dict[str, Any]) -> Section:
-    task_info = info.get("task_info") or {}
-    threads = info.get("threads", info.get("num_threads"))
-    return Section(info["task"], info["size"], str(info.get("model") or task_info.get("model") or "?"),
-                   info["device"], info.get("device_name") or info["device"], info["dtype"],
-                   threads if isinstance(threads, int) else None, section_settings(task_info))
+def _section_for(record: CaseRecord) -> Section:
+    task_info = record.task_info or {}
+    return Section(record.task, record.size, str(record.model or task_info.get("model") or "?"), record.device,
+                   record.device_name or record.device, record.dtype, record.torch_threads,
+                   section_settings(task_info))
 
 
 def load_sections(paths: Sequence[str], sources: Sequence[str] | None = None) -> list[Section]:
@@ -206,15 +206,14 @@ def load_sections(paths: Sequence[str], sources: Sequence[str] | None = None) ->
     for source, path in named:
         data = load_results(path)
         when = str(data.get("datetime", ""))
-        for bench in tokred_benchmarks(data):
+        for record in tokred_records(data, path):
             found += 1
-            info = bench["extra_info"]
-            sec = _section_for(info)
+            sec = _section_for(record)
             sec = sections.setdefault(sec.key, sec)
-            for metric in info.get("metrics", []):
+            for metric in record.metrics:
                 if sec.metric(metric["name"]) is None:
                     sec.metrics.append(dict(metric))
-            row = _row(info, when, source)
+            row = _row(record, when, source)
             previous = next((i for i, r in enumerate(sec.rows) if r.identity == row.identity), None)
             if previous is None:
                 sec.rows.append(row)

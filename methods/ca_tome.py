@@ -243,6 +243,10 @@ class CAToMe(Method):
         },
     }
     State = CAToMeState
+    random_weights_caveat = (
+        "CA-ToMe's merge count depends on trained features (a similarity threshold); on random weights this row "
+        "shows the count it actually merged (see tokens), not what trained weights would give"
+    )
 
     def check(self, adapter) -> None:
         require_concrete(adapter.root, "ca_tome")  # the merge count is read from the activations

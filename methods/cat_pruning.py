@@ -375,6 +375,10 @@ class CatPruning(Method):
     }
     State = CatState
 
+    def warmup_calls(self) -> int:
+        """The ``t0`` full calls of a generation: call ``t0 + 1`` is the first pruned one."""
+        return int(self.options.t0)
+
     def check(self, adapter) -> None:
         require_concrete(adapter.root, "cat_pruning")  # k-means and the selection read the activations
         if isinstance(adapter, DiffusersUNetAdapter):

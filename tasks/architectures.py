@@ -1,5 +1,8 @@
-"""The real architectures of the denoisers people run, as keyword arguments of their diffusers classes, and the
-inputs of one classifier-free-guidance step at a given resolution.
+"""The one architecture table: the real denoisers people run, as keyword arguments of their diffusers classes,
+with what it takes to run each of them without a download: the inputs of one classifier-free-guidance step, the
+random conditioning and the sampler of a generation (:class:`RandomInitPipeline`), and the pipeline class that
+loads its real weights. The text-to-image workloads (:mod:`tokred.tasks.diffusion_workloads`) build from a row of
+:data:`ARCHITECTURES`; adding a denoiser family to the benchmarks is a new row here.
 
 For speed measurements without downloads: the model is built from its configuration with random weights
 (:func:`build`), on any device, including ``meta`` (no memory; for parameter counts and shape checks).
@@ -10,24 +13,34 @@ threshold) nothing about how much they reduce on the trained model.
 name          model                                   class               one CFG step (batch 2)
 ============  ======================================  ==================  ====================================
 ``sd15``      Stable Diffusion 1.5's U-Net (860M)     UNet2DConditionModel  latents, 77 CLIP tokens of 768
+``sd2``       Stable Diffusion 2.1's U-Net (866M)     UNet2DConditionModel  latents, 77 OpenCLIP tokens of 1024
 ``sdxl``      SDXL base 1.0's U-Net (2.57B)           UNet2DConditionModel  + ``added_cond_kwargs`` (pooled 1280,
                                                                             time ids), 77 tokens of 2048
 ``sd3``       SD3-medium's MMDiT (2.03B)              SD3Transformer2DModel  16-channel latents, 77 CLIP + 256 T5
                                                                              tokens of 4096, pooled 2048
+``sd35``      SD3.5-medium's MMDiT-X (2.24B)          SD3Transformer2DModel  as SD3, with qk-norm and dual attention
+                                                                             in the first 13 blocks
 ============  ======================================  ==================  ====================================
 
 The configurations are those of the published ``config.json`` files (stable-diffusion-v1-5, stabilityai/
-stable-diffusion-xl-base-1.0 ``unet/``, stabilityai/stable-diffusion-3-medium-diffusers ``transformer/``), written
-out here so that no download is needed; options that equal diffusers' defaults are left out.
+stable-diffusion-xl-base-1.0 ``unet/``, stabilityai/stable-diffusion-2-1 ``unet/``,
+stabilityai/stable-diffusion-3-medium-diffusers and stabilityai/stable-diffusion-3.5-medium ``transformer/``),
+written out here so that no download is needed; options that equal diffusers' defaults are left out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+
+VAE_SCALE_FACTOR = 8  # every VAE here: 512 px images are 64 x 64 latents
+CLIP_TOKENS = 77  # CLIP's context length
+T5_TOKENS = 256  # the SD3 pipelines' default max_sequence_length
 
 
 def sd15_unet_config() -> dict[str, Any]:
@@ -42,6 +55,19 @@ def sd15_unet_config() -> dict[str, Any]:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=768,
         attention_head_dim=8,
+    )
+
+
+def sd2_unet_config() -> dict[str, Any]:
+    """Stable Diffusion 2.1's ``UNet2DConditionModel``: SD1.x's layout with OpenCLIP-H's 1024-wide tokens, 64-channel
+    heads (5/10/20/20 per level), linear projections in the transformer blocks and attention upcast to float32."""
+    return dict(
+        sd15_unet_config(),
+        sample_size=96,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+        upcast_attention=True,
     )
 
 
@@ -87,6 +113,17 @@ def sd3_medium_transformer_config() -> dict[str, Any]:
     )
 
 
+def sd35_medium_transformer_config() -> dict[str, Any]:
+    """SD3.5-medium's ``SD3Transformer2DModel`` (MMDiT-X): SD3-medium's widths with RMS qk-norm, a second
+    self-attention over the image tokens in blocks 0-12, and a larger position-embedding table (384)."""
+    return dict(
+        sd3_medium_transformer_config(),
+        pos_embed_max_size=384,
+        qk_norm="rms_norm",
+        dual_attention_layers=tuple(range(13)),
+    )
+
+
 # --- one CFG step ----------------------------------------------------------------------------------------------
 def _latent_side(resolution: int, vae_scale: int = 8) -> int:
     if resolution % vae_scale:
@@ -95,7 +132,8 @@ def _latent_side(resolution: int, vae_scale: int = 8) -> int:
 
 
 def sd15_unet_inputs(
-    resolution: int = 512, batch: int = 2, seed: int = 0, device: Any = "cpu", dtype: torch.dtype = torch.float32
+    resolution: int = 512, batch: int = 2, seed: int = 0, device: Any = "cpu", dtype: torch.dtype = torch.float32,
+    text_width: int = 768,
 ) -> dict[str, Any]:
     """``UNet2DConditionModel.forward`` keyword arguments for one CFG step of SD1.5 (the batch holds the
     unconditional and conditional halves): random latents, timestep 500, 77 random CLIP tokens of 768."""
@@ -104,8 +142,15 @@ def sd15_unet_inputs(
     return dict(
         sample=torch.randn(batch, 4, side, side, generator=g).to(device, dtype),
         timestep=torch.tensor(500, device=device),
-        encoder_hidden_states=torch.randn(batch, 77, 768, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(batch, CLIP_TOKENS, text_width, generator=g).to(device, dtype),
     )
+
+
+def sd2_unet_inputs(
+    resolution: int = 768, batch: int = 2, seed: int = 0, device: Any = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """One CFG step of SD2.1: as SD1.5's, with 77 OpenCLIP-H tokens of 1024."""
+    return sd15_unet_inputs(resolution, batch, seed, device, dtype, text_width=1024)
 
 
 def sdxl_unet_inputs(
@@ -149,12 +194,51 @@ def sd3_transformer_inputs(
     )
 
 
+# --- samplers ----------------------------------------------------------------------------------------------------
+# Stable Diffusion 1.x/2.x and SDXL's training noise schedule, with DDIM (the scheduler config shipped with SD1.5;
+# SDXL's default sampler is Euler on the same schedule, which costs the same per step).
+SD_DDIM_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+SD15_SCHEDULER_CONFIG = SD_DDIM_CONFIG  # the name tokred 0.2 used
+# SD3 / SD3.5: rectified flow with Euler steps and a timestep shift of 3.0 (their scheduler_config.json).
+SD3_FLOW_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
+
+
+def ddim_scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config({**SD_DDIM_CONFIG, "prediction_type": prediction_type})
+
+
+def sd15_scheduler():
+    return ddim_scheduler()
+
+
+def flow_match_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(SD3_FLOW_CONFIG)
+
+
 # --- the table ---------------------------------------------------------------------------------------------------
+FAMILIES = {"UNet2DConditionModel": "diffusers_unet", "SD3Transformer2DModel": "diffusers_mmdit"}
+DENOISER_ATTRS = {"UNet2DConditionModel": "unet", "SD3Transformer2DModel": "transformer"}
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """A denoiser's class name (in ``diffusers``), configuration and CFG-step inputs; ``parameters`` is the
-    parameter count of the published checkpoint (the tests check the configuration against it on the meta
-    device)."""
+    """A denoiser: its class name (in ``diffusers``), configuration and CFG-step inputs, its sampler
+    (``scheduler()``, the default of its pipeline or one that costs the same per step), the pipeline class and hub
+    id of its real weights, and its sampling defaults. ``parameters`` is the parameter count of the published
+    checkpoint (the tests check the configuration against it on the meta device)."""
 
     name: str
     description: str
@@ -163,39 +247,237 @@ class Architecture:
     inputs: Callable[..., dict[str, Any]]
     default_resolution: int
     parameters: int
+    pipeline_class: str = "StableDiffusionPipeline"
+    hub_id: str = ""
+    scheduler: Callable[[], Any] = sd15_scheduler
+    default_steps: int = 50
+    guidance_scale: float = 7.5
+
+    @property
+    def family(self) -> str:
+        """The tokred adapter family of the denoiser."""
+        return FAMILIES[self.model_class]
+
+    @property
+    def denoiser_attr(self) -> str:
+        """The pipeline attribute that holds the denoiser (``unet`` or ``transformer``)."""
+        return DENOISER_ATTRS[self.model_class]
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
         Architecture("sd15", "Stable Diffusion 1.5 U-Net", "UNet2DConditionModel", sd15_unet_config,
-                     sd15_unet_inputs, 512, 859_520_964),
+                     sd15_unet_inputs, 512, 859_520_964, "StableDiffusionPipeline",
+                     "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        Architecture("sd2", "Stable Diffusion 2.1 U-Net", "UNet2DConditionModel", sd2_unet_config, sd2_unet_inputs,
+                     768, 865_910_724, "StableDiffusionPipeline", "stabilityai/stable-diffusion-2-1",
+                     lambda: ddim_scheduler("v_prediction")),
         Architecture("sdxl", "SDXL base 1.0 U-Net", "UNet2DConditionModel", sdxl_unet_config, sdxl_unet_inputs,
-                     1024, 2_567_463_684),
+                     1024, 2_567_463_684, "StableDiffusionXLPipeline", "stabilityai/stable-diffusion-xl-base-1.0",
+                     guidance_scale=5.0),
         Architecture("sd3", "SD3-medium MMDiT", "SD3Transformer2DModel", sd3_medium_transformer_config,
-                     sd3_transformer_inputs, 1024, 2_028_328_000),
+                     sd3_transformer_inputs, 1024, 2_028_328_000, "StableDiffusion3Pipeline",
+                     "stabilityai/stable-diffusion-3-medium-diffusers", flow_match_scheduler, 28, 7.0),
+        # (the announcement rounds SD3.5-medium to 2.5B; this is the count of its transformer's config.json)
+        Architecture("sd35", "SD3.5-medium MMDiT-X", "SD3Transformer2DModel", sd35_medium_transformer_config,
+                     sd3_transformer_inputs, 1024, 2_243_171_520, "StableDiffusion3Pipeline",
+                     "stabilityai/stable-diffusion-3.5-medium", flow_match_scheduler, 40, 4.5),
     )
 }
 
 
-def get_architecture(name: str) -> Architecture:
+def get_architecture(name: Any) -> Architecture:
     try:
         return ARCHITECTURES[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown architecture {name!r}; valid: {', '.join(ARCHITECTURES)}") from None
+
+
+def architecture_of(model_class_name: str) -> list[str]:
+    """The architectures whose denoiser is a ``model_class_name``."""
+    return [a.name for a in ARCHITECTURES.values() if a.model_class == model_class_name]
+
+
+def config_with(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The configuration of architecture ``name`` with ``overrides`` (e.g. a tiny one for tests); keys that its
+    diffusers class does not take raise here, naming the valid ones."""
+    arch = get_architecture(name)
+    config = arch.config()
+    if overrides:
+        import diffusers
+
+        cls = getattr(diffusers, arch.model_class)
+        valid = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise ValueError(
+                f"{name} config: unknown {arch.model_class} arguments {', '.join(unknown)}; valid: "
+                f"{', '.join(sorted(valid))}"
+            )
+        config.update(overrides)
+    return config
+
+
+def latent_multiple(name: str, config: dict[str, Any]) -> int:
+    """Latent sides must be a multiple of this: a U-Net halves them once per level but the last; an MMDiT cuts
+    them into ``patch_size`` patches."""
+    if get_architecture(name).model_class == "UNet2DConditionModel":
+        return 2 ** (len(config["block_out_channels"]) - 1)
+    return int(config.get("patch_size", 2))
+
+
+def build_from_config(name: str, config: dict[str, Any], device: Any = "cpu", dtype: torch.dtype = torch.float32,
+                      seed: int = 0) -> nn.Module:
+    """Architecture ``name``'s denoiser class built from ``config`` at random init (seeded, without touching the
+    global RNG: the same weights every time), in eval mode; ``device="meta"`` allocates nothing."""
+    import diffusers
+
+    cls = getattr(diffusers, get_architecture(name).model_class)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = cls(**config)
+    if dtype != torch.float32:  # (diffusers warns at every dtype cast, even a no-op one)
+        model = model.to(dtype=dtype)
+    return model.eval()
 
 
 def build(name: str, device: Any = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
     """The denoiser ``name`` with random weights (seeded) in eval mode; ``device="meta"`` allocates nothing."""
-    import diffusers
+    return build_from_config(name, get_architecture(name).config(), device, dtype, seed)
 
-    arch = get_architecture(name)
-    cls = getattr(diffusers, arch.model_class)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = cls(**arch.config())
-    return (model if dtype == torch.float32 else model.to(dtype=dtype)).eval()
+
+def build_unet(config: dict[str, Any], seed: int = 0) -> nn.Module:
+    """A ``UNet2DConditionModel`` from ``config`` at random init (seeded), in eval mode."""
+    return build_from_config("sd15", config, seed=seed)
 
 
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --- a generation without weights ------------------------------------------------------------------------------
+class RandomInitPipeline:
+    """A text-to-image pipeline's shape around a random-init denoiser: ``.unet`` or ``.transformer`` (by the
+    architecture) and ``.scheduler``, so ``tokred.apply(pipe, ...)`` patches the denoiser and follows the
+    scheduler's generations as for a diffusers pipeline. The conditioning is random and fixed at construction
+    (``embedding_seed``), with the shapes the architecture's text encoders give: 77 CLIP tokens of the
+    cross-attention width (U-Nets), SDXL's pooled embedding and time ids, SD3's 77 CLIP + 256 T5 tokens of 4096
+    and pooled projections of 2048. Image ``i``'s initial latents come from its own seed.
+
+    ``__call__(seeds, num_inference_steps, guidance_scale, latent_size)`` runs a whole generation and returns the
+    final latents (no VAE); :meth:`begin` / :meth:`call` / :meth:`step` run it one denoiser call at a time.
+    """
+
+    def __init__(self, architecture: str, denoiser: nn.Module, scheduler: Any, embedding_seed: int = 0) -> None:
+        self.architecture = get_architecture(architecture)
+        setattr(self, self.architecture.denoiser_attr, denoiser)
+        self.denoiser = denoiser
+        self.scheduler = scheduler
+        config = denoiser.config
+        gen = torch.Generator().manual_seed(embedding_seed)
+        self.mmdit = self.architecture.model_class == "SD3Transformer2DModel"
+        if self.mmdit:
+            tokens, width = CLIP_TOKENS + T5_TOKENS, int(config.joint_attention_dim)
+        else:
+            tokens, width = CLIP_TOKENS, int(config.cross_attention_dim)
+        self.text = torch.randn(2, tokens, width, generator=gen)  # (unconditional, conditional)
+        self.pooled: torch.Tensor | None = None
+        if self.mmdit:
+            self.pooled = torch.randn(2, int(config.pooled_projection_dim), generator=gen)
+        elif getattr(config, "addition_embed_type", None) == "text_time":
+            time_width = int(config.addition_time_embed_dim) * 6
+            self.pooled = torch.randn(2, int(config.projection_class_embeddings_input_dim) - time_width, generator=gen)
+
+    # the denoiser's device and dtype
+    def _param(self) -> torch.Tensor:
+        return next(self.denoiser.parameters())
+
+    def _branches(self, t: torch.Tensor, n: int, cfg: bool) -> torch.Tensor:
+        """``t``'s (unconditional, conditional) rows for ``n`` images: ``[2n, ...]`` with CFG, else ``[n, ...]``."""
+        p = self._param()
+        t = t.to(p.device, p.dtype)
+        uncond, cond = (t[i : i + 1].expand(n, *t.shape[1:]) for i in (0, 1))
+        return torch.cat([uncond, cond]) if cfg else cond
+
+    def conditioning(self, n: int, cfg: bool, latent_size: int) -> dict[str, Any]:
+        """The denoiser's keyword arguments besides the latents and the timestep, for ``n`` images."""
+        text = self._branches(self.text, n, cfg)
+        if self.mmdit:
+            return {"encoder_hidden_states": text, "pooled_projections": self._branches(self.pooled, n, cfg)}
+        out: dict[str, Any] = {"encoder_hidden_states": text}
+        if self.pooled is not None:  # SDXL: the time ids of an uncropped square image, (h, w, 0, 0, h, w) in px
+            pooled = self._branches(self.pooled, n, cfg)
+            side = float(latent_size * VAE_SCALE_FACTOR)
+            time_ids = torch.tensor([side, side, 0.0, 0.0, side, side], device=pooled.device, dtype=pooled.dtype)
+            out["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}
+        return out
+
+    def initial_latents(self, seeds: Sequence[int], latent_size: int) -> torch.Tensor:
+        channels = int(self.denoiser.config.in_channels)
+        latents = torch.cat([
+            torch.randn(1, channels, latent_size, latent_size, generator=torch.Generator().manual_seed(int(s)))
+            for s in seeds
+        ])  # fmt: skip
+        return latents.to(self._param().device, torch.float32)
+
+    def begin(self, seeds: Sequence[int], num_inference_steps: int, guidance_scale: float,
+              latent_size: int) -> DenoisingRun:
+        """A generation, ready for its first denoiser call."""
+        scheduler = self.scheduler
+        scheduler.set_timesteps(num_inference_steps, device=self._param().device)
+        latents = self.initial_latents(seeds, latent_size) * getattr(scheduler, "init_noise_sigma", 1.0)
+        cfg = guidance_scale > 1.0
+        return DenoisingRun(latents, list(scheduler.timesteps), guidance_scale, cfg,
+                            self.conditioning(len(seeds), cfg, latent_size))
+
+    def call(self, run: DenoisingRun) -> torch.Tensor:
+        """The denoiser's call at ``run``'s current step: the guided prediction (its pipeline's arithmetic)."""
+        p = self._param()
+        t = run.timesteps[run.index]
+        model_input = torch.cat([run.latents, run.latents]) if run.cfg else run.latents
+        if self.mmdit:  # SD3's pipeline: no input scaling, a timestep per sample
+            out = self.denoiser(hidden_states=model_input.to(p.dtype), timestep=t.expand(model_input.shape[0]),
+                                **run.conditioning).sample.float()
+        else:
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            out = self.denoiser(model_input.to(p.dtype), t, **run.conditioning).sample.float()
+        if run.cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + run.guidance_scale * (cond - uncond)
+        return out
+
+    def step(self, run: DenoisingRun, prediction: torch.Tensor) -> None:
+        """Advance ``run`` by one sampler step with the denoiser's ``prediction``."""
+        t = run.timesteps[run.index]
+        run.latents = self.scheduler.step(prediction, t, run.latents).prev_sample
+        run.index += 1
+
+    @torch.no_grad()
+    def __call__(self, seeds: Sequence[int], num_inference_steps: int, guidance_scale: float,
+                 latent_size: int) -> torch.Tensor:
+        run = self.begin(seeds, num_inference_steps, guidance_scale, latent_size)
+        while not run.done:
+            self.step(run, self.call(run))
+        return run.latents
+
+
+@dataclass
+class DenoisingRun:
+    """A generation in progress: latents, the sampler's timesteps, the index of the next call, the guidance."""
+
+    latents: torch.Tensor
+    timesteps: list[torch.Tensor]
+    guidance_scale: float
+    cfg: bool
+    conditioning: dict[str, Any]
+    index: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+
+# --- ViT architectures ---------------------------------------------------------------------------------------------
+VIT_ARCH_MODELS = ("deit_small_patch16_224", "vit_base_patch16_224")

@@ -3,15 +3,13 @@ KID, CLIP score, PSNR/SSIM against the unreduced model, class accuracy), each wi
 times the workload (seconds per image, speedup); this task does not time anything.
 
 Model
-    ``size="full"``: ``StableDiffusionPipeline.from_pretrained(model)``, default Stable Diffusion 1.5
-    (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a Hugging Face id (cache; ``HF_HUB_OFFLINE=1`` forbids
-    downloads) or a local directory; float16 on CUDA by default; the safety checker is not loaded (it would
-    black out images and skew FID). ``size="embedded"`` (default): the class-conditional pixel-space digits
-    diffusion U-Net shipped with tokred (SD's block layout, 32x32 tokens in the top blocks, classifier-free
-    guidance), which runs offline on a CPU in seconds per batch. ``size="arch"``: SD1.5's U-Net configuration with
-    random weights in a real DDIM loop (:mod:`tokred.tasks.arch`): 512 px (64x64 latents) in float16 on CUDA,
-    256 px (32x32 latents) in float32 on CPU, one prompt per generation (a U-Net batch of 2 with guidance),
-    random text embeddings; speed, FLOPs, memory and token counts only (no quality).
+    The task scores; the model is its workload (:mod:`tokred.tasks.diffusion_workloads`), chosen by ``size``:
+    ``"embedded"`` (default), the digits diffusion U-Net shipped with tokred (offline, seconds per batch on a CPU);
+    ``"arch"``, a real denoiser of the architecture table at random init (``architecture=`` sd15, sd2, sdxl, sd3,
+    sd35; speed only; one denoiser call per timed unit by default, ``unit="generation"`` for a whole generation);
+    ``"full"``, the architecture's diffusers pipeline with its weights (``model=`` a Hugging Face id or a local
+    directory; default Stable Diffusion 1.5, float16 on CUDA; no safety checker, which would black out images
+    and skew FID).
 Prompts
     a text file (one prompt a line) or a list; by default tomesd's FID protocol, ``"A high quality photograph of
     a {class}."`` over the 1000 ImageNet classes (names from timm's ImageNet metadata), and for the embedded model
@@ -35,21 +33,30 @@ Generation and feature extraction are sharded across the processes of an ``accel
 
 from __future__ import annotations
 
-import inspect
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from tokred.bench.contention import cpu_count
-from tokred.bench.measure import ModuleTimer, flops_and_memory, resolve_device, synchronize, timed, torch_dtype
+from tokred.bench.measure import ModuleTimer, flops_and_memory, resolve_device, timed, torch_dtype
 from tokred.bench.task import Metric, Quality, Task, check_bool, check_int, check_number, register_task
-from tokred.errors import UnsupportedModelError
+from tokred.bench.workload import TimedCall, refuse_foreign_settings, workload_class
 
-from . import arch, sharding
+from . import architectures, sharding
+from .diffusion_workloads import (  # noqa: F401  (re-exported: tokred 0.2 names)
+    DIGIT_TEMPLATE,
+    EMBEDDED_MODEL,
+    EMBEDDED_NOTE,
+    IMAGENET_TEMPLATE,
+    SCHEDULERS,
+    WORKLOADS,
+    DigitsDiffusion,
+    digit_label,
+    imagenet_prompts,
+    make_scheduler,
+)
 from .quality import (
     ClipScorer,
     PreLogitsFeatures,
@@ -59,19 +66,10 @@ from .quality import (
     mean_score,
     proportion,
     psnr_ssim,
-    to_uint8,
 )
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-EMBEDDED_MODEL = "tokred-digits-diffusion"
-IMAGENET_TEMPLATE = "A high quality photograph of a {}."
-DIGIT_TEMPLATE = "a handwritten digit {}"
+DEFAULT_MODEL = architectures.ARCHITECTURES["sd15"].hub_id
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-EMBEDDED_NOTE = (
-    "the embedded digits U-Net is narrow (16 channels in its 1024-token blocks): the reduction methods' own work "
-    "(matching, gathers, caches) is large next to the compute they save, so its measured speedups stay below the "
-    "FLOPs-ideal and below those reported for SD1.5; `--size arch` measures SD1.5's architecture"
-)
 
 
 def _progress(iterable, enabled: bool, **kwargs):
@@ -82,53 +80,6 @@ def _progress(iterable, enabled: bool, **kwargs):
 
 def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
-
-
-# --- schedulers ---------------------------------------------------------------------------------------------
-
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmsolver++_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-
-
-def make_scheduler(name: str, config: Any):
-    """A diffusers scheduler by short name (``ddim``, ``pndm`` (PLMS: ``skip_prk_steps=True``), ``euler``,
-    ``euler_a``, ``heun``, ``lms``, ``dpmsolver``, ``dpmsolver++``, ``unipc``, ...) from another scheduler's
-    config (the model's training noise schedule)."""
-    import diffusers
-
-    key = name.lower()
-    if key not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
-    cls_name, overrides = SCHEDULERS[key]
-    return getattr(diffusers, cls_name).from_config(config, **overrides)
-
-
-# --- prompts ------------------------------------------------------------------------------------------------
-
-
-def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet-1k class names (the first synonym of each synset), from timm's bundled metadata."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return [info.index_to_description(i).split(",")[0].strip() for i in range(info.num_classes())]
-
-
-def imagenet_prompts() -> list[str]:
-    """tomesd's FID protocol: ``"A high quality photograph of a {class}."`` for each ImageNet class."""
-    return [IMAGENET_TEMPLATE.format(name) for name in imagenet_class_names()]
 
 
 def read_prompts(prompts: str | Sequence[str]) -> list[str]:
@@ -147,50 +98,6 @@ def read_prompts(prompts: str | Sequence[str]) -> list[str]:
     if not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"prompts must be non-empty strings, got {list(prompts)!r}")
     return [str(p) for p in prompts]
-
-
-def digit_label(prompt: str) -> int:
-    """The digit class a prompt asks for: the one digit it contains (``"3"``, ``"a handwritten digit 3"``)."""
-    digits = re.findall(r"\d", prompt)
-    if len(set(digits)) != 1:
-        raise ValueError(f"embedded prompts must name exactly one digit 0-9, got {prompt!r}")
-    return int(digits[0])
-
-
-# --- the embedded digits model as a pipeline-like object ------------------------------------------------------
-
-
-class DigitsDiffusion:
-    """The embedded class-conditional digits model with a pipeline's shape: ``.unet`` and ``.scheduler``, so
-    ``tokred.apply(task.model, ...)`` patches the U-Net and hooks ``scheduler.set_timesteps`` as for a
-    diffusers pipeline. ``__call__(labels, seeds, ...)`` samples images in [-1, 1]."""
-
-    def __init__(self, unet: nn.Module, class_embed: nn.Module, scheduler: Any) -> None:
-        self.unet = unet
-        self.class_embed = class_embed
-        self.scheduler = scheduler
-
-    def __call__(
-        self, labels: Sequence[int], seeds: Sequence[int], num_inference_steps: int, guidance_scale: float
-    ) -> torch.Tensor:
-        from .embedded.diffusion import sample_digits
-
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        return sample_digits(
-            self.unet,
-            self.class_embed,
-            torch.as_tensor(list(labels), dtype=torch.long),
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generators,
-            scheduler=self.scheduler,
-        )
-
-
-def _default_digits_guidance() -> float:
-    from .embedded.diffusion import sample_digits
-
-    return float(inspect.signature(sample_digits).parameters["guidance_scale"].default)
 
 
 # --- real images for FID ---------------------------------------------------------------------------------------
@@ -224,14 +131,17 @@ def read_image(path: str, resolution: int) -> torch.Tensor:
 
 @register_task("text_to_image")
 class TextToImage(Task):
-    """GFLOPs, U-Net share, memory and image quality of a text-to-image diffusion model (the embedded digits
-    model by default, Stable Diffusion 1.5 with ``size="full"``, SD1.5's architecture at random init with
-    ``size="arch"``); the harness times its workload."""
+    """GFLOPs, denoiser share, memory and image quality of a text-to-image diffusion model: the embedded digits
+    model by default, a real denoiser architecture at random init with ``size="arch"``, a diffusers pipeline with
+    its weights with ``size="full"`` (see :mod:`tokred.tasks.diffusion_workloads`); the harness times the
+    workload's unit."""
 
     summary = (
-        "diffusers text-to-image: s/image, U-Net share, GFLOPs, memory, FID, KID, CLIP, PSNR/SSIM, class accuracy"
+        "diffusers text-to-image: s/image, denoiser share, GFLOPs, memory, FID, KID, CLIP, PSNR/SSIM, class accuracy"
     )
     family = "diffusers_unet"
+    workloads = WORKLOADS
+    sweeps = ("resolution", "architecture")
     metrics = (
         Metric("fid", "lower"),
         Metric("kid", "lower"),
@@ -270,20 +180,26 @@ class TextToImage(Task):
         inception_weights: str | None = None,
         clip_model: str | None = None,
         unet_config: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
         architecture: str | None = None,
+        unit: str | None = None,
         progress: bool = True,
     ) -> None:
         """Every setting is checked here (a ValueError naming it and its valid range).
 
         Args:
-            dtype: default float16 for the full and arch models on CUDA, float32 otherwise.
-            model: Hugging Face id or local directory of a StableDiffusionPipeline (``size="full"``).
-            scheduler: sampler by name (see :data:`SCHEDULERS`); default: the model's own (arch: SD1.5's DDIM).
-            num_inference_steps: int >= 1; default 50 (full; arch on CUDA), 20 (embedded), 10 (arch on CPU).
-            guidance_scale: classifier-free guidance (> 1 enables it), >= 0; default 7.5 (full, arch), the embedded
-                sampler's default.
-            resolution: image side in pixels; full: default the U-Net's sample size x the VAE factor; arch: default
-                512 on CUDA, 256 on CPU, a multiple of 64 (latents of 1/8 the side, halved three times).
+            dtype: default float16 for the arch and full models on CUDA, float32 otherwise.
+            model: full: Hugging Face id or local directory of the architecture's pipeline (default: its hub id).
+            architecture: arch and full: a row of :data:`tokred.tasks.architectures.ARCHITECTURES` (``sd15``
+                (default), ``sd2``, ``sdxl``, ``sd3``, ``sd35``).
+            scheduler: sampler by name (see :data:`SCHEDULERS`); default: the model's own.
+            num_inference_steps: int >= 1; default 20 (embedded), the architecture's pipeline default (arch, full:
+                50 for the U-Nets, 28 for SD3, 40 for SD3.5).
+            guidance_scale: classifier-free guidance (> 1 enables it), >= 0; default: the embedded sampler's, the
+                architecture's pipeline default (7.5 SD1.x/2.x, 5.0 SDXL, 7.0 SD3, 4.5 SD3.5).
+            resolution: image side in pixels, an int or (arch) a list to sweep; full: default the denoiser's
+                sample size x the VAE factor; arch: default the architecture's resolution on CUDA, at most 512 on
+                a CPU, a multiple of 8 x the denoiser's downsampling (U-Nets) or patch size (MMDiTs).
             prompts: text file or non-empty list; default ImageNet-class prompts (full) / ``"a handwritten digit
                 {d}"`` (embedded, where each prompt names one digit). Not used by arch (random text embeddings).
             num_images: int >= 1 images generated by :meth:`evaluate` (default 50 embedded, 2000 full = 2 per class;
@@ -298,22 +214,20 @@ class TextToImage(Task):
             num_real_images: int >= 2: use an evenly spaced subset of the real images.
             inception_weights: local Inception weights file for torchmetrics' FID (offline use).
             clip_model: CLIP model id or local path for the CLIP score (none by default).
-            unet_config: arch only: entries overriding the U-Net configuration (tests use a tiny one).
-            architecture: arch only: the U-Net, ``"sd15"`` (default, SD1.5) or ``"sdxl"`` (SDXL base 1.0).
+            config, unet_config: arch only: entries overriding the denoiser's configuration (tests use a tiny one;
+                ``unet_config`` is the older name).
+            unit: arch only: the timed unit, ``"call"`` (default: one denoiser call inside a running generation)
+                or ``"generation"``.
             progress: tqdm progress bars.
         """
-        cuda = str(device).startswith("cuda")
-        if dtype is None:
-            dtype = "float16" if (size in ("full", "arch") and cuda) else "float32"
-        super().__init__(size=size, device=device, dtype=dtype)
-        embedded, is_arch = size == "embedded", size == "arch"
-        if model is not None and size != "full":
-            raise ValueError(f"model= applies to size='full'; size={size!r} builds its own model")
-        if model is not None and not isinstance(model, str):
-            raise ValueError(f"model must be a Hugging Face id or a local directory (a string), got {model!r}")
-        if (clip_model is not None or fid_real_dir is not None) and size != "full":
-            judged = "the digits classifier" if embedded else "nothing (speed only)"
-            raise ValueError(f"clip_model and fid_real_dir apply to size='full'; size={size!r} is judged by {judged}")
+        super().__init__(size=size, device=device, dtype=dtype or "float32")
+        kind = workload_class(self.workloads, self.name, size)
+        if (clip_model is not None or fid_real_dir is not None) and "clip_model" not in kind.settings:
+            raise ValueError(f"clip_model and fid_real_dir apply to size='full'; size={size!r} ({kind.summary}) is "
+                             "judged by its own protocol")
+        own = dict(model=model, architecture=architecture, unet_config=unet_config, config=config, unit=unit,
+                   prompts=prompts)
+        refuse_foreign_settings(self.workloads, size, own)
         if scheduler is not None and (not isinstance(scheduler, str) or scheduler.lower() not in SCHEDULERS):
             raise ValueError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)}")
         check_int("num_inference_steps", num_inference_steps, 1, none_ok=True)
@@ -322,24 +236,8 @@ class TextToImage(Task):
         check_int("batch_size", batch_size, 1, none_ok=True)
         check_int("seed", seed, 0, 2**63 - 1)
         check_int("num_real_images", num_real_images, 2, none_ok=True)
-        check_bool("progress", progress)
-        for name, value in (("unet_config", unet_config), ("architecture", architecture)):
-            if value is not None and not is_arch:
-                raise ValueError(f"{name} applies to size='arch' (a real architecture at random init)")
-        if unet_config is not None and not isinstance(unet_config, dict):
-            raise ValueError(f"unet_config must be a dict of UNet2DConditionModel arguments, got {unet_config!r}")
-        self.architecture = arch.check_architecture(architecture or "sd15") if is_arch else None
-        self.unet_config = arch.unet_config(self.architecture, unet_config) if is_arch else None
-        if embedded and resolution not in (None, 32):
-            raise ValueError(f"resolution must be 32 (or None) for the embedded 32x32 digits model, got {resolution!r}")
         check_int("resolution", resolution, 8, none_ok=True)
-        if is_arch:
-            resolution = resolution if resolution is not None else (512 if cuda else 256)
-            multiple = arch.VAE_SCALE_FACTOR * arch.latent_multiple(self.unet_config)
-            if resolution % multiple:
-                raise ValueError(f"resolution must be a multiple of {multiple} for this U-Net, got {resolution}")
-        if is_arch and prompts is not None:
-            raise ValueError("prompts do not apply to size='arch' (random text embeddings)")
+        check_bool("progress", progress)
         if not (fid is None or fid in ("auto", "inception") or isinstance(fid, nn.Module)):
             raise ValueError(f"fid must be 'auto', 'inception', an nn.Module or None, got {fid!r}")
         if isinstance(fid, nn.Module) and not isinstance(getattr(fid, "num_features", None), int):
@@ -349,22 +247,16 @@ class TextToImage(Task):
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} must be a path or id (a string) or None, got {value!r}")
         self._prompt_source = prompts
-        self._given_prompts = read_prompts(prompts) if prompts is not None else None
-        if embedded and self._given_prompts is not None:
-            for p in self._given_prompts:
-                digit_label(p)  # each embedded prompt must name one digit
-        arch_name = arch.UNETS[self.architecture][0] if is_arch else None
-        self.model_name = {"embedded": EMBEDDED_MODEL, "arch": arch_name}.get(size, model or DEFAULT_MODEL)
-        self.scheduler_name = scheduler
-        default_steps = {"embedded": 20, "arch": 50 if cuda else 10}.get(size, 50)
-        self.num_inference_steps = num_inference_steps if num_inference_steps is not None else default_steps
-        self.guidance_scale = float(guidance_scale) if guidance_scale is not None else (7.5 if is_arch else None)
-        self.resolution = resolution
-        self.prompts: list[str] = []
-        self.num_images = num_images if num_images is not None else {"embedded": 50, "arch": 0}.get(size, 2000)
-        self.batch_size = batch_size if batch_size is not None else (10 if embedded else 1)
+        given_prompts = read_prompts(prompts) if prompts is not None else None
+        settings = {k: v for k, v in own.items() if k in kind.settings and k != "prompts"}
+        self.work = kind(device, seed=seed, scheduler=scheduler, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, resolution=resolution, batch_size=batch_size,
+                         prompts=given_prompts, **settings)
+        if dtype is None:
+            self.dtype = self.work.default_dtype()
+        self.num_images = num_images if num_images is not None else self.work.default_num_images()
         self.seed = seed
-        self.fid = None if is_arch else fid
+        self.fid = fid if self.work.has_images else None
         self.fid_real_dir = fid_real_dir
         self.num_real_images = num_real_images
         self.inception_weights = inception_weights
@@ -376,101 +268,78 @@ class TextToImage(Task):
         self.reference_images: dict[int, torch.Tensor] = {}
         self._real_features: torch.Tensor | None = None
         self._reference_features: torch.Tensor | None = None
+        self._timed: TimedCall | None = None
 
-    def default_threads(self) -> int | None:
-        """One thread for the embedded model (as fast as two, and robust to a busy neighbour); all available
-        cores for the real architectures on CPU; torch's setting on GPUs."""
-        if self.size == "embedded":
-            return 1
-        return cpu_count() if torch.device(self.device).type == "cpu" else None
+    @classmethod
+    def family_for(cls, size: str, settings: dict[str, Any]) -> str:
+        """The adapter family of the denoiser of ``size`` with these settings (by its ``architecture``)."""
+        kind = workload_class(cls.workloads, cls.name, size)
+        if "architecture" in kind.settings:
+            return architectures.get_architecture(settings.get("architecture") or "sd15").family
+        return cls.family
+
+    # --- the workload's settings, as the task's ----------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.work.model_name
+
+    @property
+    def resolution(self) -> int | None:
+        return self.work.resolution
+
+    @property
+    def num_inference_steps(self) -> int | None:
+        return self.work.num_inference_steps
+
+    @property
+    def guidance_scale(self) -> float | None:
+        return self.work.guidance_scale
+
+    @property
+    def batch_size(self) -> int:
+        return self.work.batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.work.batch_size = check_int("batch_size", value, 1)
+
+    @property
+    def architecture(self) -> str | None:
+        return getattr(self.work, "architecture", None)
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.work.prompts
+
+    @property
+    def labels(self) -> list[int]:
+        return self.work.labels
+
+    @property
+    def unit(self) -> str:
+        """What the harness times: one call of :meth:`workload`."""
+        return self.workload_unit if self.model is not None else ""
 
     def notes(self) -> list[str]:
         """Caveats for every row of this task's results (the leaderboard prints them under the section)."""
-        if self.size == "embedded":
-            return [EMBEDDED_NOTE]
-        return []
+        return self.work.notes()
 
     # --- setup -----------------------------------------------------------------------------------------
     def setup(self) -> None:
         self.torch_device = resolve_device(self.device)
         self.torch_dtype = torch_dtype(self.dtype)
-        {"embedded": self._setup_embedded, "arch": self._setup_arch}.get(self.size, self._setup_full)()
+        self.model = self.work.build(self.torch_device, self.torch_dtype)
+        self._timed: TimedCall | None = None
+        self.workload_unit = self.workload().unit
         self._setup_quality()
 
-    def _setup_embedded(self) -> None:
-        from .embedded.data import load_digits_split
-        from .embedded.diffusion import load_digits_diffusion
-        from .embedded.vit import load_digits_vit
-
-        unet, class_embed, default_scheduler = load_digits_diffusion()
-        sched = default_scheduler
-        if self.scheduler_name is not None:
-            sched = make_scheduler(self.scheduler_name, default_scheduler.config)
-        unet, class_embed = unet.eval().to(self.torch_device), class_embed.eval().to(self.torch_device)
-        if self.torch_dtype != torch.float32:  # (diffusers warns about any dtype cast, even a no-op one)
-            unet, class_embed = unet.to(self.torch_dtype), class_embed.to(self.torch_dtype)
-        self.model = DigitsDiffusion(unet, class_embed, sched)
-        self.resolution = 32
-        if self.guidance_scale is None:
-            self.guidance_scale = _default_digits_guidance()
-        self.prompts = self._given_prompts or [DIGIT_TEMPLATE.format(d) for d in range(10)]
-        self.labels = [digit_label(p) for p in self.prompts]
-        self.classifier = PreLogitsFeatures(load_digits_vit().eval(), mean=0.5, std=0.5).to(self.torch_device)
-        self._real_images_loader = lambda: to_uint8(torch.as_tensor(load_digits_split("test")[0]), (-1.0, 1.0))
-
-    def _setup_arch(self) -> None:
-        unet = arch.build_unet(self.unet_config, seed=self.seed).to(self.torch_device)
-        if self.torch_dtype != torch.float32:  # (diffusers warns at every dtype cast, even to float32)
-            unet = unet.to(self.torch_dtype)
-        sched = arch.sd15_scheduler()
-        if self.scheduler_name is not None:
-            sched = make_scheduler(self.scheduler_name, sched.config)
-        self.model = arch.ArchDiffusion(unet, sched, embedding_seed=self.seed)
-        self.latent_size = self.resolution // arch.VAE_SCALE_FACTOR
-        self.labels = []
-
-    def _setup_full(self) -> None:
-        from diffusers import StableDiffusionPipeline
-
-        local = os.path.isdir(self.model_name)
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                self.model_name, torch_dtype=self.torch_dtype, safety_checker=None, requires_safety_checker=False
-            )
-        except (OSError, ValueError) as err:
-            from .vit_classification import _hf_cache_hint
-
-            where = f"the local directory {self.model_name!r}" if local else f"{_hf_cache_hint()}"
-            raise FileNotFoundError(
-                f"Stable Diffusion weights {self.model_name!r} not found: looked in {where}. Pass model=<local "
-                f"directory saved with save_pretrained> or download the model once with network access. "
-                f"Cause: {type(err).__name__}: {err}"
-            ) from err
-        if not any(cls.__name__ == "UNet2DConditionModel" for cls in type(pipe.unet).__mro__):
-            raise UnsupportedModelError(
-                f"{self.model_name!r} has a {type(pipe.unet).__name__}; text_to_image supports the diffusers_unet "
-                "family (UNet2DConditionModel, Stable Diffusion 1.x/2.x)"
-            )
-        if self.scheduler_name is not None:
-            pipe.scheduler = make_scheduler(self.scheduler_name, pipe.scheduler.config)
-        pipe = pipe.to(self.torch_device)
-        pipe.set_progress_bar_config(disable=True)
-        self.model = pipe
-        if self.resolution is None:
-            self.resolution = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-        if self.resolution % int(pipe.vae_scale_factor) != 0:
-            raise ValueError(f"resolution {self.resolution} must be a multiple of {pipe.vae_scale_factor}")
-        if self.guidance_scale is None:
-            self.guidance_scale = 7.5
-        self.prompts = self._given_prompts or imagenet_prompts()
-        self.labels = []
-
     def _setup_quality(self) -> None:
+        self.classifier = self.work.classifier(self.torch_device)
         fid = self.fid
         if isinstance(fid, nn.Module):
             self.feature_module = fid.eval()
         elif fid == "auto":
-            if self.size == "embedded":
+            if self.classifier is not None:
                 self.feature_module = self.classifier
             elif self.fid_real_dir is not None:
                 self.feature_module = inception_features(self.inception_weights)
@@ -500,30 +369,13 @@ class TextToImage(Task):
     @torch.no_grad()
     def generate(self, indices: Sequence[int]) -> torch.Tensor:
         """uint8 images ``[len(indices), C, H, W]`` for the given global image indices (one pipeline call; no
-        sharding); for ``size="arch"`` the final latents. Image ``i`` is seeded with ``seed + i``; the global
-        RNG is seeded with the first index, so methods that draw from it (e.g. ToMe's random destinations) are
-        reproducible too."""
+        sharding); for a workload without images (random weights) the final latents. Image ``i`` is seeded with
+        ``seed + i``; the global RNG is seeded with the first index, so methods that draw from it (e.g. ToMe's
+        random destinations) are reproducible too."""
         self._require_setup()
         indices = [int(i) for i in indices]
         torch.manual_seed(self.seed + indices[0])
-        seeds = [self.seed + i for i in indices]
-        if self.size == "embedded":
-            images = self.model(
-                [self.label_for(i) for i in indices], seeds, self.num_inference_steps, self.guidance_scale
-            )
-            return to_uint8(images, (-1.0, 1.0))
-        if self.size == "arch":
-            return self.model(seeds, self.num_inference_steps, self.guidance_scale, self.latent_size)
-        out = self.model(
-            [self.prompt_for(i) for i in indices],
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-            height=self.resolution,
-            width=self.resolution,
-            generator=[torch.Generator().manual_seed(s) for s in seeds],
-            output_type="pt",
-        )
-        return to_uint8(out.images, (0.0, 1.0))
+        return self.work.generate(indices, [self.seed + i for i in indices])
 
     def _batches(self, n: int) -> list[list[int]]:
         """The global batches of image indices: ``[0, b), [b, 2b), ...``. Processes share out whole batches, so
@@ -550,7 +402,7 @@ class TextToImage(Task):
         return the unreduced model's quality from those same images (no fidelity-to-itself metrics)."""
         self.reference_images = {}
         self._reference_features = None
-        if self.size == "arch":
+        if not self.work.has_images:
             return Quality()
         records = self._generate_records("reference", keep_reference=True)
         if records and "feature" in records[0]:
@@ -566,8 +418,8 @@ class TextToImage(Task):
         """Features of the real images for FID (computed once, sharded)."""
         if self._real_features is not None or self.feature_module is None:
             return self._real_features
-        if self.size == "embedded":
-            real = self._real_images_loader()
+        real = self.work.real_images()
+        if real is not None:
             if self.num_real_images is not None:
                 real = real[: self.num_real_images]
             items: list[Any] = list(range(len(real)))
@@ -598,7 +450,7 @@ class TextToImage(Task):
                 if self.feature_module is not None:
                     for rec, feat in zip(recs, self._features(images), strict=True):
                         rec["feature"] = feat
-                if self.size == "embedded":
+                if self.classifier is not None:
                     preds = self.classifier.logits(images.to(self.torch_device)).argmax(-1).cpu()
                     for rec, pred in zip(recs, preds, strict=True):
                         rec["correct"] = int(pred) == self.label_for(rec["index"])
@@ -643,47 +495,48 @@ class TextToImage(Task):
 
     def evaluate(self) -> Quality:
         """Generate ``num_images`` images (sharded) and score them; see the module docstring for the metrics.
-        ``size="arch"`` has no quality: an empty result."""
+        A workload without images (random weights) has no quality: an empty result."""
         self._require_setup()
-        if self.size == "arch":
+        if not self.work.has_images:
             return Quality()
         return self._score(self._generate_records("evaluate"), reference=True)
 
     # --- speed -------------------------------------------------------------------------------------------
     def _unet(self) -> nn.Module:
-        return self.model.unet
+        return self.work.denoiser()
 
-    def workload(self):
-        """Generate one batch (``batch_size`` images, indices 0..batch_size-1), synchronized on CUDA."""
+    def workload(self) -> TimedCall:
+        """The timed unit: a generation of one batch (``batch_size`` images, indices 0..batch_size-1), or, for
+        ``size="arch"`` with ``unit="call"``, one denoiser call inside a running generation (a stateful call; see
+        :class:`tokred.bench.workload.TimedCall`). Synchronized on CUDA."""
         self._require_setup()
-        indices = list(range(self.batch_size))
-        device = self.torch_device
-
-        def run() -> torch.Tensor:
-            images = self.generate(indices)
-            synchronize(device)
-            return images
-
-        return run
+        if self._timed is None:  # one object: a stateful call's generation goes on from call to call
+            self._timed = self.work.timed_call(self.generate, self.torch_device)
+        return self._timed
 
     def measure_speed(self, flops: bool = True, memory: bool = True, share: bool = True) -> dict[str, float]:
-        """``gflops``/``unet_gflops`` per image and ``peak_mem_mb`` of one generation of a batch (one call for
-        both), ``unet_share`` (another call with timing hooks; with ``share``, not for arch, whose workload is the
-        U-Net and its scheduler only), ``unet_calls_per_batch`` and ``batch_size``. No latency: the harness
-        times the workload."""
+        """``gflops``/``unet_gflops`` per image and ``peak_mem_mb`` of one timed unit (one call for both),
+        ``unet_share`` (another generation with timing hooks; with ``share``, for workloads with images, whose
+        generation holds more than the denoiser), ``unet_calls_per_batch`` and ``batch_size``. No latency: the
+        harness times the workload."""
         self._require_setup()
-        indices = list(range(self.batch_size))
-        n = len(indices)
+        unit = self.workload()
+        n = self.batch_size
+        if getattr(unit, "stateful", False):
+            fn = unit  # the next denoiser call of the running generation
+        else:
+            indices = list(range(n))
 
-        def fn() -> None:
-            self.generate(indices)
+            def fn() -> None:
+                self.generate(indices)
 
-        unet_name = type(self._unet()).__name__
         out: dict[str, float] = {"batch_size": float(n)}
         measured = flops_and_memory(fn, self.torch_device, n, flops=flops, memory=memory, modules={
-            "unet_gflops": unet_name})  # fmt: skip
+            "unet_gflops": type(self._unet()).__name__})  # fmt: skip
         out.update(measured)
-        if share and self.size != "arch":
+        if getattr(unit, "stateful", False):
+            unit.advance()
+        if share and self.work.has_images:
             with ModuleTimer(self._unet(), self.torch_device) as unet_timer, timed(self.torch_device) as total:
                 fn()
             out["unet_share"] = unet_timer.seconds / total["seconds"]
@@ -699,31 +552,14 @@ class TextToImage(Task):
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        scheduler = getattr(self.model, "scheduler", None) if self.model is not None else None
-        if self.size == "arch":
-            prompts = "random text embeddings (77 tokens)"
-        elif self._prompt_source is None:
-            prompts = "digits 0-9" if self.size == "embedded" else "ImageNet classes (tomesd FID protocol)"
-        else:
-            prompts = self._prompt_source if isinstance(self._prompt_source, str) else f"{len(self.prompts)} given"
+        info.update(self.work.describe())
+        if isinstance(self._prompt_source, str):
+            info["prompts"] = self._prompt_source
         info.update(
-            model=self.model_name,
-            scheduler=type(scheduler).__name__ if scheduler is not None else self.scheduler_name,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-            resolution=self.resolution,
-            prompts=prompts,
             num_images=self.num_images,
-            batch_size=self.batch_size,
             seed=self.seed,
             fid_features=self._feature_description(),
-            fid_real=("digits test split" if self.size == "embedded" else self.fid_real_dir),
+            fid_real=self.work.real_images_name or self.fid_real_dir,
             clip_model=self.clip_model,
         )
-        if self.size == "arch":
-            info.update(
-                weights="random init (speed only)",
-                latent_size=self.resolution // arch.VAE_SCALE_FACTOR,
-                unet_batch=self.batch_size * (2 if self.guidance_scale > 1.0 else 1),
-            )
         return info

@@ -11,6 +11,11 @@ torch.set_num_threads(int(os.environ.get("TOKRED_TEST_THREADS", "1")))
 # ... nor on the machine's load: no start-up warning of a loaded machine in the CLI's output (tested on its own)
 os.environ["TOKRED_LOAD_WARNING"] = "0"
 sys.path.insert(0, os.path.dirname(__file__))
+# Import the core's modules now: pytester's in-process runs (tests/test_pytest_plugin.py) restore sys.modules
+# afterwards, which drops modules first imported inside them, and a later re-import would make a second Patch
+# class that isinstance checks on earlier patches do not recognise.
+import tokred.api  # noqa: E402,F401
+import tokred.patch  # noqa: E402,F401
 
 # The parity references (tomesd, ca-tome) are test-only dependencies; their metadata pins old torch/numpy, so
 # they are installed without dependencies (tox -e test and CI do this). Missing references fail the parity tests

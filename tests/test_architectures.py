@@ -39,7 +39,7 @@ def test_inputs_fit_the_model(name):
 
 
 def test_unknown_architecture_and_bad_resolution_are_named():
-    with pytest.raises(ValueError, match="valid: sd15, sdxl, sd3"):
+    with pytest.raises(ValueError, match="valid: sd15, sd2, sdxl, sd3, sd35"):
         A.get_architecture("sd4")
     with pytest.raises(ValueError, match="multiple of the VAE's scale factor 8"):
         A.sdxl_unet_inputs(resolution=1000 + 1)

@@ -103,7 +103,7 @@ def test_list_json(fake_plugin, capsys):
         (["run", "--task", "fake_vit", "--methods", "tome", "--presets", "r99"], ["unknown preset 'r99'", "r8",
                                                                                  "r16-decreasing"]),
         (["run", "--task", "fake_vit", "--presets", "tome:k2"], ["unknown preset 'tome:k2'", "fake_merge:k2"]),
-        (["run", "--task", "fake_vit", "--size", "huge"], ["invalid choice: 'huge'", "embedded"]),
+        (["run", "--task", "fake_vit", "--size", "huge"], ["unknown size 'huge'", "embedded"]),
         (["run", "--task", "fake_vit", "--set", "num_imgs=3"], ["num_imgs", "num_images"]),
         (["run", "--task", "fake_vit", "--set", "num_images=0"], ["num_images must be >= 1"]),
         (["run", "--task", "fake_vit", "--set", "oops"], ["expected key=value"]),

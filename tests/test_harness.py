@@ -205,6 +205,9 @@ def test_main_job_profile_sizes():
     assert t2i["task"]["num_images"] >= 50 and t2i["min_rounds"] >= 5 and t2i["warmup_rounds"] >= 1
     vit = harness.profile_settings("vit_classification", "embedded", "default")
     assert "num_images" not in vit["task"]  # the whole test split
-    for profile in harness.PROFILES.values():
-        for settings in profile.values():
-            assert set(settings) - {"task"} <= set(HARNESS_SETTINGS)
+    from tokred.bench.task import get_task, list_tasks
+
+    for task in list_tasks():
+        for size in get_task(task).sizes():
+            for profile in harness.PROFILE_NAMES:
+                assert set(get_task(task).profile(size, profile)) - {"task"} <= set(HARNESS_SETTINGS)

@@ -287,11 +287,13 @@ def test_embedded_digits_diffusion_accuracy_and_tome():
         (dict(fid="fancy"), r"fid must be 'auto', 'inception', an nn.Module or None, got 'fancy'"),
         (dict(fid=torch.nn.Identity()), r"a custom fid feature module needs an int attribute num_features"),
         (dict(progress=1), r"progress must be True or False, got 1"),
-        (dict(size="arch", prompts=["a cat"]), r"prompts do not apply to size='arch'"),
+        (dict(size="arch", prompts=["a cat"]), r"prompts= applies to size='embedded' or 'full'; size='arch'"),
         (dict(size="arch", model="x"), r"model= applies to size='full'"),
         (dict(size="arch", clip_model="x"), r"clip_model and fid_real_dir apply to size='full'"),
-        (dict(unet_config={}), r"unet_config applies to size='arch'"),
-        (dict(size="arch", unet_config={"layers": 3}), r"unet_config: unknown UNet2DConditionModel arguments layers"),
+        (dict(unet_config={}), r"unet_config= applies to size='arch'"),
+        (dict(size="arch", unet_config={"layers": 3}), r"sd15 config: unknown UNet2DConditionModel arguments layers"),
+        (dict(size="arch", unit="image"), r"unit must be one of call, generation, got 'image'"),
+        (dict(size="arch", architecture="sd3", resolution=136), r"multiple of 16 for this transformer's patches"),
     ],
 )
 def test_every_setting_is_checked_at_construction(kwargs, message):
@@ -324,26 +326,27 @@ TINY_ARCH = dict(
     norm_num_groups=8,
     sample_size=8,
 )
-TINY_ARCH_TASK = dict(size="arch", unet_config=TINY_ARCH, resolution=128, num_inference_steps=10, progress=False)
+TINY_ARCH_TASK = dict(size="arch", unet_config=TINY_ARCH, resolution=128, num_inference_steps=10, progress=False,
+                      unit="generation")
 
 
 def test_arch_defaults_follow_the_device():
     cpu = get_task("text_to_image")(size="arch")
-    assert (cpu.dtype, cpu.resolution, cpu.num_inference_steps, cpu.batch_size) == ("float32", 256, 10, 1)
+    assert (cpu.dtype, cpu.resolution, cpu.num_inference_steps, cpu.batch_size) == ("float32", 512, 50, 1)
     assert cpu.guidance_scale == 7.5 and cpu.default_threads() >= 1
     cuda = get_task("text_to_image")(size="arch", device="cuda")  # (constructing needs no GPU)
     assert (cuda.dtype, cuda.resolution, cuda.num_inference_steps) == ("float16", 512, 50)
     assert cuda.default_threads() is None
+    sd3 = get_task("text_to_image")(size="arch", architecture="sd3", device="cuda")
+    assert (sd3.resolution, sd3.num_inference_steps, sd3.guidance_scale) == (1024, 28, 7.0)
+    assert get_task("text_to_image")(size="arch", architecture="sdxl").resolution == 512  # capped on a CPU
 
 
 def test_arch_config_is_sd15_unet():
     """The arch workload's U-Net is SD1.5's (built on the meta device: no memory, no weights)."""
     from diffusers import UNet2DConditionModel
 
-    from tokred.tasks.arch import SD15_SCHEDULER_CONFIG, sd15_unet_config
-    from tokred.tasks.architectures import sd15_unet_config as published_config
-
-    assert sd15_unet_config() == published_config()
+    from tokred.tasks.architectures import SD15_SCHEDULER_CONFIG, sd15_unet_config
     with torch.device("meta"):
         unet = UNet2DConditionModel(**sd15_unet_config())
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # SD1.5's U-Net
@@ -397,9 +400,9 @@ def test_arch_sdxl_has_its_conditioning_and_default_level():
 
 def test_arch_settings_are_checked():
     task = get_task("text_to_image")
-    with pytest.raises(ValueError, match="unknown architecture 'sd2'; valid: sd15, sdxl"):
-        task(size="arch", architecture="sd2")
-    with pytest.raises(ValueError, match="architecture applies to size='arch'"):
+    with pytest.raises(ValueError, match="unknown architecture 'sd4'; valid: sd15, sd2, sdxl, sd3, sd35"):
+        task(size="arch", architecture="sd4")
+    with pytest.raises(ValueError, match="architecture= applies to size='arch' or 'full'"):
         task(size="embedded", architecture="sdxl")
 
 

@@ -203,7 +203,7 @@ def test_missing_pretrained_weights_offline_names_the_cache(tmp_path, monkeypatc
 
 
 def test_invalid_arguments():
-    with pytest.raises(ValueError, match="size='full'"):
+    with pytest.raises(ValueError, match="model= applies to size='arch' or 'full'; size='embedded'"):
         get_task("vit_classification")(size="embedded", model="vit_tiny_patch16_224")
     with pytest.raises(ValueError, match="dtype"):
         get_task("vit_classification")(dtype="float64")
@@ -223,10 +223,11 @@ def test_invalid_arguments():
         (dict(size="full", pretrained="no"), r"pretrained must be True or False, got 'no'"),
         (dict(size="full", model_kwargs=[1]), r"model_kwargs must be a dict"),
         (dict(size="full", model=3), r"model must be a string or None, got 3"),
-        (dict(size="arch", pretrained=True), r"size='arch' is the architecture at random init"),
-        (dict(size="arch", data_dir="x"), r"size='arch' is the architecture at random init"),
-        (dict(size="embedded", pretrained=False), r"pretrained= and model_kwargs= apply to size='full' or 'arch'"),
-        (dict(size="huge"), r"unknown size 'huge'; valid sizes: embedded, arch, full"),
+        (dict(size="arch", pretrained=True), r"pretrained= applies to size='full'; size='arch' \(.*random init"),
+        (dict(size="arch", data_dir="x"), r"data_dir= applies to size='full'; size='arch' \(.*random init"),
+        (dict(size="embedded", pretrained=False), r"pretrained= applies to size='full'; size='embedded' \(the digits"),
+        (dict(size="embedded", model_kwargs={}), r"model_kwargs= applies to size='arch' or 'full'; size='embedded'"),
+        (dict(size="huge"), r"unknown size 'huge' for vit_classification; valid sizes: embedded, arch, full"),
     ],
 )
 def test_every_setting_is_checked_at_construction(kwargs, message):
@@ -260,7 +261,7 @@ def test_arch_models_are_the_real_deit_s_and_vit_b(name, params_m, width, heads)
     """The arch workload's ViTs are timm's DeiT-S and ViT-B (built on the meta device: no memory, no weights)."""
     import timm
 
-    from tokred.tasks.arch import VIT_ARCH_MODELS
+    from tokred.tasks.classification_workloads import VIT_ARCH_MODELS
 
     assert name in VIT_ARCH_MODELS
     assert get_task("vit_classification")(size="arch").model_name == "deit_small_patch16_224"
@@ -287,3 +288,85 @@ def test_embedded_digits_vit_accuracy_and_tome():
     assert reduced_speed["gflops"] < speed["gflops"]
     assert reduced["top1"] >= 90.0 and reduced["agreement"] >= 90.0, reduced
     assert task.describe()["data"].startswith("scikit-learn digits")
+
+
+# --- workloads (tokred.tasks.classification_workloads) ---------------------------------------------------------
+
+
+def test_workloads_table_and_profiles():
+    from tokred.tasks.classification_workloads import EmbeddedDigitsViT, PretrainedViT, RandomInitViT
+
+    cls = get_task("vit_classification")
+    assert cls.workloads == {"embedded": EmbeddedDigitsViT, "arch": RandomInitViT, "full": PretrainedViT}
+    assert cls.sizes() == ("embedded", "arch", "full")
+    assert cls.profile("embedded", "quick")["task"] == {"num_images": 120}
+    assert cls.profile("embedded", "quick")["budget_s"] == 2.0
+    assert cls.profile("embedded", "default") == {"budget_s": 10.0, "max_rounds": 100, "task": {}}
+    assert cls.profile("arch", "default")["budget_s"] == 30.0
+    assert cls.profile("arch", "quick") == {"budget_s": 5.0, "max_rounds": 10, "task": {}}
+    assert cls.profile("full", "default") == {"task": {}} and cls.profile("full", "quick") == {"task": {}}
+    assert [w.random_weights for w in cls.workloads.values()] == [False, True, False]
+    assert [w.default_threads("cpu") >= 1 for w in cls.workloads.values()] == [True, True, True]
+    assert EmbeddedDigitsViT.default_threads("cpu") == 1
+
+
+def test_foreign_setting_names_the_size_that_takes_it():
+    with pytest.raises(ValueError, match=r"data_dir= applies to size='full'; size='arch'") as info:
+        get_task("vit_classification")(size="arch", data_dir="/data/imagenet/val")
+    assert "does not take it" in str(info.value)
+    with pytest.raises(ValueError, match=r"checkpoint= applies to size='full'; size='embedded'"):
+        get_task("vit_classification")(checkpoint="w.pth")
+    with pytest.raises(ValueError, match=r"model= applies to size='arch' or 'full'"):
+        get_task("vit_classification")(model="vit_tiny_patch16_224")
+    # arch is random init: pretrained=False is what it does anyway, so it is accepted
+    task = get_task("vit_classification")(size="arch", pretrained=False)
+    assert not task.pretrained and task.random_weights
+
+
+def test_random_init_workload_builds_tiny_and_times_a_batch():
+    from tokred.tasks.classification_workloads import RandomInitViT
+
+    spec = RandomInitViT(model="vit_tiny_patch16_224", model_kwargs=TINY)
+    model = spec.build(torch.device("cpu"), torch.float32)
+    assert spec.input_size == (3, 32, 32) and spec.dataset() is None
+    assert spec.timing_batch(None, 3).shape == (3, 3, 32, 32)
+    assert model(spec.timing_batch(None, 3)).shape == (3, 3)
+    assert spec.describe() == {"model": "vit_tiny_patch16_224", "weights": "random init (speed only)",
+                               "data": "random images (speed only)"}  # fmt: skip
+    assert RandomInitViT.default_batch_size("cpu") == 8 and RandomInitViT.default_batch_size("cuda:0") == 32
+
+    task = get_task("vit_classification")(size="arch", model="vit_tiny_patch16_224", model_kwargs=TINY,
+                                          batch_size=2, progress=False)  # fmt: skip
+    assert task.notes() == [RandomInitViT.note] and "no quality" in task.notes()[0]
+    task.setup()
+    call = task.workload()
+    assert call.unit == "batch of 2 images" and call().shape == (2, 3)
+
+
+def test_pretrained_workload_builds_tiny_and_times_a_batch(tiny_task, image_folder):
+    from tokred.tasks.classification_workloads import PretrainedViT
+
+    spec = PretrainedViT(model="vit_tiny_patch16_224", model_kwargs=TINY, pretrained=False,
+                         data_dir=str(image_folder))  # fmt: skip
+    spec.build(torch.device("cpu"), torch.float32)
+    data = spec.dataset()
+    assert len(data) == 12 and spec.timing_batch(data, 5).shape == (5, 3, 32, 32)
+    assert spec.describe()["data"] == f"ImageFolder {image_folder}" and spec.describe()["weights"].startswith("random")
+    assert tiny_task.notes() == [] and not tiny_task.random_weights
+    call = tiny_task.workload()
+    assert call.unit == "batch of 5 images" and call().shape == (5, 3)
+
+
+@pytest.mark.skipif(not _embedded_available(), reason="embedded digits ViT not built yet")
+def test_embedded_workload_builds_and_times_a_batch():
+    from tokred.tasks.classification_workloads import EmbeddedDigitsViT
+
+    spec = EmbeddedDigitsViT()
+    spec.build(torch.device("cpu"), torch.float32)
+    assert spec.input_size is not None and len(spec.dataset()) > 100
+    assert EmbeddedDigitsViT.default_batch_size("cpu") == 64
+    task = get_task("vit_classification")(batch_size=4, progress=False)
+    assert task.notes() == [] and task.describe()["weights"].startswith("embedded")
+    task.setup()
+    call = task.workload()
+    assert call.unit == "batch of 4 images" and call().shape[0] == 4

@@ -88,7 +88,7 @@ def get_patch(model: Any) -> Patch | None:
     """The active patch on ``model`` (or the denoiser of a pipeline), if any."""
     root = _patched_root(model)
     patch = vars(root).get(PATCH_ATTR) if hasattr(root, "__dict__") else None
-    return patch if isinstance(patch, Patch) and patch.active else None
+    return patch if isinstance(patch, Patch) and not patch.removed else None
 
 
 def remove(model: Any) -> bool:

@@ -43,6 +43,9 @@ class Method:
     options: ClassVar[dict[str, type]] = {}
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
     State: ClassVar[type[MethodState]] = MethodState
+    # A caveat benchmarks print for this method's rows on random weights, where what it reduces depends on
+    # trained features (e.g. a similarity threshold); "" when random weights reduce as trained ones do.
+    random_weights_caveat: ClassVar[str] = ""
 
     def __init__(self, options: Any) -> None:
         self.options = options
@@ -50,6 +53,12 @@ class Method:
     @classmethod
     def families(cls) -> list[str]:
         return sorted(cls.options)
+
+    def warmup_calls(self) -> int:
+        """How many denoiser calls a generation makes before this method does the work of its later calls
+        (0: every call alike). Benchmarks that time single denoiser calls run these first, untimed, so that the
+        timed calls are the ones that make up most of a generation. CAT pruning: its ``t0`` full calls."""
+        return 0
 
     def check(self, adapter: Adapter) -> None:
         """Raise :class:`~tokred.errors.TokredError` if this model cannot take these options."""

@@ -18,14 +18,20 @@ Lifecycle rules (each one tested):
   patch on its denoiser, which then starts generations by the timestep rule.)
 * ``with patch:`` removes the patch on exit. Entering a patch that is already in a ``with`` block, or one
   that was removed, raises :class:`~tokred.errors.TokredError`.
+* ``pause()`` / ``resume()`` (or ``with patch.paused():``) make the model compute as if unpatched, without
+  undoing anything: every installed forward, hook and wrapper passes straight through while paused, and the
+  method's state (its caches, the step count of the generation) is kept for when it resumes. Paused calls do
+  not count as denoiser steps. Benchmarks use it to time the unreduced model between calls of a method whose
+  state spans calls (CAT pruning's caches, CA-ToMe's reused pairs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .errors import TokredError
@@ -117,7 +123,9 @@ class Patch:
         self.state = state
         self.tokens = TokenCounter()
         self._changes: list[_AttrChange | _HookChange | _Callback] = []
+        # ``active``: the installed forwards and hooks act (False while paused and after removal)
         self.active = True
+        self.removed = False
         self._entered = False
 
     @property
@@ -206,9 +214,43 @@ class Patch:
         return guarded
 
     # --- lifecycle -------------------------------------------------------------------------------------
+    @property
+    def is_paused(self) -> bool:
+        return not self.active and not self.removed
+
+    def pause(self) -> None:
+        """Compute as the unpatched model until :meth:`resume`, keeping the method's state (see the module
+        docstring). Pausing a paused patch is harmless; pausing a removed one is an error."""
+        self._check_not_removed("pause")
+        self.active = False
+
+    def resume(self) -> None:
+        """Act again after :meth:`pause`, with the state the method had when it was paused."""
+        self._check_not_removed("resume")
+        self.active = True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[Patch]:
+        """``with patch.paused(): model(x)`` runs the unpatched computation; the patch acts again after."""
+        was_active = self.active
+        self.pause()
+        try:
+            yield self
+        finally:
+            if was_active and not self.removed:
+                self.resume()
+
+    def _check_not_removed(self, what: str) -> None:
+        if self.removed:
+            raise TokredError(
+                f"cannot {what} this {self.method.name!r} patch: it was removed; apply the method again "
+                "(tokred.apply(...))"
+            )
+
     def remove(self) -> None:
         """Undo every change, newest first. Calling it twice is harmless."""
         self.active = False
+        self.removed = True
         while self._changes:
             self._changes.pop().undo()
         self._clear_strays()
@@ -242,7 +284,7 @@ class Patch:
         return self
 
     def __enter__(self) -> Patch:
-        if not self.active:
+        if self.removed:
             raise TokredError(
                 f"this {self.method.name!r} patch was removed; apply the method again (tokred.apply(...)) to use it"
             )
@@ -259,5 +301,5 @@ class Patch:
         self.remove()
 
     def __repr__(self) -> str:
-        status = "active" if self.active else "removed"
+        status = "removed" if self.removed else ("active" if self.active else "paused")
         return f"Patch({self.method.name!r} on {self.adapter.family}, {status}, options={self.options})"

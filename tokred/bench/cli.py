@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from textwrap import fill
 from typing import Any
 
+from .workload import DEFAULT_SIZE
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -88,9 +90,23 @@ def listing(jsonable: bool = False) -> dict[str, Any]:
                 "family": cls.family,
                 "metrics": [{"name": m.name, "better": m.better, "unit": m.unit, "kind": m.kind} for m in cls.metrics],
                 "methods": [m["name"] for m in methods if cls.family in m["families"]],
+                "sizes": list(cls.sizes()),
             }
         )
-    return {"methods": methods, "tasks": tasks}
+    return {"methods": methods, "tasks": tasks, "architectures": architectures(methods)}
+
+
+def architectures(methods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The denoiser architecture table (``--set architecture=NAME`` of text_to_image, arch and full sizes), each
+    with the methods whose family it is."""
+    from ..tasks.architectures import ARCHITECTURES
+
+    return [
+        {"name": a.name, "description": a.description, "class": a.model_class, "family": a.family,
+         "parameters": a.parameters, "default_resolution": a.default_resolution, "pipeline": a.pipeline_class,
+         "hub_id": a.hub_id, "methods": [m["name"] for m in methods if a.family in m["families"]]}
+        for a in ARCHITECTURES.values()
+    ]
 
 
 def print_listing(data: dict[str, Any]) -> None:
@@ -125,6 +141,12 @@ def print_listing(data: dict[str, Any]) -> None:
         print(f"  quality: {quality or '-'}")
         print(f"  speed:   {speed or '-'}")
         print(f"  methods: {', '.join(t['methods']) or '-'}")
+        print(f"  sizes:   {', '.join(t.get('sizes', [])) or '-'}")
+    print("\nARCHITECTURES (text_to_image --size arch|full --set architecture=NAME; a list sweeps)")
+    rows = [[a["name"], a["description"], a["class"], f"{a['parameters'] / 1e9:.2f}B", a["default_resolution"],
+             ", ".join(a["methods"]) or "-"] for a in data.get("architectures", [])]
+    print(tabulate(rows, headers=["name", "model", "class", "params", "px", "methods"], tablefmt="simple",
+                   disable_numparse=True))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -149,8 +171,10 @@ def _out_path(out: str, task: str, size: str, device: str, several: bool) -> str
 
 
 def plan(args: argparse.Namespace) -> list[tuple[Any, list[Any], str]]:
-    """Validate every selection before anything runs: [(TaskRun, cases, output path)]."""
-    from .harness import TaskRun, parse_assignments, parse_list, plan_all, reproduce_command, task_names
+    """Validate every selection before anything runs: [(TaskRun, cases, output path)], one run per task and per
+    combination of swept settings (``--set resolution=512,1024``; the runs of a task share its output file)."""
+    from ..errors import TokredError
+    from .harness import TaskRun, parse_assignments, parse_list, plan_sweeps, reproduce_command, task_names
 
     tasks = task_names(args.task)
     options = parse_assignments(args.options, "--options")
@@ -164,16 +188,25 @@ def plan(args: argparse.Namespace) -> list[tuple[Any, list[Any], str]]:
         if not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     out = []
-    for task, cases in plan_all(tasks, args.methods, args.presets, options).items():
+    try:
+        planned = plan_sweeps(tasks, args.size, task_kwargs, args.methods, args.presets, options)
+    except ValueError as err:
+        if isinstance(err, TokredError):
+            raise
+        raise UsageError(f"tokred: {err}") from None
+    for p in planned:
         command = reproduce_command(
-            task, args.size, args.device, args.dtype, parse_list(args.methods), parse_list(args.presets), options,
-            task_kwargs, profile, args.rounds,
+            p.task, args.size, args.device, args.dtype, parse_list(args.methods), parse_list(args.presets),
+            options, p.task_kwargs, profile, args.rounds,
         )  # fmt: skip
-        run = TaskRun(task, args.size, args.device, args.dtype, task_kwargs, profile, args.rounds, command=command)
+        run = TaskRun(p.task, args.size, args.device, args.dtype, p.task_kwargs, profile, args.rounds,
+                      command=command)
         run.build()  # bad task arguments fail here, before anything runs
-        # another architecture of the arch workload (--set architecture=sdxl) gets a file of its own
-        size = f"{args.size}-{task_kwargs['architecture']}" if "architecture" in task_kwargs else args.size
-        out.append((run, cases, _out_path(args.out, task, size, args.device, several=len(tasks) > 1)))
+        # another architecture of the arch workload (--set architecture=sdxl) gets a file of its own; the
+        # resolutions of a sweep share one
+        kwargs = p.task_kwargs
+        size = f"{args.size}-{kwargs['architecture']}" if "architecture" in kwargs else args.size
+        out.append((run, p.cases, _out_path(args.out, p.task, size, args.device, several=len(tasks) > 1)))
     return out
 
 
@@ -186,7 +219,11 @@ def open_outputs(planned: list[tuple[Any, list[Any], str]], resume: bool, force:
     """Open (lock, check) every results file before anything runs; closed when ``stack`` closes."""
     from .runner import ResultsOutput
 
-    return [stack.enter_context(ResultsOutput(path, resume=resume, force=force)) for _, _, path in planned]
+    opened: dict[str, Any] = {}  # the runs of a sweep share their task's file
+    for _, _, path in planned:
+        if path not in opened:
+            opened[path] = stack.enter_context(ResultsOutput(path, resume=resume, force=force))
+    return [opened[path] for _, _, path in planned]
 
 
 def run_planned(planned: list[tuple[Any, list[Any], str]], outputs: list[Any]) -> tuple[int, list[str]]:
@@ -213,7 +250,10 @@ def run_planned(planned: list[tuple[Any, list[Any], str]], outputs: list[Any]) -
             print(f"tokred: error: {run.task_name} failed to set up: {type(err).__name__}: {err}", file=sys.stderr)
             status = max(status, EXIT_FAILED)
             continue
-        written.append(path)
+        finally:
+            run.release()  # a sweep's next run builds its own model: free this one's memory first
+        if path not in written:
+            written.append(path)
         for case_id, message in report.failed:
             print(f"tokred: {case_id} failed: {message}", file=sys.stderr)
             status = max(status, EXIT_FAILED)
@@ -284,9 +324,10 @@ def _add_run_arguments(p: argparse.ArgumentParser, default_task: str | None) -> 
                         "default options; 'all' (default)")
     p.add_argument("--options", action="append", default=[], metavar="KEY=VALUE",
                    help="run one method (--methods NAME) with these options instead of its presets (repeatable)")
-    p.add_argument("--size", default="embedded", choices=("embedded", "arch", "full"),
-                   help="embedded: the offline models shipped with tokred (default); arch: the real architectures "
-                        "at random init (speed only, offline); full: full-size models")
+    p.add_argument("--size", default=DEFAULT_SIZE,
+                   help="the kind of model (the task's workloads; `tokred list` shows them): embedded: the offline "
+                        "models shipped with tokred (default); arch: the real architectures at random init (speed "
+                        "only, offline); full: full-size models with their weights")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="model dtype (default: the task's)")

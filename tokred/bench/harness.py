@@ -14,7 +14,8 @@ times. ``--rounds N`` fixes the number of rounds.
 Contention (:mod:`tokred.bench.contention`): the case runs at the task's thread count (``threads``), and the load
 average and the process's CPU time around the timed calls decide ``contended``.
 
-Settings come from the profile (:data:`PROFILES`, per task and size) and can be overridden with ``--set``
+Settings come from the profile of the task's workload (``Task.profile(size, name)``, see
+:mod:`tokred.bench.workload`) and can be overridden with ``--set``
 (``tokred run``) / ``--tokred-set`` (pytest): the names in :data:`HARNESS_SETTINGS` go to the harness, every
 other one to the task's constructor.
 
@@ -42,6 +43,7 @@ from . import stats as stats_mod
 from .contention import Monitor, check_threads, torch_threads
 from .task import Quality
 from .timing import Timings, TimingSettings, time_paired
+from .workload import DEFAULT_SIZE, unit_of
 
 BASELINE = "baseline"
 DEFAULT_PRESET = "default"
@@ -49,35 +51,7 @@ CUSTOM_PRESET = "custom"
 TEST_NAME = "test_method"
 TEST_FILE = "benchmarks/test_methods.py"
 
-# Per (task, size): task constructor arguments the harness sets unless the user does (only those the task
-# accepts; "task"), and harness settings (HARNESS_SETTINGS). "default" is the main job, `tokred bench`: every
-# registered method and preset on both embedded tasks in about 15 minutes on 2 quiet CPU cores (estimated from
-# smoke runs, in the module's tests of the profile); "quick" is a smoke test of a few minutes.
-PROFILES: dict[str, dict[tuple[str, str], dict[str, Any]]] = {
-    "default": {
-        # The whole digits test split (360 images): Wilson intervals of about +-2-3% on the accuracies.
-        ("vit_classification", "embedded"): {"budget_s": 10.0, "max_rounds": 100},
-        # About 0.6 s per image (20 DDIM steps, guidance, one thread). Per method: 60 evaluated images
-        # (6 per digit) for FID/KID/accuracy/PSNR with intervals, 1 warm-up + 5-12 paired rounds of a 2-image
-        # batch (2.4 s a round), one more batch for FLOPs and memory and one for the U-Net share.
-        ("text_to_image", "embedded"): {"task": {"num_images": 60, "batch_size": 2}, "budget_s": 25.0,
-                                        "max_rounds": 20},
-        # Real architectures at random init: a generation is seconds (GPU) to a minute (CPU); 5 rounds is the
-        # floor, so on a CPU the budget only ever stops them at 5.
-        ("text_to_image", "arch"): {"budget_s": 120.0, "max_rounds": 30},
-        ("vit_classification", "arch"): {"budget_s": 30.0, "max_rounds": 50},
-    },
-    "quick": {
-        ("vit_classification", "embedded"): {"task": {"num_images": 120}, "budget_s": 2.0, "max_rounds": 10},
-        ("text_to_image", "embedded"): {
-            "task": {"num_images": 10, "batch_size": 2, "num_inference_steps": 10},
-            "budget_s": 4.0,
-            "max_rounds": 8,
-        },
-        ("text_to_image", "arch"): {"task": {"num_inference_steps": 4}, "budget_s": 10.0, "max_rounds": 5},
-        ("vit_classification", "arch"): {"budget_s": 5.0, "max_rounds": 10},
-    },
-}
+PROFILE_NAMES = ("default", "quick")  # "default": the main job, `tokred bench`; "quick": a smoke test
 # Harness settings and their defaults (threads None: the task's default_threads()).
 TIMING_DEFAULTS: dict[str, Any] = {
     "min_rounds": stats_mod.MIN_ROUNDS,
@@ -88,15 +62,6 @@ TIMING_DEFAULTS: dict[str, Any] = {
     "threads": None,
 }
 HARNESS_SETTINGS = tuple(TIMING_DEFAULTS)
-
-# Caveats recorded in `notes` for rows of a method whose token counts follow the model's features, on random
-# weights (size "arch"), where those features are not a trained model's.
-FEATURE_DEPENDENT_NOTES = {
-    "ca_tome": "CA-ToMe's merge count depends on trained features (a similarity threshold); on random weights "
-    "this row shows the count it actually merged (see tokens), not what trained weights would give",
-}
-ARCH_NOTE = "random weights (size arch): speed, FLOPs, memory and token counts only; no quality"
-
 
 class SelectionError(TokredError, ValueError):
     """A task, method or preset selection that does not exist; the message lists the valid names."""
@@ -113,6 +78,7 @@ class Case:
     method: str
     preset: str
     options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    variant: str = ""  # the sweep values of its run (see expand_sweeps), "" when nothing is swept
 
     @property
     def is_baseline(self) -> bool:
@@ -120,13 +86,16 @@ class Case:
 
     @property
     def id(self) -> str:
-        """The pytest id: ``vit_classification-tome-r8``, ``vit_classification-baseline``."""
-        return f"{self.task}-{BASELINE}" if self.is_baseline else f"{self.task}-{self.method}-{self.preset}"
+        """The pytest id: ``vit_classification-tome-r8``, ``vit_classification-baseline``,
+        ``text_to_image@sd3-1024-todo-default``."""
+        task = f"{self.task}@{self.variant}" if self.variant else self.task
+        return f"{task}-{BASELINE}" if self.is_baseline else f"{task}-{self.method}-{self.preset}"
 
     @property
     def param(self) -> str:
-        """The parameter value in results files: ``task:method:preset``."""
-        return f"{self.task}:{self.method}:{self.preset}"
+        """The parameter value in results files: ``task:method:preset`` (``task@variant:method:preset``)."""
+        task = f"{self.task}@{self.variant}" if self.variant else self.task
+        return f"{task}:{self.method}:{self.preset}"
 
 
 def parse_list(value: str | Sequence[str] | None) -> list[str] | None:
@@ -151,6 +120,35 @@ def parse_assignments(pairs: Iterable[str] | None, what: str = "--set") -> dict[
         except (ValueError, SyntaxError):
             value = raw.strip()
         out[key.strip()] = value
+    return out
+
+
+def expand_sweeps(task: str, task_kwargs: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The runs that ``task_kwargs`` asks for: one per combination of the values of the task's sweep settings
+    (``Task.sweeps``) given as a list (``--set resolution=512,768,1024`` gives ``(512, 768, 1024)``; a string with
+    commas is split: ``--set architecture=sd15,sd3``), as ``[(variant, kwargs)]``; ``variant`` names the
+    combination (``"sd3-1024"``; ``""`` when nothing is swept)."""
+    import itertools
+
+    from .task import get_task
+
+    sweeps = getattr(get_task(task), "sweeps", ())
+    axes: list[tuple[str, list[Any]]] = []
+    for key in sweeps:
+        value = task_kwargs.get(key)
+        if isinstance(value, str) and "," in value:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list | tuple):
+            if not value:
+                raise SelectionError(f"--set {key}= is an empty list; give one value or several, e.g. {key}=a,b")
+            axes.append((key, list(dict.fromkeys(value))))
+    if not axes:
+        return [("", dict(task_kwargs))]
+    out = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        kwargs = dict(task_kwargs)
+        kwargs.update({key: value for (key, _), value in zip(axes, combo, strict=True)})
+        out.append(("-".join(str(v) for v in combo), kwargs))
     return out
 
 
@@ -180,19 +178,21 @@ def plan_cases(
     presets: str | Sequence[str] | None = None,
     options: dict[str, Any] | None = None,
     baseline: bool = True,
+    family: str | None = None,
 ) -> list[Case]:
     """The baseline and every selected method x preset for ``task``.
 
     ``methods``: names (default: every registered method supporting the task's family). ``presets``: preset
     names, bare (``r8``: that preset of every selected method having it) or qualified (``tome:r8``);
     ``default`` selects a method's default options. ``options``: run the single selected method once with
-    these options (preset ``custom``) instead of its presets.
+    these options (preset ``custom``) instead of its presets. ``family``: the model family of the run (default:
+    the task's; a task whose workloads build several families says which with ``Task.family_for``).
     """
     from ..registry import get_method, list_methods
     from .task import get_task
 
     task_cls = get_task(task)
-    family = task_cls.family
+    family = family or task_cls.family
     supported = [m for m in list_methods() if method_presets(get_method(m), family)]
     chosen = parse_list(methods)
     if chosen is None:
@@ -259,22 +259,66 @@ def plan_all(
     methods: str | Sequence[str] | None = None,
     presets: str | Sequence[str] | None = None,
     options: dict[str, Any] | None = None,
+    families: dict[str, str] | None = None,
 ) -> dict[str, list[Case]]:
     """:func:`plan_cases` for several tasks: a task that the method/preset selection does not apply to is left
     out (``--methods tome --presets r8`` over all tasks runs only the ViT task); the error is raised only when the
     selection applies to no task at all. Unknown method names always raise."""
+    families = families or {}
     if len(tasks) == 1:
-        return {tasks[0]: plan_cases(tasks[0], methods, presets, options)}
+        return {tasks[0]: plan_cases(tasks[0], methods, presets, options, family=families.get(tasks[0]))}
     planned: dict[str, list[Case]] = {}
     errors: list[SelectionError] = []
     for task in tasks:
         try:
-            planned[task] = plan_cases(task, methods, presets, options)
+            planned[task] = plan_cases(task, methods, presets, options, family=families.get(task))
         except SelectionError as err:
             errors.append(err)
     if not planned:
         raise errors[0]
     return planned
+
+
+@dataclass
+class PlannedRun:
+    """One run of a task: its sweep ``variant`` (see :func:`expand_sweeps`), task arguments and cases."""
+
+    task: str
+    variant: str
+    task_kwargs: dict[str, Any]
+    cases: list[Case]
+
+
+def plan_sweeps(
+    tasks: Sequence[str],
+    size: str,
+    task_kwargs: dict[str, Any] | None = None,
+    methods: str | Sequence[str] | None = None,
+    presets: str | Sequence[str] | None = None,
+    options: dict[str, Any] | None = None,
+) -> list[PlannedRun]:
+    """Every run of ``tasks`` that ``task_kwargs`` asks for (one per combination of swept settings), each with
+    the cases :func:`plan_cases` selects for its model family (``Task.family_for``: ``architecture=sd3`` runs
+    the MMDiT's methods). As :func:`plan_all`, a selection that applies to some task only leaves the others out,
+    and one that applies to none raises. An unknown ``size`` raises a ValueError naming the valid ones."""
+    from .task import get_task
+
+    out: list[PlannedRun] = []
+    errors: list[TokredError] = []
+    for task in tasks:
+        for variant, kwargs in expand_sweeps(task, dict(task_kwargs or {})):
+            family = get_task(task).family_for(size, kwargs)
+            try:
+                cases = plan_cases(task, methods, presets, options, family=family)
+            except SelectionError as err:
+                if len(tasks) == 1:
+                    raise
+                errors.append(err)
+                continue
+            out.append(PlannedRun(task, variant, kwargs, [dataclasses.replace(c, variant=variant) for c in cases]))
+    if not out and errors:
+        raise errors[0]
+    return out
 
 
 # --- environment ---------------------------------------------------------------------------------------------
@@ -325,11 +369,14 @@ def accepted_kwargs(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def profile_settings(task: str, size: str, profile: str) -> dict[str, Any]:
-    """The profile's task arguments (``"task"``) and harness settings for ``(task, size)``."""
-    if profile not in PROFILES:
-        raise SelectionError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    """The profile's task arguments (``"task"``) and harness settings for ``task`` on workload ``size`` (the
+    workload's own, over :data:`TIMING_DEFAULTS`)."""
+    from .task import get_task
+
+    if profile not in PROFILE_NAMES:
+        raise SelectionError(f"unknown profile {profile!r}; valid: {', '.join(PROFILE_NAMES)}")
     settings = dict(TIMING_DEFAULTS)
-    settings.update(PROFILES[profile].get((task, size), {}))
+    settings.update(get_task(task).profile(size, profile))
     settings["task"] = dict(settings.get("task", {}))
     return settings
 
@@ -447,7 +494,7 @@ class TaskRun:
     def __init__(
         self,
         task: str,
-        size: str = "embedded",
+        size: str = DEFAULT_SIZE,
         device: str = "cpu",
         dtype: str | None = None,
         task_kwargs: dict[str, Any] | None = None,
@@ -506,6 +553,7 @@ class TaskRun:
         self.baseline_quality_n: dict[str, int] = {}
         self.baseline_speed: dict[str, float] = {}
         self.setup_s = 0.0
+        self.unit = ""
 
     def build(self) -> Any:
         """Construct the task without setting it up (cheap), so that a bad task argument (SelectionError naming
@@ -527,6 +575,16 @@ class TaskRun:
             default = getattr(self._built, "default_threads", None)
             self.threads = default() if callable(default) else None
         return self._built
+
+    @property
+    def family(self) -> str:
+        """The model family of this run's workload (which methods apply)."""
+        return self.task_cls.family_for(self.size, self.task_kwargs)
+
+    def release(self) -> None:
+        """Drop the set-up task and its model (a sweep's next run builds its own)."""
+        self.task = None
+        self._built = None
 
     def setup(self) -> TaskRun:
         """Build the task, record its reference and the baseline's quality and speed (GFLOPs, memory)."""
@@ -610,13 +668,16 @@ class TaskRun:
         return torch.device(getattr(self.task, "torch_device", self.task.device)).type == "cpu"
 
     def notes(self, case: Case) -> list[str]:
-        """Caveats for this case's row: the task's own (``task.notes()``, optional) and the harness's."""
+        """Caveats for this case's row: the task's own (``task.notes()``, its workload's) and, on random weights,
+        the method's (``Method.random_weights_caveat``: a method whose reduction follows trained features)."""
+        from ..registry import get_method
+
         own = getattr(self.task, "notes", None)
         out = [str(n) for n in (own() if callable(own) else [])]
-        if self.size == "arch":
-            out.append(ARCH_NOTE)
-            if case.method in FEATURE_DEPENDENT_NOTES:
-                out.append(FEATURE_DEPENDENT_NOTES[case.method])
+        if getattr(self.task, "random_weights", False) and not case.is_baseline:
+            caveat = getattr(get_method(case.method), "random_weights_caveat", "")
+            if caveat:
+                out.append(caveat)
         return out
 
     def run_case(self, case: Case) -> CaseResult:
@@ -630,10 +691,13 @@ class TaskRun:
 
         task = self.task
         workload = task.workload()
+        self.unit = unit_of(workload)
         monitor = Monitor(threads=threads, check_cpu=self._on_cpu())
         tokens: dict[str, Any] = {}
         if case.is_baseline:
             tokred.remove(task.model)
+            if getattr(workload, "stateful", False):
+                workload.start(0)
             timings = time_paired(workload, self.timing, monitor)
             quality = Quality(self.baseline_quality, self.baseline_quality_ci, self.baseline_quality_n)
             speed = self.baseline_speed
@@ -644,17 +708,31 @@ class TaskRun:
             except UnsupportedModelError as err:
                 raise CaseSkipped(str(err)) from err
 
+            stateful = getattr(workload, "stateful", False)
+
             def use_baseline() -> None:
-                holder.pop("patch").remove()
+                if stateful:  # the method's state from its earlier calls must survive the baseline's call
+                    holder["patch"].pause()
+                else:
+                    holder.pop("patch").remove()
 
             def use_method() -> None:
-                holder["patch"] = tokred.apply(task.model, case.method, **case.options)
+                if stateful:
+                    holder["patch"].resume()
+                else:
+                    holder["patch"] = tokred.apply(task.model, case.method, **case.options)
 
             def after_method() -> None:  # the token counts of the latest method call
                 counts = token_counts(holder.get("patch"))
                 if counts is not None:
                     tokens["counts"] = counts
                 reset_token_counts(holder.get("patch"))
+                if stateful:
+                    workload.advance()
+
+            if stateful:  # a fresh sequence, the method's warm-up calls run untimed
+                warmup = getattr(holder["patch"].method, "warmup_calls", None)
+                workload.start(int(warmup()) if callable(warmup) else 0)
 
             try:
                 quality = task.evaluate()
@@ -714,4 +792,12 @@ class TaskRun:
         info.update(timings.monitor.info())
         if tokens is not None:
             info["tokens"] = tokens
-        return info
+        # schema 3: what one timed call is, the workload kind, architecture and resolution (where they apply)
+        task_info = info.get("task_info") or {}
+        architecture, resolution = task_info.get("architecture"), task_info.get("resolution")
+        info.setdefault("unit", self.unit)
+        info.setdefault("workload", self.size)
+        info.setdefault("architecture", architecture if isinstance(architecture, str) else None)
+        ok = isinstance(resolution, int) and not isinstance(resolution, bool) and resolution >= 1
+        info.setdefault("resolution", resolution if ok else None)
+        return results_mod.CaseRecord.from_values(info).to_extra_info()

@@ -54,8 +54,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--tokred-size",
-        default="embedded",
-        choices=("embedded", "arch", "full"),
+        default="embedded",  # tokred.bench.workload.DEFAULT_SIZE (not imported: the plugin loads nothing heavy)
         help="embedded: the offline models shipped with tokred (default); arch: the real architectures at random "
         "init (speed only, offline); full: the full-size models",
     )
@@ -87,15 +86,17 @@ def _settings(config: pytest.Config) -> dict[str, Any]:
 
 def _plan(config: pytest.Config) -> list[Any]:
     """The selected cases; a bad selection is a pytest usage error (one line, exit code 4)."""
-    from tokred.bench.harness import parse_list, plan_all, task_names
+    from tokred.bench.harness import parse_list, plan_sweeps, task_names
     from tokred.errors import TokredError
 
     try:
         s = _settings(config)
-        planned = plan_all(task_names(s["tasks"]), s["methods"], s["presets"])
-    except TokredError as err:
+        # one run per task and per combination of swept settings (--tokred-set architecture=sd15,sd3), each with
+        # its model family's methods
+        planned = plan_sweeps(task_names(s["tasks"]), s["size"], s["task_kwargs"], s["methods"], s["presets"])
+    except (TokredError, ValueError) as err:  # (ValueError: an unknown --tokred-size names the valid ones)
         raise pytest.UsageError(str(err)) from None
-    cases = [c for task_cases in planned.values() for c in task_cases]
+    cases = [c for run in planned for c in run.cases]
     if parse_list(s["methods"]) is not None and not any(not c.is_baseline for c in cases):
         raise pytest.UsageError(f"no benchmarks selected by --tokred-methods={s['methods']}")
     return cases
@@ -171,24 +172,37 @@ def tokred_runs(request: pytest.FixtureRequest) -> dict[str, Any]:
 @pytest.fixture
 def tokred_case(request: pytest.FixtureRequest, tokred_runs: dict[str, Any]) -> BoundCase:
     """The (task, method, preset) of this parametrized benchmark, bound to its task's session-wide setup."""
-    from tokred.bench.harness import BASELINE, Case, TaskRun, method_presets, parse_list, reproduce_command
+    from tokred.bench.harness import (
+        BASELINE,
+        Case,
+        TaskRun,
+        expand_sweeps,
+        method_presets,
+        parse_list,
+        reproduce_command,
+    )
     from tokred.bench.task import get_task
     from tokred.registry import get_method
 
     param = getattr(request, "param", None)
     if param is None:
         pytest.fail(f"{FIXTURE} is parametrized by the tokred plugin; it cannot be used by hand")
-    task, method, preset = param.split(":", 2)
-    options = {} if method == BASELINE else method_presets(get_method(method), get_task(task).family).get(preset, {})
-    case = Case(task, method, preset, dict(options))
-    if task not in tokred_runs:
-        s = _settings(request.config)
+    task_part, method, preset = param.split(":", 2)
+    task, _, variant = task_part.partition("@")
+    s = _settings(request.config)
+    kwargs = dict(expand_sweeps(task, s["task_kwargs"]))[variant]
+    family = get_task(task).family_for(s["size"], kwargs)
+    options = {} if method == BASELINE else method_presets(get_method(method), family).get(preset, {})
+    case = Case(task, method, preset, dict(options), variant=variant)
+    if task_part not in tokred_runs:
         command = reproduce_command(
             task, s["size"], s["device"], s["dtype"], parse_list(s["methods"]), parse_list(s["presets"]),
-            task_kwargs=s["task_kwargs"], profile=s["profile"], rounds=s["rounds"],
+            task_kwargs=kwargs, profile=s["profile"], rounds=s["rounds"],
         )
-        tokred_runs[task] = TaskRun(
-            task, size=s["size"], device=s["device"], dtype=s["dtype"], task_kwargs=s["task_kwargs"],
+        for other in list(tokred_runs):  # one set-up model at a time: a sweep's runs can be large
+            tokred_runs.pop(other).release()
+        tokred_runs[task_part] = TaskRun(
+            task, size=s["size"], device=s["device"], dtype=s["dtype"], task_kwargs=kwargs,
             profile=s["profile"], rounds=s["rounds"], command=command,
         )  # fmt: skip
-    return BoundCase(case, tokred_runs[task])
+    return BoundCase(case, tokred_runs[task_part])

@@ -174,6 +174,7 @@ class ResultsOutput:
                     atomic_write(_backup_path(self.path), fh.read(), purpose="backup")
                 self._replace_pending = False
             results_mod.write_results(self.path, doc)
+            self.kept = list(doc["benchmarks"])  # a later run of the same sweep adds to what is written
         except OSError as err:
             raise OutputError(f"{self.purpose} {self.path}: cannot write results: {err}") from None
 
@@ -282,17 +283,19 @@ def _todo(
     return todo
 
 
-def summary_line(info: dict[str, Any]) -> str:
-    """``speedup 1.31x [1.25, 1.37], 812.4 img/s, top1 97.2`` for progress output."""
-    speedup = f"speedup {info['speedup']:.2f}x"
-    ci = info.get("speedup_ci")
-    if ci and not info.get("method") == "baseline":
+def summary_line(info: results_mod.CaseRecord | dict[str, Any]) -> str:
+    """``speedup 1.31x [1.25, 1.37], 812.4 img/s, top1 97.2`` for progress output (of a case's record, or of
+    its ``extra_info``)."""
+    record = info if isinstance(info, results_mod.CaseRecord) else results_mod.CaseRecord.from_values(info)
+    speedup = f"speedup {record.speedup:.2f}x"
+    ci = record.speedup_ci
+    if ci and not record.is_baseline:
         speedup += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
-    parts = [speedup, f"{info['throughput_per_s']:.4g} img/s"]
-    for metric in info.get("metrics", []):
-        if metric.get("kind") == "quality" and metric["name"] in info.get("quality", {}):
-            parts.append(f"{metric['name']} {info['quality'][metric['name']]:.4g}")
+    parts = [speedup] + ([] if record.throughput_per_s is None else [f"{record.throughput_per_s:.4g} img/s"])
+    for metric in record.metrics:
+        if metric.get("kind") == "quality" and metric["name"] in record.quality:
+            parts.append(f"{metric['name']} {record.quality[metric['name']]:.4g}")
             break
-    if info.get("contended"):
-        parts.append("CONTENDED: " + "; ".join(info.get("contention") or ["machine busy"]))
+    if record.contended:
+        parts.append("CONTENDED: " + "; ".join(record.contention or ["machine busy"]))
     return ", ".join(parts)

@@ -30,10 +30,8 @@ from typing import Any, ClassVar
 
 from ..errors import UnknownTaskError
 from ..registry import Registry
+from .workload import DEFAULT_SIZE, LEGACY_SIZES, Workload, check_size
 
-# embedded: small trained models shipped with tokred (quality and speed, offline); arch: the real architectures with
-# random weights (speed, FLOPs, memory and token counts only; offline); full: the real models with their weights.
-SIZES = ("embedded", "arch", "full")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -106,27 +104,55 @@ def check_bool(name: str, value: Any) -> bool:
 class Task:
     """Base class of benchmark tasks. Subclasses register with ``@register_task("name")``.
 
-    Constructor arguments common to all tasks: ``size`` ("embedded": the offline default shipped with
-    tokred; "arch": the real architecture with random weights, for speed only; "full": the real full-size model,
-    whose weights must be available locally or in the Hugging Face cache), ``device`` and ``dtype``. Tasks accept
-    further keyword arguments of their own and check every one of them in the constructor (a ValueError naming
-    the setting and its valid range), before anything is built.
+    A task scores one job; the kinds of model it runs are its ``workloads`` (:mod:`tokred.bench.workload`),
+    keyed by the ``size`` argument (e.g. "embedded": the offline default shipped with tokred; "arch": a real
+    architecture with random weights, for speed only; "full": a real model with its weights). Constructor
+    arguments common to all tasks: ``size``, ``device`` and ``dtype``. Tasks accept further keyword arguments of
+    their own and check every one of them in the constructor (a ValueError naming the setting and its valid
+    range), before anything is built. Settings named in ``sweeps`` may be given as a list (``--set
+    resolution=512,1024``): the harness runs the task once per value.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
-    family: ClassVar[str] = ""  # adapter family of the model it builds ("timm_vit", "diffusers_unet")
+    family: ClassVar[str] = ""  # adapter family of the default model ("timm_vit", "diffusers_unet", ...)
     metrics: ClassVar[tuple[Metric, ...]] = ()
+    workloads: ClassVar[dict[str, type[Workload]]] = {}
+    sweeps: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, size: str = "embedded", device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> None:
-        if size not in SIZES:
-            raise ValueError(f"unknown size {size!r}; valid sizes: {', '.join(SIZES)}")
+    def __init__(self, size: str = DEFAULT_SIZE, device: str = "cpu", dtype: str = "float32", **kwargs: Any) -> None:
+        check_size(self.sizes(), self.name or type(self).__name__, size)
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid dtypes: {', '.join(DTYPES)}")
         self.size = size
         self.device = device
         self.dtype = dtype
         self.model: Any = None  # what methods are applied to; set by setup()
+
+    @classmethod
+    def sizes(cls) -> tuple[str, ...]:
+        """The workload kinds (``size`` values) this task offers."""
+        return tuple(cls.workloads) or LEGACY_SIZES
+
+    @classmethod
+    def family_for(cls, size: str, settings: dict[str, Any]) -> str:
+        """The adapter family of the model that ``cls(size=size, **settings)`` would build, without building it
+        (the methods to plan depend on it). By default the task's ``family``."""
+        return cls.family
+
+    @classmethod
+    def profile(cls, size: str, name: str) -> dict[str, Any]:
+        """The harness settings and task arguments (``"task"``) of profile ``name`` for workload ``size``."""
+        if size not in cls.workloads:
+            return {"task": {}}
+        return cls.workloads[size].profile(name)
+
+    @property
+    def random_weights(self) -> bool:
+        """Whether the model has random weights (speed only): methods whose reduction follows the features then
+        reduce what random features give, not what trained ones would."""
+        kind = self.workloads.get(self.size)
+        return bool(kind and kind.random_weights)
 
     # --- to implement -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -151,7 +177,12 @@ class Task:
 
     def default_threads(self) -> int | None:
         """The torch thread count the harness runs this task with (None: leave torch's setting as it is)."""
-        return None
+        kind = self.workloads.get(self.size)
+        return kind.default_threads(self.device) if kind else None
+
+    def notes(self) -> list[str]:
+        """Caveats for every row of this task's results (the leaderboard prints them under the section)."""
+        return []
 
     def describe(self) -> dict[str, Any]:
         """Model, data and settings, for results' ``extra_info`` and the leaderboard header."""
