@@ -42,7 +42,7 @@ from torch import nn
 
 from tokred.bench.measure import ModuleTimer, flops_and_memory, resolve_device, timed, torch_dtype
 from tokred.bench.task import Metric, Quality, Task, check_bool, check_int, check_number, register_task
-from tokred.bench.workload import TimedCall, refuse_foreign_settings, workload_class
+from tokred.bench.workload import DEFAULT_SIZE, TimedCall, refuse_foreign_settings, workload_class
 
 from . import architectures, sharding
 from .diffusion_workloads import (  # noqa: F401  (re-exported: tokred 0.2 names)
@@ -141,7 +141,7 @@ class TextToImage(Task):
     )
     family = "diffusers_unet"
     workloads = WORKLOADS
-    sweeps = ("resolution", "architecture")
+    sweeps = ("architecture", "resolution")
     metrics = (
         Metric("fid", "lower"),
         Metric("kid", "lower"),
@@ -161,7 +161,7 @@ class TextToImage(Task):
 
     def __init__(
         self,
-        size: str = "embedded",
+        size: str = DEFAULT_SIZE,
         device: str = "cpu",
         dtype: str | None = None,
         *,

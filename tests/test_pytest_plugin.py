@@ -134,3 +134,23 @@ def test_bad_selection_is_a_usage_error(bench_dir, option, expected):
     text = "\n".join(result.errlines + result.outlines)
     for fragment in expected:
         assert fragment in text
+
+
+def test_sweeps_are_parametrized_per_architecture_and_resolution(bench_dir):
+    """--tokred-set architecture=sd15,sd3 --tokred-set resolution=(256, 512): one run per combination, each with its
+    own model family's methods, the combination in the test id."""
+    result = bench_dir.runpytest_inprocess(
+        "--collect-only", "-q", "--tokred-task=text_to_image", "--tokred-size=arch", "--tokred-presets=default",
+        "--tokred-set=architecture=sd15,sd3", "--tokred-set=resolution=(256, 512)",
+    )  # fmt: skip
+    ids = [line.split("[", 1)[1].rstrip("]") for line in result.outlines if line.startswith("test_methods.py::")]
+    variants = sorted({"-".join(i.split("-")[:2]) for i in ids})
+    assert variants == ["text_to_image@sd15-256", "text_to_image@sd15-512", "text_to_image@sd3-256",
+                        "text_to_image@sd3-512"]
+    assert "text_to_image@sd3-512-cat_pruning-default" in ids and "text_to_image@sd15-256-baseline" in ids
+
+
+def test_unknown_size_is_a_usage_error(bench_dir):
+    result = bench_dir.runpytest_inprocess("--collect-only", "--tokred-task=text_to_image", "--tokred-size=huge")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert any("unknown size 'huge'" in line and "embedded, arch, full" in line for line in result.errlines)

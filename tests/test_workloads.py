@@ -83,7 +83,7 @@ def test_foreign_settings_name_the_workload_that_takes_them():
 
 def test_resolution_list_gives_one_run_per_resolution():
     runs = expand_sweeps("text_to_image", {"resolution": (64, 128), "architecture": "sd15,sd3"})
-    assert [v for v, _ in runs] == ["64-sd15", "64-sd3", "128-sd15", "128-sd3"]
+    assert [v for v, _ in runs] == ["sd15-64", "sd15-128", "sd3-64", "sd3-128"]
     assert runs[3][1] == {"resolution": 128, "architecture": "sd3"}
     assert expand_sweeps("text_to_image", {"resolution": 64}) == [("", {"resolution": 64})]
     assert expand_sweeps("vit_classification", {"batch_size": 8}) == [("", {"batch_size": 8})]
