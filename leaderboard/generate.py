@@ -164,11 +164,8 @@ def table(section: Section) -> str:
 
 
 def _unique(values: list[Any]) -> list[Any]:
-    out = []
-    for v in values:
-        if v not in out and v not in (None, ""):
-            out.append(v)
-    return out
+    """The values in their first order, once each, without None and "" (linear: a row's values are hashable)."""
+    return [v for v in dict.fromkeys(values) if v is not None and v != ""]
 
 
 def _setting(value: Any) -> str:
@@ -302,11 +299,28 @@ def _copies(paths: Sequence[str], folder: str) -> list[tuple[str, str]]:
     return out
 
 
-def _benchmarks_oldest_first(paths: Sequence[str]) -> list[dict[str, Any]]:
-    """Every benchmark of ``paths``, the files' in order of their ``datetime`` (a later file's row wins)."""
-    docs = [load_results(p) for p in paths]
-    docs.sort(key=lambda d: str(d.get("datetime", "")))
+def _benchmarks_oldest_first(documents: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every benchmark of ``documents`` (read results files), the files' in order of their ``datetime`` (a later
+    file's row wins)."""
+    docs = sorted(documents, key=lambda d: str(d.get("datetime", "")))
     return [b for d in docs for b in d["benchmarks"]]
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def _check_not_an_input(paths: Sequence[str], out_path: str) -> None:
+    """The markdown must not replace one of the results files it is built from (real paths compared)."""
+    for path in paths:
+        if _same_file(path, out_path):
+            raise OutputError(f"-o {out_path} is one of the results files read ({path}); the leaderboard would "
+                              "overwrite it: choose another -o (e.g. leaderboard/README.md)")
 
 
 def build(paths: Sequence[str], out_path: str, published: bool = True, plots: bool = True) -> list[Section]:
@@ -316,11 +330,13 @@ def build(paths: Sequence[str], out_path: str, published: bool = True, plots: bo
     if os.path.isdir(out_path):
         raise OutputError(f"-o {out_path} is a folder; give the markdown file, e.g. "
                           f"{os.path.join(out_path, 'README.md')}")
+    _check_not_an_input(paths, out_path)
     folder = os.path.dirname(os.path.abspath(out_path))
     copies = _copies(paths, folder)
     sources = [os.path.relpath(dest, folder) for _, dest in copies]
-    sections = load_sections([src for src, _ in copies], sources)
-    scaling = scaling_groups(_benchmarks_oldest_first([src for src, _ in copies]))
+    documents = {src: load_results(src) for src, _ in copies}  # each file read and checked once
+    sections = load_sections(list(documents), sources, documents)
+    scaling = scaling_groups(_benchmarks_oldest_first(list(documents.values())))
     text = render(sections, sources, published=published, scaling=scaling)
     check_writable_file(out_path, "-o")
     with OutputLock(out_path, "-o"):

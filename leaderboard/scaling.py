@@ -10,7 +10,6 @@ draws the measured speedups and their FLOPs-ideal counterparts against resolutio
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -18,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokred.bench.files import atomic_write
+from .plot import save_figure
 
 PUBLISHED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "published.json")
 MISSING = "—"
@@ -217,8 +216,4 @@ def scaling_plot(group: ScalingGroup, path: str) -> None:
     ax.set_title(group.title.replace(" on ", "\non ", 1), fontsize=8)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    plt.close(fig)
-    atomic_write(path, buffer.getvalue(), purpose="plot")
+    save_figure(fig, path)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,26 +196,37 @@ def _section_for(record: CaseRecord) -> Section:
                    section_settings(task_info))
 
 
-def load_sections(paths: Sequence[str], sources: Sequence[str] | None = None) -> list[Section]:
+def load_sections(paths: Sequence[str], sources: Sequence[str] | None = None,
+                  documents: Mapping[str, dict[str, Any]] | None = None) -> list[Section]:
     """Read results files into sections (marks set). ``sources``: how each path is named in the markdown
     (default: the path). Files are read in the order of their names, so the result does not depend on the
-    order they were given in."""
+    order they were given in. ``documents``: the files already read by :func:`load_results`, by path (each file
+    is read and checked once)."""
     named = sorted(zip(sources or paths, paths, strict=True))
     sections: dict[tuple[Any, ...], Section] = {}
+    # section key -> row identity -> its index in the section's rows (a dict: a scan of the rows for every new
+    # row made large files quadratic)
+    positions: dict[tuple[Any, ...], dict[tuple[str, str, str], int]] = {}
     found = 0
     for source, path in named:
-        data = load_results(path)
+        data = documents[path] if documents is not None and path in documents else load_results(path)
         when = str(data.get("datetime", ""))
-        for record in tokred_records(data, path):
+        for record in tokred_records(data, path, checked=True):  # load_results checked them
             found += 1
             sec = _section_for(record)
-            sec = sections.setdefault(sec.key, sec)
+            key = sec.key
+            sec = sections.setdefault(key, sec)
+            index = positions.setdefault(key, {})
+            known = {m["name"] for m in sec.metrics}
             for metric in record.metrics:
-                if sec.metric(metric["name"]) is None:
+                if metric["name"] not in known:
                     sec.metrics.append(dict(metric))
+                    known.add(metric["name"])
             row = _row(record, when, source)
-            previous = next((i for i, r in enumerate(sec.rows) if r.identity == row.identity), None)
+            identity = row.identity
+            previous = index.get(identity)
             if previous is None:
+                index[identity] = len(sec.rows)
                 sec.rows.append(row)
             elif row.datetime >= sec.rows[previous].datetime:
                 sec.rows[previous] = row

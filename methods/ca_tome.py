@@ -90,7 +90,7 @@ from tokred.method import MethodState
 from tokred.options import is_bool, is_int, number_in, option
 from tokred.reduction import FULL_BLOCK, BlockCall, BlockPlan, RowPlans
 
-from .tome import MMDiTMergeLayout, has_windows, require_cross_attention, require_some_sublayer
+from .tome import MMDiTMergeLayout, WindowCheck, finest_merging_level, require_cross_attention, require_some_sublayer
 
 # The official CacheConf schedules (Table II of the paper); step 1 is the first U-Net call.
 CACHE_PRESETS: dict[str, tuple[int, ...]] = {
@@ -255,6 +255,8 @@ class CAToMe(Method):
             require_cross_attention(adapter, self.merging_blocks, self.options, "ca_tome")
         elif isinstance(adapter, DiffusersMMDiTAdapter):
             self.merging_blocks = None  # every JointTransformerBlock: they all run on the same patch grid
+        if not isinstance(adapter, TimmViTAdapter):
+            self.finest_level = finest_merging_level(adapter, self.merging_blocks)
 
     def install(self, patch) -> None:
         if isinstance(patch.adapter, TimmViTAdapter):
@@ -274,9 +276,10 @@ class CAToMe(Method):
         opts: CAToMeSDOptions | CAToMeMMDiTOptions = self.options
         st: CAToMeState = state.method
         compute_on = resolve_compute_on(opts.compute_on)
+        windows = WindowCheck("ca_tome", opts.sx, opts.sy, getattr(self, "finest_level", 1))
 
         def plan(call: BlockCall, x: torch.Tensor) -> BlockPlan | RowPlans:
-            if opts.threshold >= 1 or call.grid is None or not has_windows(call.grid, opts.sx, opts.sy):
+            if opts.threshold >= 1 or call.grid is None or not windows(call):
                 return FULL_BLOCK
             key = (x.shape[0], x.shape[1], call.grid, x.device)
             cached = st.pairs.get(call.name)

@@ -58,11 +58,20 @@ Batches
 State
     Everything (reference, clusters, counts, selections, per-block caches) lives in the typed
     :class:`CatState` (``patch.method_state``) and is dropped at every generation start; a call whose batch or
-    token count differs from the cached one turns pruning off until the next generation. Inference only (the
-    caches are updated in place). A generation whose pipeline schedules at most ``t0`` denoiser calls (4- or
-    8-step schedules, img2img at low strength) prunes nothing: a :class:`CatNoPruningWarning` says so, naming
-    ``t0``; ``t0`` does not scale with the number of steps by itself (set it, e.g. to a third of the steps).
-    Calls the adapter marks auxiliary (SD3.5 skip-layer guidance's second pass) run unreduced and do not count.
+    token count differs from the cached one turns pruning off until the next generation. A generation of at
+    most ``t0`` denoiser calls (4- or 8-step schedules, img2img at low strength, a short hand-written loop)
+    prunes nothing: a :class:`CatNoPruningWarning` says so, naming ``t0``, once per generation: at its first
+    call when the pipeline's scheduler reports the number of calls, else when it ends (the next generation
+    starts, or the patch is removed). ``t0`` does not scale with the number of steps by itself (set it, e.g.
+    to a third of the steps). Calls the adapter marks auxiliary (SD3.5 skip-layer guidance's second pass) run
+    unreduced and do not count.
+
+Gradients
+    Without gradients (``torch.no_grad()``, ``torch.inference_mode()``, pipelines) the caches are updated in
+    place. Under autograd (gradients enabled and a parameter or input requiring them) a pruned call's output
+    carries gradients through the tokens it recomputed; the tokens taken from the cache are constants (their
+    values come from earlier calls, whose graphs are not kept), so the gradient is that of this call's
+    computation with the cache held fixed, a truncated gradient. The caches then keep detached copies.
 
 SD3 / MMDiT (``diffusers_mmdit``)
     Faithful to the official SD3 code: in every ``JointTransformerBlock`` the image stream is pruned (joint
@@ -119,6 +128,7 @@ import torch
 from tokred import Method, register_method
 from tokred.adapters.base import require_concrete
 from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
+from tokred.errors import TokredWarning
 from tokred.layout import max_downsample_option
 from tokred.method import MethodState
 from tokred.options import int_at_least, is_number, option
@@ -145,7 +155,7 @@ from .cat_pruning_select import (
 )
 
 
-class CatNoPruningWarning(UserWarning):
+class CatNoPruningWarning(TokredWarning):
     """A generation too short for CAT's schedule: at most ``t0`` denoiser calls, so nothing is pruned."""
 
 
@@ -216,7 +226,6 @@ class CatState(MethodState):
     sel_step: int = -1
     blocks: dict[str, BlockCache] = field(default_factory=dict)  # block name -> cached activations
     levels: dict[int, torch.Tensor] = field(default_factory=dict)  # this call's pooled selections per level
-    warned: bool = False
 
     def reset(self) -> None:
         fresh = CatState()
@@ -239,6 +248,34 @@ class CatPolicy:
         self.state = state
         self.st: CatState = state.method
         self.replace_output = replace_output  # False when the pruned blocks do not map onto the output tokens
+        # Generations too short to prune, followed here: the run state forgets a generation when the next starts.
+        self.generation = -1  # the generation of the last counted call seen
+        self.calls = 0  # its counted calls so far
+        self.warned_generation = -1  # the generation a CatNoPruningWarning was issued for
+
+    def warn_too_short(self, calls: int, known_ahead: bool) -> None:
+        """One :class:`CatNoPruningWarning` for the current generation of ``calls`` denoiser calls."""
+        if self.warned_generation == self.generation:
+            return
+        self.warned_generation = self.generation
+        if calls <= 2:
+            advice = "CAT needs at least 3 denoiser calls per generation (t0 >= 2 full calls, then pruned ones)"
+        else:
+            advice = f"pass a smaller t0, e.g. t0={max(2, calls // 3)}"
+        what = (
+            f"this generation makes {calls} denoiser calls, at most t0={self.t0}, so nothing is pruned"
+            if known_ahead
+            else f"a generation made {calls} denoiser calls, at most t0={self.t0}, so nothing was pruned"
+        )
+        warnings.warn(f"cat_pruning: {what} (CAT computes calls 1..t0 in full); {advice}", CatNoPruningWarning,
+                      stacklevel=3)
+
+    def finish(self) -> None:
+        """The generation of the last counted call ended (the next one started, or the patch is removed): warn
+        if it made at most ``t0`` calls and nobody said so at its start."""
+        if 0 < self.calls <= self.t0:
+            self.warn_too_short(self.calls, known_ahead=False)
+        self.calls = 0
 
     def budget(self, n: int) -> int:
         return max(1, int(self.alpha * n))
@@ -306,18 +343,16 @@ class CatPolicy:
         tokens this call did not compute, after choosing the tokens of the next call."""
         st, state = self.st, self.state
         step = state.step
-        if step == 1 and not st.warned and state.expected_calls is not None and state.expected_calls <= self.t0:
-            st.warned = True
-            warnings.warn(
-                f"cat_pruning: this generation makes {state.expected_calls} denoiser calls, at most t0={self.t0}, so "
-                f"nothing is pruned (CAT computes calls 1..t0 in full); pass a smaller t0, e.g. "
-                f"t0={max(2, state.expected_calls // 3)}",
-                CatNoPruningWarning,
-                stacklevel=2,
-            )
+        if state.generation != self.generation:  # a new generation: the previous one has ended
+            self.finish()
+            self.generation = state.generation
+        self.calls = step
+        if step == 1 and state.expected_calls is not None and state.expected_calls <= self.t0:
+            self.warn_too_short(state.expected_calls, known_ahead=True)
         if st.disabled or step < self.t0 - 1:
             return tokens
         h, w = grid.h, grid.w
+        grad = torch.is_grad_enabled()  # the returned tokens keep the gradient of the rows this call computed
         with torch.no_grad():
             B, N, D = tokens.shape
             if st.shape is not None and st.shape != (B, N, D):
@@ -356,7 +391,8 @@ class CatPolicy:
 
             out = tokens
             if mask is not None and self.replace_output and computed.shape[1] < N:
-                out = torch.where(mask[..., None], tokens, st.prev.to(tokens.dtype))
+                with torch.set_grad_enabled(grad):
+                    out = torch.where(mask[..., None], tokens, st.prev.to(tokens.dtype))
             st.prev = out.detach().clone()
             return out
 
@@ -392,3 +428,4 @@ class CatPruning(Method):
         policy = CatPolicy(self.options, patch.state, self.replace_output)
         patch.adapter.install_blocks(patch, policy.plan, self.pruned_blocks)
         patch.adapter.install_output(patch, policy.on_output)
+        patch.on_remove(policy.finish)  # a bare loop's last generation ends with the patch

@@ -22,7 +22,9 @@ Stable Diffusion U-Net (``diffusers_unet``)
       (tomesd's generator keeps advancing); the first generation matches tomesd under the same
       ``torch.manual_seed``;
     * the U-Net may be called with keyword arguments only (tomesd reads ``args[0]``);
-    * grids that do not match the latent size (odd sizes) are left unmerged instead of crashing;
+    * grids that do not match the latent size (odd sizes) are left unmerged instead of crashing, and so are grids
+      smaller than one ``sy x sx`` window; when that leaves a whole call unmerged (strides larger than the
+      highest-resolution merging grid) a :class:`StrideTooLargeWarning` says so, once per patch;
     * ``max_downsample`` defaults to the U-Net's highest-resolution transformer level (tomesd: always 1, which
       on SDXL merges nothing), and a value that selects no block is an error at ``apply``;
     * options that merge for no sublayer (``merge_attn``, ``merge_crossattn`` and ``merge_mlp`` all False, or
@@ -45,6 +47,7 @@ Stable Diffusion 3 / 3.5 MMDiT (``diffusers_mmdit``): our extension
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +55,7 @@ from tokred import Method, register_method
 from tokred.adapters.diffusers_mmdit import DiffusersMMDiTAdapter
 from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
 from tokred.adapters.timm_vit import TimmViTAdapter
-from tokred.errors import InvalidOptionError
+from tokred.errors import InvalidOptionError, TokredWarning
 from tokred.layout import GridMergeLayout
 from tokred.merge import GridMerge, alternate_matching, grid_destinations, grid_matching
 from tokred.options import int_at_least, is_bool, is_int, is_number, number_in, option
@@ -206,6 +209,47 @@ def has_windows(grid: Grid, sx: int, sy: int) -> bool:
     return grid.h >= sy and grid.w >= sx
 
 
+class StrideTooLargeWarning(TokredWarning):
+    """``sx`` / ``sy`` larger than every merging block's token grid in a denoiser call: nothing is merged."""
+
+
+class WindowCheck:
+    """:func:`has_windows` for each block call of a grid-merging method, with one
+    :class:`StrideTooLargeWarning` per patch at the first call in which no block can merge: the grid of the
+    highest-resolution merging level (``finest_level``; the largest grid of the call) holds no ``sy x sx``
+    window, so no coarser one does either. The grid is known only at call time (latents of any size), so this
+    cannot be an error at ``apply``."""
+
+    def __init__(self, method: str, sx: int, sy: int, finest_level: int = 1) -> None:
+        self.method, self.sx, self.sy, self.finest_level = method, sx, sy, finest_level
+        self.warned = False
+
+    def __call__(self, call: BlockCall) -> bool:
+        """Whether this block call's grid (not None) holds a destination window."""
+        grid = call.grid
+        if grid is None:
+            return False
+        if has_windows(grid, self.sx, self.sy):
+            return True
+        if not self.warned and call.level <= self.finest_level:
+            self.warned = True
+            warnings.warn(
+                f"{self.method}: the destination stride sx={self.sx}, sy={self.sy} exceeds the {grid.h}x{grid.w} "
+                f"token grid (h x w) of the highest-resolution merging blocks in this call, so no block merges "
+                f"any token; use sx <= {grid.w} and sy <= {grid.h} (default sx=sy=2)",
+                StrideTooLargeWarning,
+                stacklevel=2,
+            )
+        return False
+
+
+def finest_merging_level(adapter: Any, names: set[str] | None) -> int:
+    """The highest-resolution level among the merging blocks (1 on an MMDiT: every block on the patch grid)."""
+    if isinstance(adapter, DiffusersUNetAdapter) and names:
+        return min(adapter.level[name] for name in names)
+    return 1
+
+
 @register_method("tome")
 class ToMe(Method):
     summary = "Token Merging: bipartite soft matching (ViT, arXiv 2210.09461; SD, arXiv 2303.17604)"
@@ -229,6 +273,8 @@ class ToMe(Method):
             require_cross_attention(adapter, self.merging_blocks, self.options, "tome")
         elif isinstance(adapter, DiffusersMMDiTAdapter):
             self.merging_blocks = None  # every JointTransformerBlock: they all run on the same patch grid
+        if not isinstance(adapter, TimmViTAdapter):
+            self.finest_level = finest_merging_level(adapter, self.merging_blocks)
 
     def install(self, patch) -> None:
         if isinstance(patch.adapter, TimmViTAdapter):
@@ -247,10 +293,11 @@ class ToMe(Method):
     def planner(self, state):
         """Grid merging on a U-Net's or an MMDiT's image tokens (the layout options build the plan)."""
         opts: ToMeSDOptions | ToMeMMDiTOptions = self.options
+        windows = WindowCheck("tome", opts.sx, opts.sy, getattr(self, "finest_level", 1))
 
         def plan(call: BlockCall, x) -> BlockPlan:
             r = int(x.shape[1] * opts.ratio)
-            if call.grid is None or r <= 0 or not has_windows(call.grid, opts.sx, opts.sy):
+            if call.grid is None or r <= 0 or not windows(call):
                 return FULL_BLOCK
             # An odd batch cannot hold matching cond/uncond halves; random destinations would differ
             # between them and leave artifacts, so tomesd (and we) fall back to top-left.

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from tokred.adapters.timm_vit import TimmViTAdapter
 from tokred.bench.task import check_bool
-from tokred.bench.workload import Workload, refuse_foreign_settings
+from tokred.bench.workload import Workload, hf_cache_hint, refuse_foreign_settings
 from tokred.errors import UnsupportedModelError
 
 # The real architectures of the random-init workload: DeiT-S (the default) and ViT-B.
@@ -40,16 +40,6 @@ DEFAULT_FULL_MODEL = "deit_small_patch16_224"
 EMBEDDED_MODEL = "tokred-digits-vit"
 RANDOM = "random init (speed only)"
 RANDOM_IMAGES = "random images (speed only)"
-
-
-def _hf_cache_hint() -> str:
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE, is_offline_mode
-
-        offline = " (HF_HUB_OFFLINE is set: no download)" if is_offline_mode() else ""
-        return f"the Hugging Face cache {HF_HUB_CACHE}{offline}"
-    except ImportError:  # pragma: no cover
-        return "the Hugging Face cache"
 
 
 def create_timm_vit(
@@ -89,7 +79,7 @@ def create_timm_vit(
         cfg = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) if "." not in name else None
         where = f"hf-hub:{cfg} in " if cfg else ""
         raise FileNotFoundError(
-            f"pretrained weights for {name!r} not found: looked for {where}{_hf_cache_hint()}. Download them "
+            f"pretrained weights for {name!r} not found: looked for {where}{hf_cache_hint()}. Download them "
             f"once with network access, pass checkpoint=<local file>, or pretrained=False for random weights "
             f"(speed only). Cause: {type(err).__name__}: {err}"
         ) from err

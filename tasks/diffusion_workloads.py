@@ -29,7 +29,7 @@ from torch import nn
 
 from tokred.bench.measure import synchronize
 from tokred.bench.task import check_int
-from tokred.bench.workload import TimedCall, Workload
+from tokred.bench.workload import TimedCall, Workload, hf_cache_hint
 from tokred.errors import UnsupportedModelError
 
 from . import architectures as A
@@ -93,16 +93,6 @@ def imagenet_prompts() -> list[str]:
     info = ImageNetInfo()
     return [IMAGENET_TEMPLATE.format(info.index_to_description(i).split(",")[0].strip())
             for i in range(info.num_classes())]
-
-
-def _hf_cache_hint() -> str:
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE, is_offline_mode
-
-        offline = " (HF_HUB_OFFLINE is set: no download)" if is_offline_mode() else ""
-        return f"the Hugging Face cache {HF_HUB_CACHE}{offline}"
-    except ImportError:  # pragma: no cover
-        return "the Hugging Face cache"
 
 
 class DiffusionWorkload(Workload):
@@ -451,7 +441,7 @@ class PretrainedPipeline(_ArchitectureWorkload):
         try:
             pipe = pipeline_cls.from_pretrained(self.model_name, **kwargs)
         except (OSError, ValueError) as err:
-            where = f"the local directory {self.model_name!r}" if local else _hf_cache_hint()
+            where = f"the local directory {self.model_name!r}" if local else hf_cache_hint()
             raise FileNotFoundError(
                 f"{self.arch.pipeline_class} weights {self.model_name!r} not found: looked in {where}. Pass "
                 f"model=<local directory saved with save_pretrained> or download the model once with network "

@@ -21,21 +21,10 @@ from tokred.bench.cli import main
 from tokred.bench.harness import TaskRun, plan_cases
 from tokred.bench.results import load_results
 from tokred.bench.runner import run_task
-from tokred.bench.task import tasks as task_registry
 from tokred.options import is_bool, option
 from tokred.registry import methods as method_registry
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture
-def fake_plugin(monkeypatch):
-    """Install the fixture plugin (sys.path + dist-info entry points) for this test only."""
-    monkeypatch.syspath_prepend(str(FIXTURES / "fake_plugin"))
-    for registry in (method_registry, task_registry):
-        registry.names()  # built-ins registered before the snapshot
-        monkeypatch.setattr(registry, "_loaded", False)
-        monkeypatch.setattr(registry, "_items", dict(registry._items))
 
 
 def run_cli(capsys, *argv):
@@ -303,22 +292,6 @@ def test_missing_weights_is_one_line_and_setup_is_not_retried(fake_plugin, monke
 # --- results files: nothing lost, nothing silently wrong ---------------------------------------------------------
 
 FAKE_RUN = ["run", "--task", "fake_vit", "--methods", "fake_merge", "--rounds", "1"]
-
-
-@pytest.fixture
-def setup_calls(fake_plugin, monkeypatch):
-    """Counts the fake task's (slow, in real tasks) setups: a refused run must not reach one."""
-    import tokred_fake_plugin
-
-    calls = []
-    setup = tokred_fake_plugin.FakeVitTask.setup
-
-    def counted(self):
-        calls.append(1)
-        setup(self)
-
-    monkeypatch.setattr(tokred_fake_plugin.FakeVitTask, "setup", counted)
-    return calls
 
 
 def names_and_presets(path):

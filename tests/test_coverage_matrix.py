@@ -330,6 +330,7 @@ ZERO_STRENGTH = {
     "ca_tome": {"threshold": 1.0},
     "cat_pruning": {"t0": 2, "alpha": 1.0},
     "todo": {"downsample_factor": 1},
+    "deepcache": {"cache_interval": 1},
 }
 
 

@@ -7,43 +7,14 @@ any edit to the benchmark file.
 
 from __future__ import annotations
 
-import importlib
 import json
-from pathlib import Path
 
 import pytest
 
 from tokred.bench.results import load_results
-from tokred.bench.task import tasks as task_registry
-from tokred.registry import methods as method_registry
 
 pytest_plugins = ["pytester"]
 
-FIXTURES = Path(__file__).parent / "fixtures"
-BENCH_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "test_methods.py"
-
-
-@pytest.fixture
-def fake_plugin(monkeypatch):
-    """Install the fixture plugin (sys.path + dist-info entry points) for this test only."""
-    monkeypatch.syspath_prepend(str(FIXTURES / "fake_plugin"))
-    for registry in (method_registry, task_registry):
-        registry.names()
-        monkeypatch.setattr(registry, "_loaded", False)
-        monkeypatch.setattr(registry, "_items", dict(registry._items))
-    # pytester removes the modules an in-process run imported; torch's and timm's must stay (they cannot be
-    # imported twice in one process), so they are imported here, before pytester's snapshot
-    for module in ("timm.models.vision_transformer", "tokred_fake_plugin", "tokred.bench.harness", "tokred.flops",
-                   "torch.profiler", "pytest_benchmark.stats"):
-        importlib.import_module(module)
-
-
-@pytest.fixture
-def bench_dir(fake_plugin, pytester):
-    """A pytester folder holding the project's own benchmark file. ``fake_plugin`` comes first: the built-in
-    methods and tasks are imported before pytester snapshots ``sys.modules`` (and restores it afterwards)."""
-    pytester.makepyfile(test_methods=BENCH_FILE.read_text())
-    return pytester
 
 
 def test_parametrized_over_registry_and_presets(bench_dir):

@@ -36,14 +36,6 @@ TINY = {
 RESOLUTION = {"sd15": 128, "sd2": 128, "sdxl": 256, "sd3": 128, "sd35": 128}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_the_table_has_every_denoiser_family():
     assert list(A.ARCHITECTURES) == ["sd15", "sd2", "sdxl", "sd3", "sd35"]
     assert {a.family for a in A.ARCHITECTURES.values()} == {"diffusers_unet", "diffusers_mmdit"}

@@ -24,6 +24,7 @@ _EXPORTS = {
     "remove": "api",
     "InvalidOptionError": "errors",
     "TokredError": "errors",
+    "TokredWarning": "errors",
     "UnknownMethodError": "errors",
     "UnknownTaskError": "errors",
     "UnsupportedModelError": "errors",
@@ -39,6 +40,7 @@ __all__ = [
     "Method",
     "Patch",
     "TokredError",
+    "TokredWarning",
     "UnknownMethodError",
     "UnknownTaskError",
     "UnsupportedModelError",
@@ -52,7 +54,14 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import apply, get_patch, remove
-    from .errors import InvalidOptionError, TokredError, UnknownMethodError, UnknownTaskError, UnsupportedModelError
+    from .errors import (
+        InvalidOptionError,
+        TokredError,
+        TokredWarning,
+        UnknownMethodError,
+        UnknownTaskError,
+        UnsupportedModelError,
+    )
     from .method import Method
     from .patch import Patch
     from .registry import get_method, list_methods, register_method

@@ -1,4 +1,5 @@
-"""Exceptions raised by tokred. All are raised at ``apply`` time, never in the middle of a forward."""
+"""Exceptions raised by tokred (all at ``apply`` time, never in the middle of a forward), and the base class of its
+warnings (issued while the model runs, when a method reduces nothing for a reason the user can fix)."""
 
 
 class TokredError(Exception):
@@ -25,3 +26,7 @@ class InvalidOptionError(TokredError, ValueError):
 
 class UnsupportedModelError(TokredError, TypeError):
     """A model that no adapter (or not the chosen method) supports."""
+
+
+class TokredWarning(UserWarning):
+    """Base class of every warning tokred issues on purpose (e.g. options that reduce nothing on these inputs)."""

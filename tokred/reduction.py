@@ -149,10 +149,12 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class RowCache:
-    """The last full [B, N, C] value of one sublayer output (or of keys/values), updated row-wise in place.
+    """The last full [B, N, C] value of one sublayer output (or of keys/values), updated row-wise.
 
     ``record(full)`` keeps a full value; ``update(index, rows)`` overwrites rows ``index`` [B, M] with ``rows``
-    [B, M, C] and returns the whole cached tensor. Inference only: the update is in place.
+    [B, M, C] and returns the whole cached tensor. Without gradients the update is in place. Under autograd
+    (``rows`` requiring grad) the cache holds values only (a detached copy, so no graph outlives its call) and
+    the returned tensor is a new one whose fresh rows carry the gradient; the cached rows are constants.
     """
 
     __slots__ = ("value",)
@@ -161,13 +163,19 @@ class RowCache:
         self.value: torch.Tensor | None = None
 
     def record(self, full: torch.Tensor) -> torch.Tensor:
-        self.value = full
+        self.value = full.detach().clone() if full.requires_grad else full
         return full
 
     def update(self, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if self.value is None:
             raise RuntimeError("RowCache.update before record: nothing cached for this sublayer")
-        return self.value.scatter_(1, index[..., None].expand(-1, -1, self.value.shape[-1]), rows.to(self.value.dtype))
+        index = index[..., None].expand(-1, -1, self.value.shape[-1])
+        rows = rows.to(self.value.dtype)
+        if rows.requires_grad:
+            full = self.value.scatter(1, index, rows)  # out of place: the gradient reaches the fresh rows
+            self.value = full.detach().clone()
+            return full
+        return self.value.scatter_(1, index, rows)
 
 
 def record_output(cache: RowCache) -> Sublayer:

@@ -8,7 +8,9 @@ diffusers' block forward with the reduction points of :mod:`tokred.reduction`:
 * ``attn`` / ``cross`` / ``mlp``: reduce/restore around self-attention, cross-attention and the MLP;
 * ``kv``: the tokens self-attention's keys and values come from, and hooks on the projected keys and values
   (the library's own attention processor then computes attention);
-* the denoiser's output (``conv_out``) as tokens on the latent grid (:meth:`DiffusersUNetAdapter.install_output`).
+* the denoiser's output (``conv_out``) as tokens on the latent grid (:meth:`DiffusersUNetAdapter.install_output`);
+* whole modules of the down/mid/up path skipped on some calls, one feature reused from an earlier call
+  (:meth:`DiffusersUNetAdapter.install_module_cache`, DeepCache's point; :meth:`DiffusersUNetAdapter.unet_parts`).
 
 Levels: SD 1.x/2.x have transformer blocks at levels 1, 2, 4 (and 8 in the mid block of some configs); SDXL
 at 2 and 4 only. :meth:`DiffusersUNetAdapter.default_level` is the highest-resolution level with transformer
@@ -19,11 +21,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import InvalidOptionError, UnsupportedModelError
+from ..method import MethodState
 from ..reduction import FULL_BLOCK, BlockCall, BlockPlan, Grid, Planner, RowPlans, projected_kv
 from .base import Adapter, attach_denoiser_state, grid_for, has_class_named
 
@@ -53,6 +57,52 @@ def block_level(name: str, num_levels: int) -> int:
     if m := _UP.search(name):
         return 2 ** (num_levels - 1 - int(m.group(1)))
     return 2 ** (num_levels - 1)  # mid block: the lowest resolution
+
+
+# --- whole modules reused across calls (DeepCache) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UNetPart:
+    """A module of the U-Net's down, mid or up path, numbered as DeepCache numbers it.
+
+    ``block`` counts the levels from the top: ``down_blocks[i]`` and ``up_blocks[n - 1 - i]`` are block ``i``, the
+    mid block is block ``n``. ``layer`` counts a block's layers from its skip connection's top: in a down block
+    ``resnets[j]`` and ``attentions[j]`` are layer ``j`` and the downsampler is ``len(resnets)``; in an up block
+    ``resnets[j]`` and ``attentions[j]`` are layer ``len(resnets) - 1 - j`` and the upsampler is layer 0. A whole
+    block has ``layer=None``. Up layer ``k`` consumes the output of down layer ``k - 1`` of the same block (layer
+    0: the block's input) through the skip connection.
+    """
+
+    kind: str  # "down", "mid" or "up"
+    block: int
+    layer: int | None
+    name: str  # the module's name in the U-Net
+    module: torch.nn.Module
+
+
+class ModuleCache(MethodState):
+    """What :meth:`DiffusersUNetAdapter.install_module_cache` keeps between the calls of one generation: the kept
+    outputs (a copy of the feature's, the shapes of the others'), whether the current call reuses them, the
+    ``sample`` shape they were computed for and each transformer block's token count."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.outputs: dict[str, Any] = {}
+        self.reuse = False
+        self.sample_shape: tuple[int, ...] | None = None
+        self.block_tokens: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class _Empty:
+    """The shape of a kept output that is never read: an uninitialised tensor stands in for it."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
 
 
 class DiffusersUNetAdapter(Adapter):
@@ -158,6 +208,106 @@ class DiffusersUNetAdapter(Adapter):
         if not isinstance(conv_out, torch.nn.Module):
             raise UnsupportedModelError("this U-Net has no conv_out layer to read the noise prediction from")
         patch.register_forward_hook(conv_out, after_conv_out)
+
+    # --- whole modules reused across calls (DeepCache) ----------------------------------------------------------
+    def unet_parts(self) -> list[UNetPart]:
+        """The U-Net's down/mid/up blocks and their resnets, attentions and samplers (see :class:`UNetPart`), in
+        execution order (a block before its layers)."""
+        unet, parts = self.root, []
+        for i, block in enumerate(unet.down_blocks):
+            parts.append(UNetPart("down", i, None, f"down_blocks.{i}", block))
+            resnets, attentions = list(block.resnets), list(getattr(block, "attentions", None) or [])
+            for j, resnet in enumerate(resnets):
+                parts.append(UNetPart("down", i, j, f"down_blocks.{i}.resnets.{j}", resnet))
+                if j < len(attentions):
+                    parts.append(UNetPart("down", i, j, f"down_blocks.{i}.attentions.{j}", attentions[j]))
+            for k, sampler in enumerate(getattr(block, "downsamplers", None) or []):
+                parts.append(UNetPart("down", i, len(resnets), f"down_blocks.{i}.downsamplers.{k}", sampler))
+        if unet.mid_block is not None:
+            parts.append(UNetPart("mid", len(unet.down_blocks), None, "mid_block", unet.mid_block))
+        for u, block in enumerate(unet.up_blocks):
+            i = len(unet.up_blocks) - 1 - u
+            parts.append(UNetPart("up", i, None, f"up_blocks.{u}", block))
+            resnets, attentions = list(block.resnets), list(getattr(block, "attentions", None) or [])
+            for j, resnet in enumerate(resnets):
+                parts.append(UNetPart("up", i, len(resnets) - 1 - j, f"up_blocks.{u}.resnets.{j}", resnet))
+                if j < len(attentions):
+                    name = f"up_blocks.{u}.attentions.{j}"
+                    parts.append(UNetPart("up", i, len(resnets) - 1 - j, name, attentions[j]))
+            for k, sampler in enumerate(getattr(block, "upsamplers", None) or []):
+                parts.append(UNetPart("up", i, 0, f"up_blocks.{u}.upsamplers.{k}", sampler))
+        return parts
+
+    def install_module_cache(
+        self,
+        patch: Patch,
+        names: list[str],
+        feature: str,
+        reuse_step: Callable[[], bool],
+        cache: ModuleCache,
+    ) -> None:
+        """Skip the modules ``names`` (:class:`UNetPart` names, none inside another) on the calls that reuse.
+
+        Before each counted call, ``reuse_step()`` (the method's schedule) says whether the call may reuse; it does
+        when the modules ran earlier in this generation for a ``sample`` of the same shape. Then none of them runs:
+        ``feature`` returns a copy of its output of the last call that ran it, every other one uninitialised tensors
+        of its last outputs' shapes. The caller chooses ``names`` so that only ``feature``'s output reaches a module
+        that runs (DeepCache's rule does: the others feed only skipped modules, or concatenations whose results a
+        skipped module discards). On the other calls the modules run, keeping a copy of ``feature``'s output (copied
+        in and out, so that in-place consumers such as FreeU's scaling cannot change it) and the others' shapes.
+
+        Token counts: every transformer block records its tokens when it runs, and 0 computed tokens in each
+        sublayer when a skipped module holds it.
+        """
+        from torch.utils._pytree import tree_map_only
+
+        counter = patch.tokens
+        modules = dict(self.root.named_modules())
+
+        def before_unet(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            sample = args[0] if args else kwargs.get("sample")
+            shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else None
+            cache.reuse = feature in cache.outputs and shape == cache.sample_shape and bool(reuse_step())
+            if not cache.reuse:
+                cache.sample_shape = shape
+
+        patch.register_forward_pre_hook(self.root, before_unet, with_kwargs=True)
+
+        def block_runs(name: str, block: torch.nn.Module) -> Callable[..., None]:
+            def before_block(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+                hidden_states = args[0] if args else kwargs["hidden_states"]
+                n = cache.block_tokens[name] = int(hidden_states.shape[1])
+                counter.record(name, n, n, n, n, n if block.attn2 is not None else None)
+
+            return before_block
+
+        for name, block in self.blocks:
+            patch.register_forward_pre_hook(block, block_runs(name, block), with_kwargs=True)
+
+        def cached_forward(name: str, module: torch.nn.Module) -> Callable[..., Any]:
+            run = vars(module).get("forward") or type(module).forward.__get__(module)  # an instance forward stays
+            inner = [(n, b.attn2 is not None) for n, b in self.blocks if n.startswith(name + ".")]
+            if name == feature:
+                keep = lambda out: tree_map_only(torch.Tensor, torch.clone, out)  # a copy, read when reused
+            else:
+                keep = lambda out: tree_map_only(torch.Tensor, lambda t: _Empty(t.shape, t.dtype, t.device), out)
+
+            def forward(mod: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+                if cache.reuse and name in cache.outputs:
+                    for block_name, cross in inner:
+                        counter.record(block_name, cache.block_tokens.get(block_name, 0), 0, 0, 0, 0 if cross else None)
+                    kept = cache.outputs[name]
+                    if name == feature:
+                        return tree_map_only(torch.Tensor, torch.clone, kept)
+                    return tree_map_only(_Empty, lambda e: torch.empty(e.shape, dtype=e.dtype, device=e.device), kept)
+                out = run(*args, **kwargs)
+                cache.outputs[name] = keep(out)
+                return out
+
+            return forward
+
+        for name in names:
+            patch.replace_forward(modules[name], cached_forward(name, modules[name]))
 
 
 def feed_forward(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,14 @@ when the first new benchmark is written, and keeps the old file as ``FILE.bak``.
 results file from start to end. A second ``tokred run`` on the same file exits at once with code 2, naming the
 file and the process holding it; it does not wait. Temporary files left by a killed run are removed by the
 next run on the same file. Every output (``--out``, ``-o``) is checked before the first, slow setup: the
-folder is created, the file must be writable and must not be a folder, and no other run may hold its lock.
+folder is created, the file must be writable and must not be a folder or another non-regular file (``-o
+/dev/null``, a pipe), and no other run may hold its lock. A symbolic link is written through (its target is
+replaced, the link stays) and locked as its target, so two runs on one file under two names exclude each other.
+``--resume`` refuses a file that holds another task's results. ``-o`` must not be one of the results files read
+(``tokred leaderboard``) or written (``tokred bench``).
+
+Selections: a name given twice is selected once; an empty selection (``--methods ""``, ``--task " "``) is an
+error, only ``all`` (the default) selects everything; ``--options`` and ``--presets`` exclude each other.
 
 ``tokred leaderboard`` / ``tokred bench`` write the markdown, its plots and a copy of every results file they
 read (``results/`` beside the markdown), so the leaderboard can be rebuilt from what sits next to it.
@@ -174,19 +181,28 @@ def plan(args: argparse.Namespace) -> list[tuple[Any, list[Any], str]]:
     """Validate every selection before anything runs: [(TaskRun, cases, output path)], one run per task and per
     combination of swept settings (``--set resolution=512,1024``; the runs of a task share its output file)."""
     from ..errors import TokredError
-    from .harness import TaskRun, parse_assignments, parse_list, plan_sweeps, reproduce_command, task_names
+    from .harness import (
+        TaskRun,
+        check_device,
+        check_selection,
+        parse_assignments,
+        parse_list,
+        plan_sweeps,
+        reproduce_command,
+        task_names,
+    )
 
+    # an empty selection (--methods "", --task " ") is an error, not "all"
+    for option, value, kind in (("--task", args.task, "task"), ("--methods", args.methods, "method"),
+                                ("--presets", args.presets, "preset")):
+        check_selection(value, option, kind)
     tasks = task_names(args.task)
     options = parse_assignments(args.options, "--options")
     task_kwargs = parse_assignments(args.set, "--set")
     profile = "quick" if args.quick else "default"
     if task_kwargs and len(tasks) > 1:
         raise UsageError("--set applies to one task; choose it with --task NAME")
-    if str(args.device).startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    check_device(str(args.device), "--device")
     out = []
     try:
         planned = plan_sweeps(tasks, args.size, task_kwargs, args.methods, args.presets, options)
@@ -220,9 +236,9 @@ def open_outputs(planned: list[tuple[Any, list[Any], str]], resume: bool, force:
     from .runner import ResultsOutput
 
     opened: dict[str, Any] = {}  # the runs of a sweep share their task's file
-    for _, _, path in planned:
+    for run, _, path in planned:
         if path not in opened:
-            opened[path] = stack.enter_context(ResultsOutput(path, resume=resume, force=force))
+            opened[path] = stack.enter_context(ResultsOutput(path, resume=resume, force=force, task=run.task_name))
     return [opened[path] for _, _, path in planned]
 
 
@@ -296,6 +312,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .files import OutputLock, check_writable_file
 
     planned = plan(args)
+    board = os.path.realpath(args.output)
+    for _, _, path in planned:
+        if os.path.realpath(path) == board:
+            raise UsageError(f"tokred bench: -o {args.output} is also the results file (--out {path}); the "
+                             "leaderboard would overwrite the results: choose another -o")
     with contextlib.ExitStack() as stack:
         # the leaderboard's file is checked (and held) too before the long run, not only at its end
         check_writable_file(args.output, "-o")
@@ -323,7 +344,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, default_task: str | None) -> 
                    help="preset names (r8) or method:preset (tome:r8), comma-separated; 'default' = the method's "
                         "default options; 'all' (default)")
     p.add_argument("--options", action="append", default=[], metavar="KEY=VALUE",
-                   help="run one method (--methods NAME) with these options instead of its presets (repeatable)")
+                   help="run one method (--methods NAME) with these options instead of its presets (repeatable; "
+                        "not with --presets)")
     p.add_argument("--size", default=DEFAULT_SIZE,
                    help="the kind of model (the task's workloads; `tokred list` shows them): embedded: the offline "
                         "models shipped with tokred (default); arch: the real architectures at random init (speed "

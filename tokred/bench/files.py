@@ -10,6 +10,10 @@
   can still write it through :func:`atomic_write`, which takes the lock for every write.
 * While it holds the lock, a writer removes the temporary files that killed writers of the same target left
   (:func:`remove_stale_temporaries`): nobody else can be writing that target at that moment.
+* Symbolic links are written through, never replaced: the lock, the temporary file and the rename all use the
+  link's target (:func:`real_path`), so two runs on one file under two names exclude each other too.
+* An output that exists and is not a regular file (a device such as ``/dev/null``, a pipe, a socket) is refused:
+  renaming over it would replace it.
 """
 
 from __future__ import annotations
@@ -33,9 +37,26 @@ class OutputError(Exception):
     """An output that cannot be written (busy, read-only, a folder, holding data it would destroy): one line."""
 
 
+def real_path(path: str | os.PathLike) -> str:
+    """The file that writing ``path`` changes: absolute, symbolic links resolved (also a link whose target does
+    not exist yet: writing creates the target)."""
+    return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
 def lock_path(path: str | os.PathLike) -> str:
-    path = os.path.abspath(os.fspath(path))
+    """The lock file of ``path``'s target (beside the file a link points to, not beside the link)."""
+    path = real_path(path)
     return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+
+
+def _not_regular(path: str) -> bool:
+    """Whether ``path`` exists and is neither a regular file nor a folder (a device, pipe, socket)."""
+    return os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path)
+
+
+def _named(path: str, target: str) -> str:
+    """``path``, and what it points to when it is a symbolic link."""
+    return f"{path} (a link to {target})" if path != target and os.path.islink(path) else path
 
 
 def _temporary_pattern(path: str) -> re.Pattern[str]:
@@ -83,7 +104,8 @@ class OutputLock:
 
     def __init__(self, path: str | os.PathLike, purpose: str = "output") -> None:
         self.path = os.path.abspath(os.fspath(path))
-        self.lock_file = lock_path(self.path)
+        self.target = real_path(self.path)  # a link is locked (and written) as the file it points to
+        self.lock_file = lock_path(self.target)
         self.purpose = purpose
         self.stale_removed: list[str] = []
         self._acquired = False
@@ -98,14 +120,14 @@ class OutputLock:
             fd = self._lock()
             self._held[self.lock_file] = [fd, 1]
             self._acquired = True
-        self.stale_removed = remove_stale_temporaries(self.path)
+        self.stale_removed = remove_stale_temporaries(self.target)
         return self
 
     def _lock(self) -> int | None:
         if fcntl is None:  # pragma: no cover
             return None
         folder = os.path.dirname(self.lock_file)
-        where = f"{self.purpose} {self.path}"
+        where = f"{self.purpose} {_named(self.path, self.target)}"
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as err:
@@ -174,15 +196,20 @@ def _umask() -> int:
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes, purpose: str = "output") -> None:
-    """Write ``data`` to ``path`` atomically, under ``path``'s lock (stale temporaries removed first)."""
+    """Write ``data`` to ``path`` atomically, under ``path``'s lock (stale temporaries removed first). A
+    symbolic link is written through: its target is replaced, the link stays."""
     path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path):
-        raise OutputError(f"{purpose} {path} is a folder, not a file")
+    target = real_path(path)
+    if os.path.isdir(target):
+        raise OutputError(f"{purpose} {_named(path, target)} is a folder, not a file")
+    if _not_regular(target):
+        raise OutputError(f"{purpose} {_named(path, target)} exists and is not a regular file (a device, pipe or "
+                          "socket); give a file path")
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    folder = os.path.dirname(path)
+    folder = os.path.dirname(target)
     with OutputLock(path, purpose):
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
         except OSError as err:
             raise OutputError(f"{purpose} {path}: cannot write in {folder} ({err.strerror})") from None
         try:
@@ -191,7 +218,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, purpose: str = "out
                 fh.write(payload)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            os.replace(tmp, target)
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -216,14 +243,18 @@ def _fsync_folder(folder: str) -> None:
 
 
 def check_writable_file(path: str | os.PathLike, purpose: str = "output") -> str:
-    """``path`` as an absolute path, after checking that it can become a file (not a folder, not read-only);
-    its folder is created. The lock (:class:`OutputLock`) checks that the folder is writable."""
+    """``path`` as an absolute path, after checking that it can become a file (not a folder, not a device, pipe
+    or socket, not read-only); its folder (the link target's, for a symbolic link) is created. The lock
+    (:class:`OutputLock`) checks that the folder is writable."""
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):
         raise OutputError(f"{purpose} {path} is a folder; give a file path")
+    if _not_regular(path):
+        raise OutputError(f"{purpose} {path} exists and is not a regular file (a device, pipe or socket); writing "
+                          "would replace it: give a file path")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise OutputError(f"{purpose} {path} is read-only")
-    folder = os.path.dirname(path)
+    folder = os.path.dirname(real_path(path))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as err:

@@ -98,13 +98,73 @@ class Case:
         return f"{task}:{self.method}:{self.preset}"
 
 
+def _split(value: str | Sequence[str]) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    # a name given twice is selected once (the first time), so no case is timed twice
+    return list(dict.fromkeys(part.strip() for item in items for part in item.split(",") if part.strip()))
+
+
 def parse_list(value: str | Sequence[str] | None) -> list[str] | None:
-    """``"a,b"`` or ``["a", "b,c"]`` -> ``["a", "b", "c"]``; None, ``""`` and ``"all"`` -> None (everything)."""
+    """``"a,b"`` or ``["a", "b,c"]`` -> ``["a", "b", "c"]`` (repeated names once, in order); None and ``"all"``
+    -> None (everything). An empty selection (``""``, ``" "``, ``","``) is not "all": SelectionError (the CLI
+    and the pytest plugin check it first with :func:`check_selection`, which names the option)."""
     if value is None:
         return None
-    items = [value] if isinstance(value, str) else list(value)
-    out = [part.strip() for item in items for part in item.split(",") if part.strip()]
-    return None if not out or out == ["all"] else out
+    out = _split(value)
+    if not out:
+        raise SelectionError(f"empty selection {value!r}: give names, comma-separated, or 'all'")
+    return None if out == ["all"] else out
+
+
+def selection_names(kind: str) -> list[str]:
+    """The valid names of a selection ``kind``: "task", "method" or "preset" (every method's presets for any
+    family, and ``default``)."""
+    from ..registry import get_method, list_methods
+    from .task import list_tasks
+
+    if kind == "task":
+        return list_tasks()
+    if kind == "method":
+        return list_methods()
+    presets = {DEFAULT_PRESET}
+    for name in list_methods():
+        for table in (getattr(get_method(name), "presets", None) or {}).values():
+            presets.update(table or {})
+    return sorted(presets)
+
+
+def check_selection(value: str | Sequence[str] | None, option: str, kind: str) -> None:
+    """An explicit selection that names nothing (``--methods ""``, ``--task " "``) is an error naming ``option``
+    and the valid names; only the word ``all`` (or leaving the option out) selects everything."""
+    if value is None or _split(value):
+        return
+    raise SelectionError(
+        f"{option} {value if isinstance(value, str) else ','.join(value)!r} selects no {kind}; give {kind} names, "
+        f"comma-separated, or 'all'; valid: {', '.join(selection_names(kind))}"
+    )
+
+
+def check_device(device: str, option: str = "--device") -> None:
+    """A device string torch knows and this machine has (``cuda`` needs a GPU, ``cuda:N`` that many); a
+    SelectionError naming ``option`` otherwise."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SelectionError(f"{option} {device}: not a torch device ({reason}); e.g. cpu, cuda, cuda:0") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SelectionError(f"{option} {device}: CUDA is not available on this machine; use {option} cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise SelectionError(f"{option} {device}: this machine has {count} CUDA device(s) (cuda:0 to "
+                                 f"cuda:{count - 1})")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise SelectionError(f"{option} {device}: MPS is not available on this machine; use {option} cpu")
 
 
 def parse_assignments(pairs: Iterable[str] | None, what: str = "--set") -> dict[str, Any]:
@@ -206,6 +266,12 @@ def plan_cases(
                     f"method {name!r} does not support task {task!r} ({family} models; {name} supports "
                     f"{', '.join(cls.families()) or 'nothing'}); methods for {task}: {', '.join(supported) or 'none'}"
                 )
+    if options and parse_list(presets) is not None:
+        given = presets if isinstance(presets, str) else ",".join(presets)
+        raise SelectionError(
+            f"--options and --presets exclude each other: --options runs {', '.join(chosen)} once with these "
+            f"options (preset {CUSTOM_PRESET!r}) instead of its presets; drop --presets {given} or the --options"
+        )
     cases = [Case(task, BASELINE, BASELINE)] if baseline else []
     if options:
         if len(chosen) != 1:

@@ -24,18 +24,32 @@ Options (group ``tokred``)::
     --tokred-rounds=N           fixed timed rounds (default: adaptive)  --tokred-quick  smaller embedded runs
 
 Usage: ``pytest benchmarks/ --benchmark-only --benchmark-json=out.json`` (also ``--benchmark-autosave``,
-``pytest-benchmark compare``; ``--benchmark-skip`` skips them). torch and the registries are imported only when a
-test asks for ``tokred_case``, so the plugin costs nothing in unrelated test runs.
+``pytest-benchmark compare``; ``--benchmark-skip`` and ``--benchmark-disable`` skip them: nothing is measured).
+torch and the registries are imported only when a test asks for ``tokred_case`` or a tokred option is given, so
+the plugin costs nothing in unrelated test runs.
+
+Checked at start-up (a one-line usage error, exit code 4, before anything runs): the tokred options (names,
+task arguments, harness settings, rounds, device) when any is given, and the ``--benchmark-json`` path (its
+folder must exist and be writable). When the tokred benchmarks run and the ``--benchmark-json`` file already
+exists, it is copied to ``FILE.bak`` (``FILE.bak1``, ... if that exists) before pytest-benchmark replaces it, and a
+line says so.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 
 FIXTURE = "tokred_case"
 _RUNS_KEY = pytest.StashKey[dict]()
+_COLLECTED_KEY = pytest.StashKey[bool]()  # tokred benchmarks were parametrized in this session
+_BACKED_UP_KEY = pytest.StashKey[bool]()
+# the options that make the plugin check its selection at start-up (their defaults select everything)
+_DEFAULTS = {"tokred_task": "all", "tokred_methods": "all", "tokred_presets": "all", "tokred_set": [],
+             "tokred_device": "cpu", "tokred_dtype": None, "tokred_size": "embedded", "tokred_rounds": None,
+             "tokred_quick": False}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -84,16 +98,31 @@ def _settings(config: pytest.Config) -> dict[str, Any]:
     }
 
 
-def _plan(config: pytest.Config) -> list[Any]:
-    """The selected cases; a bad selection is a pytest usage error (one line, exit code 4)."""
-    from tokred.bench.harness import parse_list, plan_sweeps, task_names
+def _plan(config: pytest.Config, check: bool = False) -> list[Any]:
+    """The selected cases; a bad selection is a pytest usage error (one line, exit code 4). ``check``: also
+    build every run's task (its arguments and harness settings checked, nothing set up), check the rounds and
+    the device, as ``tokred run`` does before it runs anything."""
+    from tokred.bench.harness import TaskRun, check_device, check_selection, parse_list, plan_sweeps, task_names
     from tokred.errors import TokredError
 
     try:
         s = _settings(config)
+        # an empty selection (--tokred-methods=) is an error, not "all"
+        for option, kind in (("tasks", "task"), ("methods", "method"), ("presets", "preset")):
+            name = {"tasks": "--tokred-task"}.get(option, f"--tokred-{option}")
+            check_selection(s[option], name, kind)
         # one run per task and per combination of swept settings (--tokred-set architecture=sd15,sd3), each with
         # its model family's methods
         planned = plan_sweeps(task_names(s["tasks"]), s["size"], s["task_kwargs"], s["methods"], s["presets"])
+        if check:
+            rounds = s["rounds"]
+            if rounds is not None and rounds < 1:
+                raise pytest.UsageError(f"--tokred-rounds={rounds}: the timed rounds per benchmark must be >= 1 "
+                                        "(leave it out for adaptive rounds)")
+            check_device(str(s["device"]), "--tokred-device")
+            for run in planned:
+                TaskRun(run.task, size=s["size"], device=s["device"], dtype=s["dtype"], task_kwargs=run.task_kwargs,
+                        profile=s["profile"], rounds=s["rounds"], command="-").build()
     except (TokredError, ValueError) as err:  # (ValueError: an unknown --tokred-size names the valid ones)
         raise pytest.UsageError(str(err)) from None
     cases = [c for run in planned for c in run.cases]
@@ -102,31 +131,92 @@ def _plan(config: pytest.Config) -> list[Any]:
     return cases
 
 
+def _check_benchmark_json(config: pytest.Config) -> None:
+    """``--benchmark-json=PATH`` is written after every benchmark has run: a folder that is missing or not
+    writable would lose them all, so it is a usage error now."""
+    path = _benchmark_json(config)
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    if os.path.isdir(path):
+        raise pytest.UsageError(f"--benchmark-json={path} is a folder; give a file path")
+    if not os.path.isdir(folder):
+        raise pytest.UsageError(f"--benchmark-json={path}: the folder {folder} does not exist; create it or choose "
+                                "another path (the results are written after every benchmark has run)")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise pytest.UsageError(f"--benchmark-json={path}: cannot write in {folder}; choose another path")
+
+
+def _benchmark_json(config: pytest.Config) -> str | None:
+    try:
+        value = config.getoption("benchmark_json")
+    except ValueError:  # pytest-benchmark not installed
+        return None
+    return None if value is None else os.fspath(value)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
-    # Check an explicit selection at start-up, so a typo is a usage error rather than a collection error. Without
-    # tokred options nothing is imported here.
-    explicit = any(
-        config.getoption(name) not in ("all", None, [])
-        for name in ("tokred_task", "tokred_methods", "tokred_presets", "tokred_set")
-    )
+    _check_benchmark_json(config)
+    # Check explicit tokred options at start-up, so a typo or a bad value is one usage error rather than a
+    # collection error or a traceback in every benchmark. Without tokred options nothing is imported here.
+    explicit = any(config.getoption(name) != default for name, default in _DEFAULTS.items())
     if explicit:
-        _plan(config)
+        _plan(config, check=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_json: dict[str, Any]) -> None:
+    """pytest-benchmark is about to write ``--benchmark-json``: if the file exists and tokred's benchmarks ran
+    in this session, copy it to ``FILE.bak`` first (a new ``FILE.bakN`` if that is taken), so no earlier results
+    are lost, and say so."""
+    path = _benchmark_json(config)
+    if path is None or not config.stash.get(_COLLECTED_KEY, False) or config.stash.get(_BACKED_UP_KEY, False):
+        return
+    config.stash[_BACKED_UP_KEY] = True
+    if not os.path.isfile(path):
+        return
+    from tokred.bench.files import atomic_write
+
+    with open(path, "rb") as fh:
+        content = fh.read()
+    backup, n = f"{path}.bak", 0
+    while os.path.exists(backup) and not _holds(backup, content):
+        n += 1
+        backup = f"{path}.bak{n}"
+    if not os.path.exists(backup):
+        atomic_write(backup, content, purpose="--benchmark-json backup")
+    message = f"tokred: {path} already existed: its previous content is kept in {backup}"
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(message, yellow=True)
+    else:  # pragma: no cover - -p no:terminal
+        print(message)
+
+
+def _holds(path: str, content: bytes) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read() == content
+    except OSError:
+        return False
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if FIXTURE not in metafunc.fixturenames:
         return
     cases = _plan(metafunc.config)
+    metafunc.config.stash[_COLLECTED_KEY] = True
     metafunc.parametrize(FIXTURE, [c.param for c in cases], ids=[c.id for c in cases], indirect=True)
 
 
 class BoundCase:
     """What a benchmark test receives: one case and the session's set-up task."""
 
-    def __init__(self, case: Any, run: Any) -> None:
+    def __init__(self, case: Any, run: Any, config: pytest.Config | None = None) -> None:
         self.case = case
         self.harness_run = run
+        self.config = config
 
     @property
     def task(self) -> Any:
@@ -137,6 +227,10 @@ class BoundCase:
         ``extra_info``."""
         from tokred.bench.harness import CaseSkipped
 
+        if getattr(benchmark, "disabled", False):  # the paired rounds would be timed for nothing
+            explicit = self.config is None or self.config.getoption("benchmark_disable", False)
+            pytest.skip("--benchmark-disable: nothing is measured" if explicit else
+                        "pytest-benchmark disabled benchmarks (xdist is on): nothing is measured")
         benchmark.group = self.case.task
         try:
             result = self.harness_run.run_case(self.case)
@@ -205,4 +299,4 @@ def tokred_case(request: pytest.FixtureRequest, tokred_runs: dict[str, Any]) -> 
             task, size=s["size"], device=s["device"], dtype=s["dtype"], task_kwargs=kwargs,
             profile=s["profile"], rounds=s["rounds"], command=command,
         )  # fmt: skip
-    return BoundCase(case, tokred_runs[task_part])
+    return BoundCase(case, tokred_runs[task_part], request.config)

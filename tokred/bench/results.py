@@ -31,7 +31,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .files import atomic_write
-from .record import QUALITY_RANGES, SCHEMA_VERSION, CaseRecord, Checker, ResultsError, _type_name, check_extra_info
+from .record import (
+    QUALITY_RANGES,
+    SCHEMA_VERSION,
+    CaseRecord,
+    Checker,
+    ResultsError,
+    _type_name,
+    check_extra_info,
+    migrate,
+)
 
 __all__ = [
     "QUALITY_RANGES", "SCHEMA_VERSION", "STATS_FIELDS", "CaseRecord", "ResultsError", "load_results", "new_results",
@@ -192,9 +201,12 @@ def tokred_benchmarks(data: dict[str, Any]) -> list[dict[str, Any]]:
     return [b for b in benchmarks if isinstance(b.get("extra_info"), dict) and "tokred" in b["extra_info"]]
 
 
-def tokred_records(data: dict[str, Any], source: str = "<results>") -> list[CaseRecord]:
-    """The records of the tokred benchmarks of a results document (checked: errors name ``source``)."""
+def tokred_records(data: dict[str, Any], source: str = "<results>", checked: bool = False) -> list[CaseRecord]:
+    """The records of the tokred benchmarks of a results document (checked: errors name ``source``).
+    ``checked``: ``data`` comes from :func:`load_results`, which checked every record already (not again)."""
     benchmarks = data.get("benchmarks", [])
+    if checked:
+        return [CaseRecord.from_values(migrate(b["extra_info"])) for b in tokred_benchmarks(data)]
     return [
         CaseRecord.from_extra_info(b["extra_info"], f"benchmarks[{i}].extra_info", source)
         for i, b in enumerate(benchmarks) if isinstance(b.get("extra_info"), dict) and "tokred" in b["extra_info"]

@@ -111,12 +111,15 @@ class ResultsOutput:
     raises :class:`OutputError`). :meth:`open` checks everything before the run sets anything up."""
 
     def __init__(self, path: str | os.PathLike, resume: bool = False, force: bool = False,
-                 purpose: str = "--out") -> None:
+                 purpose: str = "--out", task: str | None = None) -> None:
+        """``task``: the task whose results go in the file; ``resume`` refuses a file holding another task's
+        results (a results file is one task's). A symbolic link is locked and written as its target (written
+        through: the link stays)."""
         if resume and force:
             raise OutputError("--resume and --force exclude each other: --resume keeps the file's benchmarks, "
                               "--force replaces the file")
         self.path = os.fspath(path)
-        self.resume, self.force, self.purpose = resume, force, purpose
+        self.resume, self.force, self.purpose, self.task = resume, force, purpose, task
         self.kept: list[dict[str, Any]] = []
         self._lock = OutputLock(self.path, purpose)
         self._replace_pending = False
@@ -164,6 +167,15 @@ class ResultsOutput:
                 f"--resume keeps them and runs only the missing cases, --force replaces the file (the old one is "
                 f"kept as {backup})"
             )
+        if self.task is not None:
+            others = sorted({str(b["extra_info"].get("task")) for b in results_mod.tokred_benchmarks(previous)}
+                            - {self.task})
+            if others:
+                raise OutputError(
+                    f"--resume: {self.path} holds results of task {', '.join(others)}, not {self.task}; one results "
+                    f"file holds one task: choose another --out (or --force replaces the file, the old one kept "
+                    f"as {backup})"
+                )
         self.kept = list(previous["benchmarks"])
 
     def write(self, doc: dict[str, Any]) -> None:
@@ -208,7 +220,7 @@ def run_task(
     """
     if isinstance(out, ResultsOutput):
         return _run(run, cases, out, log)
-    with ResultsOutput(out, resume=resume, force=force) as output:
+    with ResultsOutput(out, resume=resume, force=force, task=run.task_name) as output:
         return _run(run, cases, output, log)
 
 

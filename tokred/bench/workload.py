@@ -130,3 +130,15 @@ def refuse_foreign_settings(workloads: dict[str, type[Workload]], kind: str, giv
                 f"{name}= applies to size={' or '.join(repr(o) for o in owners)}; size={kind!r} "
                 f"({workloads[kind].summary}) does not take it"
             )
+
+
+def hf_cache_hint() -> str:
+    """Where ``from_pretrained`` looked for weights that are not local: the Hugging Face cache, and whether
+    downloads are off (for the missing-weights errors of the ``full`` workloads)."""
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE, is_offline_mode
+
+        offline = " (HF_HUB_OFFLINE is set: no download)" if is_offline_mode() else ""
+        return f"the Hugging Face cache {HF_HUB_CACHE}{offline}"
+    except ImportError:  # pragma: no cover
+        return "the Hugging Face cache"
