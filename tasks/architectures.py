@@ -287,6 +287,9 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+DEFAULT_ARCHITECTURE = "sd15"  # the denoiser of the arch and full workloads when none is named
+
+
 def get_architecture(name: Any) -> Architecture:
     try:
         return ARCHITECTURES[name]

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from tokred.bench.measure import synchronize
-from tokred.bench.task import check_int
 from tokred.bench.workload import TimedCall, Workload, hf_cache_hint
 from tokred.errors import UnsupportedModelError
 
@@ -99,7 +98,6 @@ class DiffusionWorkload(Workload):
     """What a text-to-image workload provides to the task (see the module docstring). Subclasses set the class
     attributes of :class:`~tokred.bench.workload.Workload` and implement :meth:`build` and :meth:`generate`."""
 
-    has_images: ClassVar[bool] = True  # generate() returns images (quality can be scored)
     family: str = "diffusers_unet"
 
     def __init__(self, device: str, *, seed: int = 0, scheduler: str | None = None,
@@ -279,7 +277,7 @@ class _ArchitectureWorkload(DiffusionWorkload):
 
     def __init__(self, device: str, *, architecture: str | None = None, **settings: Any) -> None:
         super().__init__(device, **settings)
-        self.arch = A.get_architecture(architecture or "sd15")
+        self.arch = A.get_architecture(architecture or A.DEFAULT_ARCHITECTURE)
         self.architecture = self.arch.name
         self.family = self.arch.family
         if self.guidance_scale is None:
@@ -342,8 +340,6 @@ class RandomInitDenoiser(_ArchitectureWorkload):
     def generate(self, indices: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
         """The final latents of a whole generation (no VAE)."""
         return self.model(seeds, self.num_inference_steps, self.guidance_scale, self.latent_size)
-
-    has_images = False
 
     def timed_call(self, generate: Any, torch_device: torch.device) -> TimedCall:
         if self.unit == GENERATION:
@@ -487,6 +483,3 @@ WORKLOADS: dict[str, type[DiffusionWorkload]] = {
     w.kind: w for w in (EmbeddedDigits, RandomInitDenoiser, PretrainedPipeline)
 }
 
-
-def check_resolution(value: Any) -> None:
-    check_int("resolution", value, 8, none_ok=True)

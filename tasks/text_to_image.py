@@ -256,7 +256,7 @@ class TextToImage(Task):
             self.dtype = self.work.default_dtype()
         self.num_images = num_images if num_images is not None else self.work.default_num_images()
         self.seed = seed
-        self.fid = fid if self.work.has_images else None
+        self.fid = None if self.random_weights else fid
         self.fid_real_dir = fid_real_dir
         self.num_real_images = num_real_images
         self.inception_weights = inception_weights
@@ -275,7 +275,8 @@ class TextToImage(Task):
         """The adapter family of the denoiser of ``size`` with these settings (by its ``architecture``)."""
         kind = workload_class(cls.workloads, cls.name, size)
         if "architecture" in kind.settings:
-            return architectures.get_architecture(settings.get("architecture") or "sd15").family
+            name = settings.get("architecture") or architectures.DEFAULT_ARCHITECTURE
+            return architectures.get_architecture(name).family
         return cls.family
 
     # --- the workload's settings, as the task's ----------------------------------------------------------
@@ -315,11 +316,6 @@ class TextToImage(Task):
     def labels(self) -> list[int]:
         return self.work.labels
 
-    @property
-    def unit(self) -> str:
-        """What the harness times: one call of :meth:`workload`."""
-        return self.workload_unit if self.model is not None else ""
-
     def notes(self) -> list[str]:
         """Caveats for every row of this task's results (the leaderboard prints them under the section)."""
         return self.work.notes()
@@ -330,7 +326,6 @@ class TextToImage(Task):
         self.torch_dtype = torch_dtype(self.dtype)
         self.model = self.work.build(self.torch_device, self.torch_dtype)
         self._timed: TimedCall | None = None
-        self.workload_unit = self.workload().unit
         self._setup_quality()
 
     def _setup_quality(self) -> None:
@@ -402,7 +397,7 @@ class TextToImage(Task):
         return the unreduced model's quality from those same images (no fidelity-to-itself metrics)."""
         self.reference_images = {}
         self._reference_features = None
-        if not self.work.has_images:
+        if self.random_weights:
             return Quality()
         records = self._generate_records("reference", keep_reference=True)
         if records and "feature" in records[0]:
@@ -497,7 +492,7 @@ class TextToImage(Task):
         """Generate ``num_images`` images (sharded) and score them; see the module docstring for the metrics.
         A workload without images (random weights) has no quality: an empty result."""
         self._require_setup()
-        if not self.work.has_images:
+        if self.random_weights:
             return Quality()
         return self._score(self._generate_records("evaluate"), reference=True)
 
@@ -536,7 +531,7 @@ class TextToImage(Task):
         out.update(measured)
         if getattr(unit, "stateful", False):
             unit.advance()
-        if share and self.work.has_images:
+        if share and not self.random_weights:
             with ModuleTimer(self._unet(), self.torch_device) as unet_timer, timed(self.torch_device) as total:
                 fn()
             out["unet_share"] = unet_timer.seconds / total["seconds"]

@@ -184,7 +184,7 @@ def plan(args: argparse.Namespace) -> list[tuple[Any, list[Any], str]]:
     from .harness import (
         TaskRun,
         check_device,
-        check_selection,
+        check_selections,
         parse_assignments,
         parse_list,
         plan_sweeps,
@@ -193,9 +193,8 @@ def plan(args: argparse.Namespace) -> list[tuple[Any, list[Any], str]]:
     )
 
     # an empty selection (--methods "", --task " ") is an error, not "all"
-    for option, value, kind in (("--task", args.task, "task"), ("--methods", args.methods, "method"),
-                                ("--presets", args.presets, "preset")):
-        check_selection(value, option, kind)
+    check_selections([("--task", args.task, "task"), ("--methods", args.methods, "method"),
+                      ("--presets", args.presets, "preset")])
     tasks = task_names(args.task)
     options = parse_assignments(args.options, "--options")
     task_kwargs = parse_assignments(args.set, "--set")

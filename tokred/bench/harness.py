@@ -41,6 +41,7 @@ from ..errors import TokredError, UnsupportedModelError
 from . import results as results_mod
 from . import stats as stats_mod
 from .contention import Monitor, check_threads, torch_threads
+from .record import run_settings
 from .task import Quality
 from .timing import Timings, TimingSettings, time_paired
 from .workload import DEFAULT_SIZE, unit_of
@@ -142,6 +143,13 @@ def check_selection(value: str | Sequence[str] | None, option: str, kind: str) -
         f"{option} {value if isinstance(value, str) else ','.join(value)!r} selects no {kind}; give {kind} names, "
         f"comma-separated, or 'all'; valid: {', '.join(selection_names(kind))}"
     )
+
+
+def check_selections(selections: Sequence[tuple[str, str | Sequence[str] | None, str]]) -> None:
+    """:func:`check_selection` for each ``(option, value, kind)``: the task, method and preset selections of the
+    CLI and the pytest plugin."""
+    for option, value, kind in selections:
+        check_selection(value, option, kind)
 
 
 def check_device(device: str, option: str = "--device") -> None:
@@ -325,24 +333,12 @@ def plan_all(
     methods: str | Sequence[str] | None = None,
     presets: str | Sequence[str] | None = None,
     options: dict[str, Any] | None = None,
-    families: dict[str, str] | None = None,
 ) -> dict[str, list[Case]]:
-    """:func:`plan_cases` for several tasks: a task that the method/preset selection does not apply to is left
-    out (``--methods tome --presets r8`` over all tasks runs only the ViT task); the error is raised only when the
-    selection applies to no task at all. Unknown method names always raise."""
-    families = families or {}
-    if len(tasks) == 1:
-        return {tasks[0]: plan_cases(tasks[0], methods, presets, options, family=families.get(tasks[0]))}
-    planned: dict[str, list[Case]] = {}
-    errors: list[SelectionError] = []
-    for task in tasks:
-        try:
-            planned[task] = plan_cases(task, methods, presets, options, family=families.get(task))
-        except SelectionError as err:
-            errors.append(err)
-    if not planned:
-        raise errors[0]
-    return planned
+    """:func:`plan_cases` for several tasks on their default workloads: a task that the method/preset selection
+    does not apply to is left out (``--methods tome --presets r8`` over all tasks runs only the ViT task); the
+    error is raised only when the selection applies to no task at all. Unknown method names always raise. (The
+    CLI and the pytest plugin use :func:`plan_sweeps`, which also takes the size and swept settings.)"""
+    return {run.task: run.cases for run in plan_sweeps(tasks, DEFAULT_SIZE, None, methods, presets, options)}
 
 
 @dataclass
@@ -619,7 +615,6 @@ class TaskRun:
         self.baseline_quality_n: dict[str, int] = {}
         self.baseline_speed: dict[str, float] = {}
         self.setup_s = 0.0
-        self.unit = ""
 
     def build(self) -> Any:
         """Construct the task without setting it up (cheap), so that a bad task argument (SelectionError naming
@@ -757,12 +752,12 @@ class TaskRun:
 
         task = self.task
         workload = task.workload()
-        self.unit = unit_of(workload)
+        stateful = getattr(workload, "stateful", False)
         monitor = Monitor(threads=threads, check_cpu=self._on_cpu())
         tokens: dict[str, Any] = {}
         if case.is_baseline:
             tokred.remove(task.model)
-            if getattr(workload, "stateful", False):
+            if stateful:
                 workload.start(0)
             timings = time_paired(workload, self.timing, monitor)
             quality = Quality(self.baseline_quality, self.baseline_quality_ci, self.baseline_quality_n)
@@ -773,8 +768,6 @@ class TaskRun:
                 holder["patch"] = tokred.apply(task.model, case.method, **case.options)
             except UnsupportedModelError as err:
                 raise CaseSkipped(str(err)) from err
-
-            stateful = getattr(workload, "stateful", False)
 
             def use_baseline() -> None:
                 if stateful:  # the method's state from its earlier calls must survive the baseline's call
@@ -797,8 +790,7 @@ class TaskRun:
                     workload.advance()
 
             if stateful:  # a fresh sequence, the method's warm-up calls run untimed
-                warmup = getattr(holder["patch"].method, "warmup_calls", None)
-                workload.start(int(warmup()) if callable(warmup) else 0)
+                workload.start(int(holder["patch"].method.warmup_calls()))
 
             try:
                 quality = task.evaluate()
@@ -810,11 +802,11 @@ class TaskRun:
                 if patch is not None:
                     patch.remove()
                 tokred.remove(task.model)
-        return CaseResult(case, timings.method_times, self._extra_info(case, timings, quality, speed, threads,
-                                                                       tokens.get("counts")), timings.warmup_rounds)
+        info = self._extra_info(case, timings, quality, speed, threads, tokens.get("counts"), unit_of(workload))
+        return CaseResult(case, timings.method_times, info, timings.warmup_rounds)
 
     def _extra_info(self, case: Case, timings: Timings, quality: Any, speed: dict[str, Any], threads: int,
-                    tokens: dict[str, Any] | None) -> dict[str, Any]:
+                    tokens: dict[str, Any] | None, unit: str) -> dict[str, Any]:
         times = timings.method_times
         median = statistics.median(times)
         base_median = statistics.median(timings.baseline_times) if timings.paired else median
@@ -859,11 +851,8 @@ class TaskRun:
         if tokens is not None:
             info["tokens"] = tokens
         # schema 3: what one timed call is, the workload kind, architecture and resolution (where they apply)
-        task_info = info.get("task_info") or {}
-        architecture, resolution = task_info.get("architecture"), task_info.get("resolution")
-        info.setdefault("unit", self.unit)
+        info.setdefault("unit", unit)
         info.setdefault("workload", self.size)
-        info.setdefault("architecture", architecture if isinstance(architecture, str) else None)
-        ok = isinstance(resolution, int) and not isinstance(resolution, bool) and resolution >= 1
-        info.setdefault("resolution", resolution if ok else None)
+        for key, value in run_settings(info.get("task_info")).items():
+            info.setdefault(key, value)
         return results_mod.CaseRecord.from_values(info).to_extra_info()

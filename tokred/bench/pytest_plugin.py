@@ -102,15 +102,14 @@ def _plan(config: pytest.Config, check: bool = False) -> list[Any]:
     """The selected cases; a bad selection is a pytest usage error (one line, exit code 4). ``check``: also
     build every run's task (its arguments and harness settings checked, nothing set up), check the rounds and
     the device, as ``tokred run`` does before it runs anything."""
-    from tokred.bench.harness import TaskRun, check_device, check_selection, parse_list, plan_sweeps, task_names
+    from tokred.bench.harness import TaskRun, check_device, check_selections, parse_list, plan_sweeps, task_names
     from tokred.errors import TokredError
 
     try:
         s = _settings(config)
         # an empty selection (--tokred-methods=) is an error, not "all"
-        for option, kind in (("tasks", "task"), ("methods", "method"), ("presets", "preset")):
-            name = {"tasks": "--tokred-task"}.get(option, f"--tokred-{option}")
-            check_selection(s[option], name, kind)
+        check_selections([("--tokred-task", s["tasks"], "task"), ("--tokred-methods", s["methods"], "method"),
+                          ("--tokred-presets", s["presets"], "preset")])
         # one run per task and per combination of swept settings (--tokred-set architecture=sd15,sd3), each with
         # its model family's methods
         planned = plan_sweeps(task_names(s["tasks"]), s["size"], s["task_kwargs"], s["methods"], s["presets"])

@@ -321,14 +321,21 @@ def migrate(extra: Mapping[str, Any]) -> dict[str, Any]:
     """
     out = dict(extra)
     if out.get("tokred", SCHEMA_VERSION) < 3:
-        info = out.get("task_info") if isinstance(out.get("task_info"), dict) else {}
-        architecture, resolution = info.get("architecture"), info.get("resolution")
         out.setdefault("unit", "")
         out.setdefault("workload", out.get("size"))
-        out.setdefault("architecture", architecture if isinstance(architecture, str) else None)
-        ok = isinstance(resolution, int) and not isinstance(resolution, bool) and resolution >= 1
-        out.setdefault("resolution", resolution if ok else None)
+        for key, value in run_settings(out.get("task_info")).items():
+            out.setdefault(key, value)
     return out
+
+
+def run_settings(task_info: Any) -> dict[str, Any]:
+    """``architecture`` and ``resolution`` of a case, from its task's settings (``task_info``) where they are
+    there with the right type, else None: what the harness records and what older files are migrated with."""
+    info = task_info if isinstance(task_info, Mapping) else {}
+    architecture, resolution = info.get("architecture"), info.get("resolution")
+    ok = isinstance(resolution, int) and not isinstance(resolution, bool) and resolution >= 1
+    return {"architecture": architecture if isinstance(architecture, str) else None,
+            "resolution": resolution if ok else None}
 
 
 # --- checking ----------------------------------------------------------------------------------------------------
