@@ -185,3 +185,21 @@ def test_paused_patch_computes_as_unpatched_and_keeps_its_state(method, family):
 def call_unpatched(patch, call, t):
     with patch.paused():
         return call(t)
+
+
+def test_tokred_02_arch_names_still_work_deprecated():
+    """tasks/arch.py of tokred 0.2 was merged into the architecture table; its names keep working for one minor
+    version, each with a DeprecationWarning naming the replacement."""
+    from tokred.tasks import arch
+
+    with pytest.warns(DeprecationWarning, match="use tokred.tasks.architectures.config_with"):
+        config = arch.sd15_unet_config({"cross_attention_dim": 32})
+    assert config == A.config_with("sd15", {"cross_attention_dim": 32})
+    with pytest.warns(DeprecationWarning, match="RandomInitPipeline"):
+        pipe = arch.ArchDiffusion(A.build_unet(A.config_with("sd15", TINY_UNET)), A.sd15_scheduler())
+    latents = pipe([0], 2, 7.5, 16)
+    assert latents.shape == (1, 4, 16, 16) and torch.isfinite(latents).all()
+    with pytest.warns(DeprecationWarning):
+        assert arch.latent_multiple(A.sd15_unet_config()) == 8 and arch.VIT_ARCH_MODELS == A.VIT_ARCH_MODELS
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        arch.nope  # noqa: B018
