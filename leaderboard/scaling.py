@@ -189,25 +189,29 @@ def scaling_plot(group: ScalingGroup, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.8, 4.4), dpi=110)
     ax.axhline(1.0, color="black", linewidth=0.8, alpha=0.5, label="baseline (1.0×)")
+    n = len(group.rows)
     for i, row in enumerate(group.rows):
         color = plt.cm.tab10(i % 10)
         points = [(res, v) for res in group.resolutions if (v := cell_values(group, row, res)) is not None]
         if not points:
             continue
-        xs = [res for res, _ in points]
+        # each method a little to the side of the others (log x): the intervals at one resolution stay apart
+        dodge = 2 ** (0.035 * (i - (n - 1) / 2))
+        xs = [res * dodge for res, _ in points]
         ys = [v["speedup"] for _, v in points]
         low = [v["speedup"] - v["ci"][0] if v["ci"] else 0.0 for _, v in points]
         high = [v["ci"][1] - v["speedup"] if v["ci"] else 0.0 for _, v in points]
         ax.errorbar(xs, ys, yerr=[[max(0.0, e) for e in low], [max(0.0, e) for e in high]], fmt="-o",
                     color=color, capsize=3, markersize=5, label=f"{row[0]} {row[1]}")
-        hollow = [(res, v["speedup"]) for res, v in points if v["contended"]]
+        hollow = [(res * dodge, v["speedup"]) for res, v in points if v["contended"]]
         if hollow:
             ax.scatter(*zip(*hollow, strict=True), s=30, facecolors="white", edgecolors=color, zorder=3)
-        ideal = [(res, v["ideal"]) for res, v in points if v["ideal"] is not None]
+        ideal = [(res * dodge, v["ideal"]) for res, v in points if v["ideal"] is not None]
         if ideal:
-            ax.plot(*zip(*ideal, strict=True), "--", color=color, linewidth=1, label=f"{row[0]} {row[1]} FLOPs-ideal")
+            ax.plot(*zip(*ideal, strict=True), "--", color=color, linewidth=1)
+    ax.plot([], [], "--", color="grey", linewidth=1, label="FLOPs-ideal (dashed, the method's colour)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(group.resolutions, [str(r) for r in group.resolutions])
     ax.minorticks_off()
@@ -215,5 +219,6 @@ def scaling_plot(group: ScalingGroup, path: str) -> None:
     ax.set_ylabel("speedup × (bars: 95% intervals; hollow: contended)")
     ax.set_title(group.title.replace(" on ", "\non ", 1), fontsize=8)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    # beside the axes, not over the points
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     save_figure(fig, path)
