@@ -271,8 +271,9 @@ class Patch:
 
     def copy_into(self, clone_root: Any, memo: dict[int, Any]) -> None:
         """On ``clone_root``, a deep copy of the patched model made with ``memo``, take back every change this
-        patch made, so the copy is the unpatched model."""
-        for change in self._changes:
+        patch made, so the copy is the unpatched model (newest first, as :meth:`remove`: an attribute changed twice,
+        e.g. a forward wrapped in another, gets its first previous value back)."""
+        for change in reversed(self._changes):
             change.undo_on_copy(memo)
 
     def option_values(self) -> dict[str, Any]:
