@@ -2,10 +2,12 @@
 
 Each family is a tiny configuration of the real class (timm's own architectures with their variant flags;
 diffusers' ``UNet2DConditionModel`` and ``SD3Transformer2DModel`` in each model's layout). Each cell applies the
-method at its defaults (CAT pruning with ``t0=2``, see :data:`MATRIX_OPTIONS`) and is
+method at its defaults (CAT pruning with ``t0=2``, first-block cache and pyramid attention broadcast with options
+that make them cache in a three-call generation; see :data:`MATRIX_OPTIONS`) and is
 
 * **works** when all four hold: it runs; the same seed gives the same output; the per-block token counts
-  (``patch.token_counts()``) show fewer tokens than entered in some sublayer; ``remove()`` gives the baseline
+  (``patch.token_counts()``) show fewer tokens than entered in some sublayer (a cache: a block or attention it
+  skipped computed 0 tokens on that call); ``remove()`` gives the baseline
   output bit-exactly and leaves no patched forward behind;
 * **refused: <reason>** when ``tokred.apply`` raises a :class:`tokred.TokredError` (the reason is the error's
   first clause), leaves no patch and the output is the baseline's bit-exactly.
@@ -40,8 +42,14 @@ START, END = "<!-- coverage-matrix:start -->", "<!-- coverage-matrix:end -->"
 WRITE_ENV = "TOKRED_WRITE_COVERAGE"
 
 # Options the matrix passes on top of the defaults: CAT's default t0=8 computes 8 calls in full before it
-# prunes; the matrix's generations have 3 calls, so t0=2 makes the third one pruned.
-MATRIX_OPTIONS: dict[str, dict[str, Any]] = {"cat_pruning": {"t0": 2}}
+# prunes; the matrix's generations have 3 calls, so t0=2 makes the third one pruned. The caches: on these random
+# weights the first block's residual changes by 0.3 to 0.5 between calls (trained models: far less), and the
+# broadcast's default window (100, 800) holds only the third call, which its skip range 2 computes.
+MATRIX_OPTIONS: dict[str, dict[str, Any]] = {
+    "cat_pruning": {"t0": 2},
+    "first_block_cache": {"threshold": 0.5},
+    "pab": {"spatial_attention_timestep_skip_range": (0, 1000)},
+}
 TIMESTEPS = (900, 800, 700)  # one short generation: the timestep rising again starts the next one
 
 
@@ -331,6 +339,7 @@ ZERO_STRENGTH = {
     "cat_pruning": {"t0": 2, "alpha": 1.0},
     "todo": {"downsample_factor": 1},
     "deepcache": {"cache_interval": 1},
+    "pab": {"spatial_attention_block_skip_range": 1, "spatial_attention_timestep_skip_range": (0, 1000)},
 }
 
 
@@ -339,7 +348,8 @@ def test_zero_strength_options_are_accepted_and_exact(family):
     model, baseline = model_and_baseline(family)
     for method in builtin_methods():
         options = ZERO_STRENGTH.get(method)
-        if options is None or family.group == "MMDiT" and "diffusers_mmdit" not in tokred.get_method(method).options:
+        adapter_family = {"U-Net": "diffusers_unet", "MMDiT": "diffusers_mmdit"}[family.group]
+        if options is None or adapter_family not in tokred.get_method(method).options:
             continue
         with tokred.apply(model, method, **options):
             torch.manual_seed(0)
