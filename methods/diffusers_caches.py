@@ -9,7 +9,9 @@ what SD3's ``SD3Transformer2DModel`` does not provide and what a tokred patch pr
   context the first call raises ``ValueError: No cache context is set``). tokred sets the context before every
   denoiser call, named after the latent's shape (``"tokred 2x16x32x32"``): the pipeline's CFG-batched call
   (unconditional and conditional rows in one batch) is one context, as in diffusers' pipelines that batch
-  guidance, and a call of another shape never mixes its residuals with this one's.
+  guidance, and a call of another shape never mixes its residuals with this one's. (A loop that runs guidance as
+  two calls of one shape per step would share the context between them; SD3's pipelines batch guidance, and
+  tokred counts every counted call as a step anyway.)
 * **The reset.** The hooks' state is reset (diffusers' ``reset_state``) at the start of every generation (the
   run state's rule: new scheduler timesteps, or a rising timestep), so the same seed gives the same image.
 * **Exact removal.** Every forward and ``_diffusers_hook`` registry that diffusers' registration sets is
@@ -31,7 +33,8 @@ diffusers' hooks need transformer blocks in a ``transformer_blocks``-like list w
 Composition (a token method in the same patch). The cache must be installed *after* the token method (the
 cache outside, the token reduction inside the blocks it recomputes): ``install`` wraps whatever forward each
 block or attention has at that moment (e.g. the MMDiT adapter's planned forward that ToDo installs) beneath
-diffusers' hooks, so a recomputed block runs the token method and a skipped one runs nothing. ``install(patch,
+diffusers' hooks, so a recomputed block runs the token method and a skipped one runs nothing. Installed before,
+the token method's forward would replace the cache's outer layer and the cache would never act. ``install(patch,
 state)`` takes the state to use (default ``patch.method_state``), so a composite state can hand each member its
 own; ``state.reset()`` must be called at every generation (the run state does so for ``patch.method_state``).
 """

@@ -366,3 +366,23 @@ def test_sd35_pipeline_skip_layer_passes_compute_every_block(method):
     auxiliary = [i for aux, i in ff_calls[: len(ff_calls) // 2] if aux]
     assert auxiliary == [0, 2] * 4  # block 1 skipped by the guidance itself, the others computed in every pass
     assert (with_slg == again).all()
+
+
+def test_flops_count_what_ran():
+    """FlopCounterMode over a whole generation counts only the computed blocks and attentions: the caches count
+    fewer FLOPs than the baseline, the cache with ToDo fewer than either alone."""
+    from tokred.flops import count_flops
+
+    model = tiny_sd3_transformer(num_layers=4)
+    base = count_flops(lambda: generate(model))
+    with tokred.apply(model, "todo", downsample_factor=2):
+        todo = count_flops(lambda: generate(model))
+    for method in CACHES:
+        with tokred.apply(model, method, **OPTIONS[method]) as patch:
+            cached = count_flops(lambda: generate(model))
+            computed = sum(t.mlp if method == "first_block_cache" else t.attn for t in patch.token_counts().values())
+        patch = cache_and_todo(model, method, OPTIONS[method])
+        both = count_flops(lambda: generate(model))
+        patch.remove()
+        assert both < min(cached, todo) and cached < base
+        assert computed < 64 * len(model.transformer_blocks)  # the token counts show the same skipped work
