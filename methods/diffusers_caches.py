@@ -111,8 +111,9 @@ def install_diffusers_hooks(
         patch.replace_forward(module, inner(name, module, _bound_forward(module)))
     inners = {id(m): vars(m)["forward"] for _, m in targets}
 
-    def drop_our_hooks() -> None:  # a registry that was there before keeps its own hooks and loses ours
-        for module in existing:
+    def drop_our_hooks(modules: list[torch.nn.Module]) -> None:
+        """A registry that was there before keeps its own hooks and loses ours (the forwards are the patch's)."""
+        for module in modules:
             registry = module._diffusers_hook
             saved = vars(module).get("forward", _MISSING)
             for hook_name in hook_names:
@@ -123,7 +124,10 @@ def install_diffusers_hooks(
             else:
                 module.forward = saved
 
-    patch.on_remove(drop_our_hooks)
+    patch.on_remove(
+        lambda: drop_our_hooks(existing),
+        on_copy=lambda memo: drop_our_hooks([memo[id(m)] for m in existing if memo.get(id(m), m) is not m]),
+    )
     try:
         register()
     finally:

@@ -259,6 +259,11 @@ def test_a_registry_already_on_a_block_keeps_its_own_hooks():
         assert Count.calls == len(TIMESTEPS) or method == "first_block_cache"  # pab hooks the attentions only
         assert list(block._diffusers_hook.hooks) == ["user_count"] and vars(block)["forward"] is user_forward
         assert torch.equal(generate(model), base)
+        with tokred.apply(model, method, **OPTIONS[method]):
+            clone = copy.deepcopy(model)  # its own patch: the copied registry lost our hooks before it was applied
+        assert list(clone.transformer_blocks[2]._diffusers_hook.hooks)[0] == "user_count"
+        tokred.remove(clone)
+        assert list(clone.transformer_blocks[2]._diffusers_hook.hooks) == ["user_count"]
 
 
 # --- beside a token method in one patch (what a composition installs) ---------------------------------------------
