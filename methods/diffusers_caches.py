@@ -160,7 +160,7 @@ class FirstBlockCacheOptions:
         check=lambda v: is_number(v) and v >= 0,
         doc="skip the remaining blocks when the first block's residual changed by less than this (relative "
         "abs-mean) since the last computed call; diffusers' default 0.05. Higher skips more: 0.05 to 0.2 "
-        "recommended (ParaAttention uses 0.08 to 0.12 on FLUX.1, diffusers' example 0.2 on CogView4)",
+        "recommended (0.05 diffusers' default, 0.2 its example on CogView4); 0 skips only an unchanged residual",
     )
 
 
@@ -306,8 +306,8 @@ class PABOptions:
         valid="int >= 1",
         check=int_at_least(1),
         doc="compute each self-attention once every this many calls inside the timestep window and reuse its "
-        "output in between; 1: the unpatched model. diffusers falls back to 2 when unset; the PAB paper uses 2 "
-        "for spatial attention (2 to 4 recommended, larger is faster and drifts more)",
+        "output in between; 1: the unpatched model. 2 is diffusers' fallback when unset and its example's value; "
+        "2 to 4 recommended (larger is faster and drifts more)",
     )
     spatial_attention_timestep_skip_range: tuple[float, float] = option(
         (100, 800),
