@@ -204,14 +204,20 @@ def plan(args: argparse.Namespace) -> list[tuple[Any, list[Any], str]]:
     check_device(str(args.device), "--device")
     out = []
     try:
-        planned = plan_sweeps(tasks, args.size, task_kwargs, args.methods, args.presets, options)
+        # the main job (tokred bench) runs each method's mildest and strongest preset; --sweep (and tokred run)
+        # the whole ladder
+        ladder = "ends" if getattr(args, "ladder_ends", False) and not args.sweep else "all"
+        planned = plan_sweeps(tasks, args.size, task_kwargs, args.methods, args.presets, options, ladder)
     except ValueError as err:
         if isinstance(err, TokredError):
             raise
         raise UsageError(f"tokred: {err}") from None
     for p in planned:
+        presets = parse_list(args.presets)
+        if ladder == "ends" and presets is None and not options:  # `tokred run` would run the whole ladder
+            presets = [f"{c.method}:{c.preset}" for c in p.cases if not c.is_baseline] or None
         command = reproduce_command(
-            p.task, args.size, args.device, args.dtype, parse_list(args.methods), parse_list(args.presets),
+            p.task, args.size, args.device, args.dtype, parse_list(args.methods), presets,
             options, p.task_kwargs, profile, args.rounds,
         )  # fmt: skip
         run = TaskRun(p.task, args.size, args.device, args.dtype, p.task_kwargs, profile, args.rounds,
@@ -356,6 +362,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, default_task: str | None) -> 
                    help="task argument, e.g. --set num_images=100 --set model=deit_tiny_patch16_224 (repeatable)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per benchmark (default: calibrated)")
     p.add_argument("--quick", action="store_true", help="smaller embedded runs: a smoke test of a few minutes")
+    p.add_argument("--sweep", action="store_true",
+                   help="every preset of each method's ladder, mild to strong (tokred run always does; tokred bench "
+                        "runs the mildest and strongest unless --sweep or --presets is given)")
     p.add_argument("--out", default="results", help="output folder (one file per task) or .json file")
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
@@ -389,7 +398,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_run_arguments(p, default_task="all")
     p.add_argument("-o", "--output", default="leaderboard/README.md", help="leaderboard markdown file")
     p.add_argument("--no-published", action="store_true", help="leave out the published-results table")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, ladder_ends=True)
     return parser
 
 
