@@ -234,6 +234,9 @@ def load_sections(paths: Sequence[str], sources: Sequence[str] | None = None,
                 if metric["name"] not in known:
                     sec.metrics.append(dict(metric))
                     known.add(metric["name"])
+                elif metric.get("primary"):  # a newer file names the primary axis that an older one did not
+                    sec.metric(metric["name"]).update(primary=True, **({"note": metric["note"]} if
+                                                                      metric.get("note") else {}))
             row = _row(record, when, source)
             identity = row.identity
             previous = index.get(identity)

@@ -312,6 +312,29 @@ def _copies_folder(markdown: str) -> str:
     return os.path.join(os.path.dirname(markdown) or ".", RESULTS_FOLDER)
 
 
+def published_results(markdown: str, measured: Sequence[str]) -> list[str]:
+    """The results files that the leaderboard ``markdown`` was built from (its ``tokred-leaderboard`` line),
+    except those this run measured again (a file of the same name: its copy is replaced), so that the main job
+    replaces only the sections it measured and keeps every other section and results file already published."""
+    from ..leaderboard.generate import sources_of
+
+    try:
+        with open(markdown, encoding="utf-8") as fh:
+            recorded = sources_of(fh.read())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []
+    if not recorded:
+        return []
+    folder = os.path.dirname(os.path.abspath(markdown))
+    replaced = {os.path.basename(p) for p in measured}
+    kept = []
+    for source in recorded.get("sources", []):
+        path = os.path.join(folder, source)
+        if os.path.basename(source) not in replaced and os.path.isfile(path):
+            kept.append(path)
+    return kept
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..leaderboard.generate import build
     from .files import OutputLock, check_writable_file
@@ -333,7 +356,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         existing = [p for p in written if os.path.exists(p)]
         if not existing:
             return status
-        sections = build(existing, args.output, published=not args.no_published)
+        sections = build(existing + published_results(args.output, existing), args.output,
+                         published=not args.no_published)
     print(f"wrote {args.output} ({len(sections)} sections; results copied to {_copies_folder(args.output)})")
     return status
 
