@@ -181,8 +181,10 @@ def plot(section: Section, path: str) -> bool:
     ax.set_autoscale_on(True)
     ax.autoscale_view()
     if not bulk:  # the baseline: reference lines (after autoscaling: they do not widen the view)
-        ax.axvline(1.0, color="black", linewidth=0.8, linestyle=":", label="baseline (speedup 1)")
         base = next((r for r in section.rows if r.is_baseline), None)
+        own = base is None or name in base.values  # PSNR is measured against the baseline's own images
+        ax.axvline(1.0, color="black", linewidth=0.8, linestyle=":",
+                   label="baseline (speedup 1)" if own else f"baseline (speedup 1; {name} is measured against it)")
         if base is not None and name in base.values:
             ax.axhline(base.values[name], color="black", linewidth=0.8, linestyle="-.",
                        label=f"baseline {name} {fmt_value(base.values[name])}")

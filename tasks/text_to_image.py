@@ -182,6 +182,7 @@ class TextToImage(Task):
         prompts: str | Sequence[str] | None = None,
         num_images: int | None = None,
         batch_size: int | None = None,
+        eval_batch_size: int | None = None,
         seed: int = 0,
         fid: str | nn.Module | None = "auto",
         fid_real_dir: str | None = None,
@@ -215,6 +216,9 @@ class TextToImage(Task):
                 arch evaluates nothing).
             batch_size: int >= 1 images per pipeline call, also the timed workload (default 10 embedded, 1 full and
                 arch).
+            eval_batch_size: int >= 1 images per pipeline call when generating for quality (the reference and
+                every case, so they stay paired image by image); default ``batch_size``. Larger batches make
+                the evaluated images cheaper where a call's fixed cost dominates (small models on a CPU).
             seed: int in [0, 2**63): image ``i`` is generated from seed ``seed + i``.
             fid: ``"auto"`` (embedded: digits-ViT features; full: Inception when ``fid_real_dir`` is given, or
                 against the reference when torch-fidelity is installed), ``"inception"``, an ``nn.Module`` with
@@ -243,6 +247,7 @@ class TextToImage(Task):
         check_number("guidance_scale", guidance_scale, 0.0, none_ok=True)
         check_int("num_images", num_images, 1, none_ok=True)
         check_int("batch_size", batch_size, 1, none_ok=True)
+        check_int("eval_batch_size", eval_batch_size, 1, none_ok=True)
         check_int("seed", seed, 0, 2**63 - 1)
         check_int("num_real_images", num_real_images, 2, none_ok=True)
         check_int("resolution", resolution, 8, none_ok=True)
@@ -265,6 +270,7 @@ class TextToImage(Task):
             self.dtype = self.work.default_dtype()
         self.num_images = num_images if num_images is not None else self.work.default_num_images()
         self.seed = seed
+        self.eval_batch_size = eval_batch_size
         self.fid = None if self.random_weights else fid
         self.fid_real_dir = fid_real_dir
         self.num_real_images = num_real_images
@@ -382,10 +388,10 @@ class TextToImage(Task):
         return self.work.generate(indices, [self.seed + i for i in indices])
 
     def _batches(self, n: int) -> list[list[int]]:
-        """The global batches of image indices: ``[0, b), [b, 2b), ...``. Processes share out whole batches, so
-        every image is generated in the same batch (hence with the same random draws of a method) whatever the
-        number of processes."""
-        return _chunks(list(range(n)), self.batch_size)
+        """The global batches of image indices: ``[0, b), [b, 2b), ...`` (``b``: ``eval_batch_size``, default
+        ``batch_size``). Processes share out whole batches, so every image is generated in the same batch (hence
+        with the same random draws of a method) whatever the number of processes."""
+        return _chunks(list(range(n)), self.eval_batch_size or self.batch_size)
 
     def _local_batches(self, batches: Sequence[list[int]], desc: str):
         show = self.progress and sharding.is_main_process()
@@ -569,4 +575,6 @@ class TextToImage(Task):
             fid_real=self.work.real_images_name or self.fid_real_dir,
             clip_model=self.clip_model,
         )
+        if self.eval_batch_size is not None:
+            info["eval_batch_size"] = self.eval_batch_size
         return info

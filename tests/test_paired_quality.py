@@ -246,3 +246,19 @@ def test_bench_keeps_a_published_arch_section_it_did_not_run(fake_plugin, capsys
     assert "## fake_vit" in after
     assert sources_of(after)["sources"] == sorted(["results/arch-cpu.json", "results/fake_vit-embedded-cpu.json"])
     assert (board / "results" / ARCH_RESULTS.name).read_bytes() == ARCH_RESULTS.read_bytes()
+
+
+# --- the evaluated images' batches ------------------------------------------------------------------------------
+
+
+def test_eval_batch_size_sets_the_quality_batches_not_the_timed_one():
+    from tokred.bench.task import get_task
+
+    cls = get_task("text_to_image")
+    task = cls(size="embedded", num_images=5, batch_size=2, eval_batch_size=4, progress=False)
+    assert task._batches(5) == [[0, 1, 2, 3], [4]] and task.batch_size == 2
+    assert task.describe()["eval_batch_size"] == 4
+    assert "eval_batch_size" not in cls(size="embedded", num_images=5, batch_size=2, progress=False).describe()
+    assert cls(size="embedded", batch_size=3, progress=False)._batches(4) == [[0, 1, 2], [3]]
+    with pytest.raises(ValueError, match="eval_batch_size must be an int >= 1 or None, got 0"):
+        cls(size="embedded", eval_batch_size=0)

@@ -11,6 +11,9 @@ of the per-round ratios with a 95% bootstrap interval; rounds go on from 5 until
 the case's budget (``budget_s``) is spent. The baseline row times the baseline alone, by the same rule on its call
 times. ``--rounds N`` fixes the number of rounds.
 
+Paired quality (:mod:`tokred.bench.paired`): the task's per-image values (``Quality.per_image``) of the baseline
+are kept, and each case records its difference from them on the same images (``quality_delta``, schema 4).
+
 Contention (:mod:`tokred.bench.contention`): the case runs at the task's thread count (``threads``), and the load
 average and the process's CPU time around the timed calls decide ``contended``.
 
