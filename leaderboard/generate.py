@@ -58,8 +58,9 @@ INTRO = (
     "metrics carry their 95% interval (a bootstrap over images for FID, KID, CLIP score, PSNR and SSIM; Wilson "
     "intervals for accuracies and agreement). Where a case was compared with the baseline on the same images "
     "(results of schema 4), its quality cell also gives **Δ**, the difference from the baseline, with its 95% "
-    "paired interval: a bootstrap over images for per-image scores, the exact interval of McNemar's test for "
-    "accuracies and agreement, in percentage points. ↑ higher is better, ↓ lower is better; — not reported (the "
+    "paired interval: a bootstrap over images for per-image scores; for accuracies and agreement Bonett and "
+    "Price's adjusted Wald interval for paired proportions, in percentage points, held to McNemar's exact test "
+    "(it holds 0 where the test does not reject). ↑ higher is better, ↓ lower is better; — not reported (the "
     "baseline's fidelity to itself is not a measurement)."
 )
 MARKS = (

@@ -13,7 +13,6 @@ import pytest
 
 from tokred.bench.harness import Case, TaskRun, plan_cases
 from tokred.bench.paired import (
-    clopper_pearson,
     mcnemar_exact,
     paired_bootstrap,
     paired_proportion,
@@ -78,15 +77,27 @@ def test_mcnemar_refuses_what_is_not_a_count():
             mcnemar_exact(bad, 3)
 
 
-def test_clopper_pearson_known_values():
-    assert clopper_pearson(0, 10)[0] == 0.0
-    assert clopper_pearson(0, 10)[1] == pytest.approx(1 - 0.025 ** (1 / 10), abs=1e-9)  # 0.30850
-    low, high = clopper_pearson(5, 10)
-    assert low == pytest.approx(0.187086, abs=1e-6) and high == pytest.approx(0.812914, abs=1e-6)
+def test_paired_proportion_known_values():
+    # 80 images: 3 won, 9 lost. Bonett-Price: p_b = 4/82, p_c = 10/82, d = -6/82, se = sqrt((14/82 - d^2) / 82)
+    case = [1] * 3 + [0] * 9 + [1] * 60 + [0] * 8
+    base = [0] * 3 + [1] * 9 + [1] * 60 + [0] * 8
+    delta, (low, high), p = paired_proportion(case, base)
+    d = -6 / 82
+    se = ((14 / 82 - d * d) / 82) ** 0.5
+    assert delta == pytest.approx(-7.5)
+    assert (low, high) == pytest.approx((100 * (d - 1.959964 * se), 100 * (d + 1.959964 * se)), abs=1e-4)
+    assert p == pytest.approx(2 * (1 + 12 + 66 + 220) / 4096)  # 0.146: not separated, and the interval holds 0
+    assert low < 0 < high
+    # every discordant pair one way: the interval reaches beyond the observed difference (unconditional)
+    delta, (low, high), p = paired_proportion([0] * 16 + [1] * 344, [1] * 16 + [1] * 344)
+    assert delta == pytest.approx(-100 * 16 / 360) and low < delta < high < 0 and p == pytest.approx(2 / 2**16)
+    # no discordant pair: no difference, and an interval as wide as 3 images allow
+    delta, (low, high), p = paired_proportion([1, 0, 1], [1, 0, 1])
+    assert delta == 0.0 and p == 1.0 and low == pytest.approx(-high) and high > 40
 
 
 @pytest.mark.parametrize(("b", "c"), [(b, c) for b in range(0, 13, 2) for c in range(0, 13, 3)])
-def test_paired_proportion_interval_excludes_zero_exactly_when_mcnemar_rejects(b, c):
+def test_paired_proportion_interval_excludes_zero_only_where_mcnemar_rejects(b, c):
     same = 50
     case = [1] * b + [0] * c + [1] * same + [0] * 7
     base = [0] * b + [1] * c + [1] * same + [0] * 7
@@ -95,8 +106,10 @@ def test_paired_proportion_interval_excludes_zero_exactly_when_mcnemar_rejects(b
     assert delta == pytest.approx(100.0 * (b - c) / n)
     assert low <= delta <= high
     assert p == pytest.approx(mcnemar_exact(b, c))
-    excludes = low > 0 or high < 0
-    assert excludes == (p < 0.05)
+    if low > 0 or high < 0:
+        assert p < 0.05
+    if p < 0.01:  # clear rejections are separated by the interval too
+        assert low > 0 or high < 0
 
 
 def test_quality_deltas_pairs_each_metric_its_own_way():

@@ -9,10 +9,14 @@ separate a method from the baseline.
 * A per-image score (class probability, CLIP score, SSIM, feature distance): the mean difference with a 95%
   percentile bootstrap over images, one resample drawing the same images for both (:func:`paired_bootstrap`).
 * A per-image hit (class correctness, top-1, agreement): the difference of the two proportions with McNemar's
-  exact test (:func:`mcnemar_exact`, two-sided, on the discordant pairs) and the interval that inverts it: the
-  Clopper-Pearson interval of the share of discordant pairs the case wins, scaled to a difference of proportions
-  (:func:`paired_proportion`). The interval excludes 0 exactly when the test rejects at 5%; with no discordant
-  pair it is ``[0, 0]``.
+  exact test (:func:`mcnemar_exact`, two-sided, on the discordant pairs) and Bonett and Price's adjusted Wald
+  interval for a difference of paired proportions (:func:`paired_proportion`; Bonett & Price 2012, "Adjusted
+  Wald confidence interval for a difference of binomial proportions based on paired data", J. Educ. Behav.
+  Stat. 37(4)). The interval is unconditional (a new sample of images could have more or fewer discordant
+  pairs), so it does not stop at the observed difference when every discordant pair goes one way, as the exact
+  interval conditional on the discordant count does. Where McNemar's test does not reject at the interval's
+  level, the interval is widened to hold 0 (the adjusted Wald interval is slightly liberal at the margin, e.g.
+  2 against 9 discordant pairs, p = 0.065): a difference is called separated only when the exact test agrees.
 
 :func:`quality_deltas` applies the right one to each metric: what the harness records as ``quality_delta``
 (``{metric: [delta, low, high]}``) and ``quality_delta_p`` (McNemar's p-value of each hit metric).
@@ -22,13 +26,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from statistics import NormalDist
 
 import numpy as np
 
 from .stats import CONFIDENCE, RESAMPLES, SEED, bootstrap_indices, percentile_interval
 
 __all__ = [
-    "clopper_pearson",
     "mcnemar_exact",
     "paired_bootstrap",
     "paired_proportion",
@@ -61,24 +65,6 @@ def paired_bootstrap(case: Sequence[float], base: Sequence[float], confidence: f
     return delta, (min(low, delta), max(high, delta))
 
 
-def _log_binom_pmf(k: int, n: int, p: float) -> float:
-    if p <= 0.0:
-        return 0.0 if k == 0 else -math.inf
-    if p >= 1.0:
-        return 0.0 if k == n else -math.inf
-    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p)
-            + (n - k) * math.log1p(-p))
-
-
-def _binom_cdf(k: int, n: int, p: float) -> float:
-    """P(X <= k) for X ~ Binomial(n, p)."""
-    if k < 0:
-        return 0.0
-    if k >= n:
-        return 1.0
-    return min(1.0, sum(math.exp(_log_binom_pmf(i, n, p)) for i in range(k + 1)))
-
-
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value of ``b`` and ``c`` discordant pairs (``b``: the case right where the
     baseline is wrong; ``c``: the reverse): ``min(1, 2 P(X <= min(b, c)))`` for X ~ Binomial(b + c, 1/2); 1 when
@@ -93,47 +79,30 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2.0 * sum(math.comb(m, i) for i in range(k + 1)) / 2.0**m)
 
 
-def clopper_pearson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """The exact (Clopper-Pearson) interval of a proportion ``k / n``: the ``p`` not rejected by either one-sided
-    binomial test at ``(1 - confidence) / 2`` (found by bisection; no scipy needed)."""
-    if n < 1 or not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
-    alpha = (1.0 - confidence) / 2.0
-
-    def solve(f, target: float) -> float:  # f increasing in p; the p with f(p) = target
-        lo, hi = 0.0, 1.0
-        for _ in range(100):
-            mid = (lo + hi) / 2.0
-            if f(mid) < target:
-                lo = mid
-            else:
-                hi = mid
-        return (lo + hi) / 2.0
-
-    # lower: P(X >= k; p) = alpha, i.e. 1 - cdf(k - 1) increasing in p
-    low = 0.0 if k == 0 else solve(lambda p: 1.0 - _binom_cdf(k - 1, n, p), alpha)
-    # upper: P(X <= k; p) = alpha, cdf(k) decreasing in p
-    high = 1.0 if k == n else solve(lambda p: -_binom_cdf(k, n, p), -alpha)
-    return low, high
-
-
 def paired_proportion(case: Sequence[bool], base: Sequence[bool], confidence: float = CONFIDENCE,
                       scale: float = 100.0) -> tuple[float, tuple[float, float], float]:
     """The difference of two paired proportions (``case`` minus ``base``, times ``scale``: percentage points by
-    default), its exact interval and McNemar's exact p-value.
+    default), its adjusted Wald interval and McNemar's exact p-value.
 
-    With ``b`` pairs where only the case is right, ``c`` where only the baseline is, ``m = b + c`` and ``n``
-    pairs, the difference is ``(b - c) / n``; conditional on ``m``, ``b`` is Binomial(m, pi), and the difference
-    is ``m (2 pi - 1) / n``: its interval is the Clopper-Pearson interval of ``pi`` mapped the same way."""
+    With ``b`` pairs where only the case is right, ``c`` where only the baseline is, and ``n`` pairs, the
+    difference is ``(b - c) / n``. The interval (Bonett and Price) adds one pair to each discordant cell:
+    ``p_b = (b + 1) / (n + 2)``, ``p_c = (c + 1) / (n + 2)``, ``d = p_b - p_c``, ``d +- z sqrt((p_b + p_c -
+    d^2) / (n + 2))``, clipped to ``[-1, 1]`` and widened to hold the observed difference, and 0 where McNemar's
+    exact p-value is at least ``1 - confidence``."""
     x, y = _pair([bool(v) for v in case], [bool(v) for v in base])
     b = int(np.sum((x == 1) & (y == 0)))
     c = int(np.sum((x == 0) & (y == 1)))
-    n, m = x.size, b + c
-    delta = scale * (b - c) / n
-    if m == 0:
-        return delta, (delta, delta), 1.0
-    lo, hi = clopper_pearson(b, m, confidence)
-    return delta, (scale * m * (2 * lo - 1) / n, scale * m * (2 * hi - 1) / n), mcnemar_exact(b, c)
+    n = x.size
+    delta = (b - c) / n
+    p_b, p_c = (b + 1) / (n + 2), (c + 1) / (n + 2)
+    adjusted = p_b - p_c
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    half = z * math.sqrt(max(p_b + p_c - adjusted**2, 0.0) / (n + 2))
+    low, high = max(-1.0, min(adjusted - half, delta)), min(1.0, max(adjusted + half, delta))
+    p = mcnemar_exact(b, c)
+    if p >= 1.0 - confidence:
+        low, high = min(low, 0.0), max(high, 0.0)
+    return scale * delta, (scale * low, scale * high), p
 
 
 def quality_deltas(case: Mapping[str, Sequence[float]], base: Mapping[str, Sequence[float]],

@@ -222,7 +222,8 @@ class CaseRecord:
         "quality_delta is computed from", since=4, check="quality_per_image")
     quality_delta: dict[str, list[float]] | None = _field(
         "dict", "per paired metric, [delta, low, high]: this case minus the baseline on the same images, with the "
-        "95% paired interval (bootstrap over images; exact McNemar interval for hits, in percentage points)",
+        "95% paired interval (bootstrap over images; for hits Bonett-Price's adjusted Wald interval held to "
+        "McNemar's exact test, in percentage points)",
         since=4, check="quality_delta")
     quality_delta_p: dict[str, float] | None = _field(
         "dict", "per hit metric of quality_delta (accuracy, agreement), McNemar's exact two-sided p-value", since=4,
