@@ -402,11 +402,14 @@ class CatPolicy:
 class CatPruning(Method):
     summary = "CAT pruning: cluster-aware token pruning with cached outputs for diffusion (arXiv 2502.00433)"
     options = {"diffusers_mmdit": CatOptions, "diffusers_unet": CatUNetOptions}
+    # ladders, mild to strong: alpha is the share of tokens recomputed each pruned step, down to 0.1
     presets = {
-        "diffusers_mmdit": {"paper": {"t0": 8, "alpha": 0.3}, "alpha0.5": {"t0": 8, "alpha": 0.5}},
+        "diffusers_mmdit": {"alpha0.5": {"t0": 8, "alpha": 0.5}, "paper": {"t0": 8, "alpha": 0.3},
+                            "alpha0.1": {"t0": 8, "alpha": 0.1}},
         "diffusers_unet": {
-            "alpha0.3": {"t0": 8, "alpha": 0.3},
             "alpha0.5": {"t0": 8, "alpha": 0.5},
+            "alpha0.3": {"t0": 8, "alpha": 0.3},
+            "alpha0.1": {"t0": 8, "alpha": 0.1},
         },
     }
     State = CatState

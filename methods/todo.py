@@ -98,6 +98,7 @@ class ToDo(Method):
             "factor2": {"downsample_factor": 2},
             "factor2-area": {"downsample_factor": 2, "downsample_method": "area"},
             "factor3": {"downsample_factor": 3},
+            "factor4": {"downsample_factor": 4},
         }
         for family in ("diffusers_unet", "diffusers_mmdit")
     }

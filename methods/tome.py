@@ -256,8 +256,9 @@ class ToMe(Method):
     options = {"timm_vit": ToMeViTOptions, "diffusers_unet": ToMeSDOptions, "diffusers_mmdit": ToMeMMDiTOptions}
     presets = {
         "timm_vit": {"r8": {"r": 8}, "r13": {"r": 13}, "r16-decreasing": {"r": (16, -1)}},
-        "diffusers_unet": {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}, "ratio0.6": {"ratio": 0.6}},
-        "diffusers_mmdit": {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}},
+        "diffusers_unet": {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}, "ratio0.6": {"ratio": 0.6},
+                           "ratio0.75": {"ratio": 0.75}},
+        "diffusers_mmdit": {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}, "ratio0.75": {"ratio": 0.75}},
     }
 
     def check(self, adapter) -> None:

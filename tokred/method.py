@@ -30,7 +30,9 @@ class Method:
 
     Subclasses set ``name`` (through :func:`tokred.register_method`), ``options`` (one options dataclass per
     supported model family; see :mod:`tokred.options`), optionally ``presets`` (named option sets per family,
-    used by the benchmarks) and ``State`` (a :class:`MethodState` subclass), and implement :meth:`install`.
+    used by the benchmarks: a ladder ordered from the mildest to the strongest, which the leaderboard joins in
+    that order and whose two ends the main job runs) and ``State`` (a :class:`MethodState` subclass), and
+    implement :meth:`install`.
 
     ``install`` receives a fresh :class:`~tokred.patch.Patch` whose adapter drives the model's blocks: the
     method hands the adapter a planner (``patch.adapter.install_blocks(patch, planner)``) that returns a
