@@ -94,7 +94,8 @@ def tiny_pixart_pipeline(seed: int = 0, alpha: bool = False):
 
     torch.manual_seed(seed)
     vae = tiny_vae(latent_channels=4)
-    transformer = tiny_pixart_transformer(seed=seed, alpha=alpha)
+    # PixArtAlphaPipeline passes the size conditions only to a transformer of sample_size 128 (PixArt-α 1024)
+    transformer = tiny_pixart_transformer(seed=seed, alpha=alpha, sample_size=128 if alpha else 16)
     cls = PixArtAlphaPipeline if alpha else PixArtSigmaPipeline
     pipe = cls(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                scheduler=DPMSolverMultistepScheduler())
