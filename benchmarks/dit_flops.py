@@ -70,7 +70,7 @@ def main() -> None:
         for name, flops in full.items():
             print(f"  {name:<12} {flops / 1e9:10.1f}  {flops / base:6.3f} of baseline")
         pruned = full["cat_pruning"] / base
-        print(f"  CAT pruning (t0=8, alpha=0.3), MACs per generation against the baseline:")
+        print("  CAT pruning (t0=8, alpha=0.3), MACs per generation against the baseline:")
         for steps in sorted({spec.default_steps, 28, 50}):
             ratio = (8 + (steps - 8) * pruned) / steps
             print(f"    {steps:>3} steps: {ratio:.3f} of the baseline's MACs ({1 - ratio:.1%} saved)")

@@ -91,7 +91,9 @@ PixArt-Σ / PixArt-α / DiT-XL/2 (``diffusers_dit``)
     per token: with learned sigma (PixArt, DiT) that is the noise and the variance, both read by the selection
     and both reused for unselected tokens. DiT-XL/2 (class-conditional, no cross-attention) takes the same path;
     the paper does not evaluate it. The paper reports a 50% (28 steps) to 60% (50 steps) MACs reduction on
-    PixArt-Σ; ``benchmarks/dit_flops.py`` counts ours at 1024 px.
+    PixArt-Σ; ``benchmarks/dit_flops.py`` counts ours at 1024 px: a pruned call (``alpha=0.3``) costs 0.305 of a
+    full one, so with ``t0=8`` a generation saves 49.6% of the MACs at 28 steps and 58.4% at 50 (41.7% at the
+    pipeline's default 20 steps).
 
 SD 1.x U-Net (``diffusers_unet``): our adaptation
     * Token map. The U-Net's noise output (64 x 64 x 4 at 512 px) has one position per token of the top-level

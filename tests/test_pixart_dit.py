@@ -209,3 +209,20 @@ def test_pipeline_same_seed_same_image_and_differs_from_baseline(kind, method, o
     assert not torch.equal(first, baseline)
     assert counts.attn < counts.tokens or counts.kv < counts.tokens
     assert torch.equal(image(pipe), baseline)
+
+
+# --- the FLOPs figures' script -----------------------------------------------------------------------------------
+def test_flops_script_counts_every_method_below_the_baseline():
+    """benchmarks/dit_flops.py on DiT-XL/2's full width, one and two blocks, at 64 px (8x8 latents, 16 tokens)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dit_flops.py"
+    spec = importlib.util.spec_from_file_location("dit_flops", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    one, two = module.counts("dit_xl2", 64, 1), module.counts("dit_xl2", 64, 2)
+    assert set(one) == {"baseline", "tome", "ca_tome", "todo", "cat_pruning"}
+    block = {k: two[k] - one[k] for k in one}  # one block's FLOPs: what the extrapolation multiplies
+    assert all(0 < block[m] < block["baseline"] for m in ("tome", "todo", "cat_pruning"))
+    assert block["ca_tome"] <= block["baseline"]
