@@ -55,7 +55,7 @@ FAMILY = {"UNet2DConditionModel": "diffusers_unet", "SD3Transformer2DModel": "di
 def methods_for(arch: A.Architecture) -> list[str]:
     """The methods of :data:`METHODS` that are registered and support this architecture's family."""
     registered = set(tokred.list_methods())
-    family = FAMILY[arch.model_class]
+    family = FAMILY.get(arch.model_class) or A.FAMILIES[arch.model_class]  # PixArt, DiT: diffusers_dit
     return [m for m in METHODS if m in registered and family in tokred.get_method(m).options]
 
 

@@ -57,6 +57,13 @@ Stable Diffusion 3 / 3.5 MMDiT (``diffusers_mmdit``): our extension
     and no threshold has been tuned for SD3 (the block inputs of an MMDiT are not a U-Net's). Skip-layer
     guidance's extra pass runs unmerged and leaves the cache alone.
 
+PixArt-α/Σ and DiT-XL/2 (``diffusers_dit``): our extension
+    As on the MMDiT, with ToMe's DiT layout (:class:`~tokred.methods.tome.DiTMergeLayout`: one destination per
+    ``sy x sx`` window of the patch grid, merged before self-attention, optionally before PixArt's cross-attention
+    queries and the MLP; the T5 text tokens are never merged), the threshold count, cached pairs (``compute_on``
+    in transformer calls) and ``batch_independent``. PixArt's default 20 DPM-Solver steps reach only the
+    ``compute_on`` entries up to 20; no threshold has been tuned for these models.
+
 timm ViTs (``timm_vit``)
     ToMe's per-layer bipartite matching (alternating split, protected cls/distillation tokens, size-weighted
     averages, proportional attention) with ``r`` chosen in each layer by the threshold instead of a fixed
@@ -81,6 +88,7 @@ import torch
 
 from tokred import Method, register_method
 from tokred.adapters.base import require_concrete
+from tokred.adapters.diffusers_dit import DiffusersDiTAdapter
 from tokred.adapters.diffusers_mmdit import DiffusersMMDiTAdapter
 from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
 from tokred.adapters.timm_vit import TimmViTAdapter
@@ -90,7 +98,14 @@ from tokred.method import MethodState
 from tokred.options import is_bool, is_int, number_in, option
 from tokred.reduction import FULL_BLOCK, BlockCall, BlockPlan, RowPlans
 
-from .tome import MMDiTMergeLayout, WindowCheck, finest_merging_level, require_cross_attention, require_some_sublayer
+from .tome import (
+    DiTMergeLayout,
+    MMDiTMergeLayout,
+    WindowCheck,
+    finest_merging_level,
+    require_cross_attention,
+    require_some_sublayer,
+)
 
 # The official CacheConf schedules (Table II of the paper); step 1 is the first U-Net call.
 CACHE_PRESETS: dict[str, tuple[int, ...]] = {
@@ -177,6 +192,16 @@ class CAToMeMMDiTOptions(MMDiTMergeLayout):
 
 
 @dataclass
+class CAToMeDiTOptions(DiTMergeLayout):
+    threshold: float = _threshold()
+    compute_on: Any = _compute_on()
+    batch_independent: bool = _batch_independent()
+
+    def validate(self) -> None:
+        require_some_sublayer(self)
+
+
+@dataclass
 class CAToMeViTOptions:
     threshold: float = option(
         0.7,
@@ -229,6 +254,7 @@ def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_pro
 class CAToMe(Method):
     summary = "Cached Adaptive ToMe: threshold merging, pairs reused between steps (arXiv 2501.00946)"
     options = {"timm_vit": CAToMeViTOptions, "diffusers_unet": CAToMeSDOptions, "diffusers_mmdit": CAToMeMMDiTOptions}
+    options["diffusers_dit"] = CAToMeDiTOptions  # PixArt-α/Σ, DiT-XL/2
     # Each family's presets are a ladder, mild to strong (the leaderboard joins them in this order): a lower
     # similarity threshold merges more, down to 0.2, where every block merges its cap (half its tokens).
     presets = {
@@ -247,6 +273,10 @@ class CAToMe(Method):
             "config_3-threshold0.5": {"compute_on": "config_3", "threshold": 0.5},
         },
     }
+    presets["diffusers_dit"] = {
+        "config_3": {"compute_on": "config_3"},
+        "config_3-threshold0.9": {"compute_on": "config_3", "threshold": 0.9},
+    }
     State = CAToMeState
     random_weights_caveat = (
         "CA-ToMe's merge count depends on trained features (a similarity threshold); on random weights this row "
@@ -260,6 +290,9 @@ class CAToMe(Method):
             require_cross_attention(adapter, self.merging_blocks, self.options, "ca_tome")
         elif isinstance(adapter, DiffusersMMDiTAdapter):
             self.merging_blocks = None  # every JointTransformerBlock: they all run on the same patch grid
+        elif isinstance(adapter, DiffusersDiTAdapter):
+            self.merging_blocks = None  # every block of a PixArt / DiT runs on the same patch grid
+            require_cross_attention(adapter, None, self.options, "ca_tome")
         if not isinstance(adapter, TimmViTAdapter):
             self.finest_level = finest_merging_level(adapter, self.merging_blocks)
 

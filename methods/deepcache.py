@@ -145,6 +145,10 @@ class DeepCache(Method):
     options = {"diffusers_unet": DeepCacheOptions}
     # a ladder, mild to strong: a full step every 2, 3 or 5 denoiser calls
     presets = {"diffusers_unet": {f"interval{k}": {"cache_interval": k, "cache_branch_id": 0} for k in (2, 3, 5)}}
+    refusals = {
+        "diffusers_dit": "U-Net only: it caches the deep features behind a U-Net's skip connections, which a DiT "
+        "does not have",
+    }
     State = DeepCacheState
 
     def warmup_calls(self) -> int:

@@ -28,6 +28,9 @@ Where we differ from the official code (github ethansmith2000/ImprovedTokenMerge
       official code would fail); ``area`` on sides the factor does not divide averages uneven windows.
     * SD3 (``diffusers_mmdit``), beyond the paper: the image stream's keys and values in joint attention (and in
       SD3.5's second image self-attention) come from the downsampled patch grid; the text tokens are untouched.
+    * PixArt-α/Σ and DiT-XL/2 (``diffusers_dit``), beyond the paper: self-attention's keys and values in every
+      block come from the downsampled patch grid (PixArt's cross-attention to the text is untouched). At 1024 px
+      PixArt-Σ's patch grid is 64 x 64, SD 1.5's top level at 512 px.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class ToDoUNetOptions(ToDoOptions):
 class ToDo(Method):
     summary = "ToDo: token downsampling of self-attention keys/values for diffusion (arXiv 2402.13573)"
     options = {"diffusers_unet": ToDoUNetOptions, "diffusers_mmdit": ToDoOptions}
+    options["diffusers_dit"] = ToDoOptions  # PixArt-α/Σ, DiT-XL/2: every block on the patch grid
     presets = {
         family: {
             "factor2": {"downsample_factor": 2},
@@ -100,14 +104,14 @@ class ToDo(Method):
             "factor3": {"downsample_factor": 3},
             "factor4": {"downsample_factor": 4},
         }
-        for family in ("diffusers_unet", "diffusers_mmdit")
+        for family in ("diffusers_unet", "diffusers_mmdit", "diffusers_dit")
     }
 
     def check(self, adapter) -> None:
         if isinstance(adapter, DiffusersUNetAdapter):
             self.blocks: set[str] | None = adapter.blocks_up_to(self.options.max_downsample)
         else:
-            self.blocks = None  # every joint block of an MMDiT
+            self.blocks = None  # every joint block of an MMDiT, every block of a PixArt / DiT
         adapter.require_kv_hooks(self.blocks, "todo")
 
     def install(self, patch) -> None:

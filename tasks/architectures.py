@@ -20,12 +20,19 @@ name          model                                   class               one CF
                                                                              tokens of 4096, pooled 2048
 ``sd35``      SD3.5-medium's MMDiT-X (2.24B)          SD3Transformer2DModel  as SD3, with qk-norm and dual attention
                                                                              in the first 13 blocks
+``pixart_alpha``  PixArt-α XL/2 1024 (611M)           PixArtTransformer2DModel  4-channel latents, 120 T5 tokens of
+                                                                             4096 with their mask, size conditions
+``pixart_sigma``  PixArt-Σ XL/2 1024 (611M)           PixArtTransformer2DModel  as PixArt-α, 300 T5 tokens, no size
+                                                                             conditions
+``dit_xl2``   DiT-XL/2 256 (675M; 750M in diffusers)  DiTTransformer2DModel  4-channel latents, a class label (and
+                                                                             the null class 1000 for guidance)
 ============  ======================================  ==================  ====================================
 
 The configurations are those of the published ``config.json`` files (stable-diffusion-v1-5, stabilityai/
 stable-diffusion-xl-base-1.0 ``unet/``, stabilityai/stable-diffusion-2-1 ``unet/``,
-stabilityai/stable-diffusion-3-medium-diffusers and stabilityai/stable-diffusion-3.5-medium ``transformer/``),
-written out here so that no download is needed; options that equal diffusers' defaults are left out.
+stabilityai/stable-diffusion-3-medium-diffusers and stabilityai/stable-diffusion-3.5-medium ``transformer/``,
+PixArt-alpha/PixArt-XL-2-1024-MS and PixArt-alpha/PixArt-Sigma-XL-2-1024-MS ``transformer/``, facebook/DiT-XL-2-256
+``transformer/``), written out here so that no download is needed; options that equal diffusers' defaults are left out.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ from torch import nn
 VAE_SCALE_FACTOR = 8  # every VAE here: 512 px images are 64 x 64 latents
 CLIP_TOKENS = 77  # CLIP's context length
 T5_TOKENS = 256  # the SD3 pipelines' default max_sequence_length
+PIXART_ALPHA_T5_TOKENS = 120  # PixArtAlphaPipeline's max_sequence_length
+PIXART_SIGMA_T5_TOKENS = 300  # PixArtSigmaPipeline's default max_sequence_length
+DIT_NULL_CLASS = 1000  # DiT's class label for the unconditional branch (num_embeds_ada_norm)
 
 
 def sd15_unet_config() -> dict[str, Any]:
@@ -124,6 +134,47 @@ def sd35_medium_transformer_config() -> dict[str, Any]:
     )
 
 
+def pixart_sigma_transformer_config() -> dict[str, Any]:
+    """PixArt-Σ XL/2 1024's ``PixArtTransformer2DModel``: 2x2 patches of 4-channel latents (64 x 64 tokens at 1024
+    px), 28 ``BasicTransformerBlock``s (``ada_norm_single``) of 16 heads x 72 (width 1152), cross-attention to T5-XXL
+    tokens (4096, projected to 1152), learned sigma (8 output channels), no size conditions."""
+    return dict(
+        num_attention_heads=16,
+        attention_head_dim=72,
+        in_channels=4,
+        out_channels=8,
+        num_layers=28,
+        cross_attention_dim=1152,
+        sample_size=128,
+        patch_size=2,
+        caption_channels=4096,
+        interpolation_scale=2,
+        use_additional_conditions=False,
+    )
+
+
+def pixart_alpha_transformer_config() -> dict[str, Any]:
+    """PixArt-α XL/2 1024-MS's ``PixArtTransformer2DModel``: PixArt-Σ's backbone with the resolution and aspect-ratio
+    conditions (``use_additional_conditions``, the class default at ``sample_size=128``)."""
+    return dict(pixart_sigma_transformer_config(), interpolation_scale=None, use_additional_conditions=True)
+
+
+def dit_xl2_transformer_config() -> dict[str, Any]:
+    """DiT-XL/2 256's ``DiTTransformer2DModel``: 2x2 patches of 4-channel 32 x 32 latents (256 tokens), 28
+    ``BasicTransformerBlock``s (``ada_norm_zero``: timestep and class label) of 16 heads x 72, learned sigma, 1000
+    ImageNet classes."""
+    return dict(
+        num_attention_heads=16,
+        attention_head_dim=72,
+        in_channels=4,
+        out_channels=8,
+        num_layers=28,
+        sample_size=32,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    )
+
+
 # --- one CFG step ----------------------------------------------------------------------------------------------
 def _latent_side(resolution: int, vae_scale: int = 8) -> int:
     if resolution % vae_scale:
@@ -194,6 +245,57 @@ def sd3_transformer_inputs(
     )
 
 
+def pixart_transformer_inputs(
+    resolution: int = 1024,
+    batch: int = 2,
+    seed: int = 0,
+    device: Any = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_sequence_length: int = PIXART_SIGMA_T5_TOKENS,
+    size_conditions: bool = False,
+) -> dict[str, Any]:
+    """One CFG step of PixArt-Σ (``size_conditions=True``, 120 tokens: PixArt-α): latents, ``max_sequence_length``
+    random T5 tokens of 4096 with an all-ones mask, a timestep per sample and the ``added_cond_kwargs`` the
+    pipelines pass (PixArt-α: resolution and aspect ratio; PixArt-Σ: None)."""
+    g = torch.Generator().manual_seed(seed)
+    side = _latent_side(resolution)
+    added: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
+    if size_conditions:
+        added = {
+            "resolution": torch.tensor([[resolution, resolution]], dtype=dtype, device=device).repeat(batch, 1),
+            "aspect_ratio": torch.tensor([[1.0]], dtype=dtype, device=device).repeat(batch, 1),
+        }
+    return dict(
+        hidden_states=torch.randn(batch, 4, side, side, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(batch, max_sequence_length, 4096, generator=g).to(device, dtype),
+        encoder_attention_mask=torch.ones(batch, max_sequence_length, device=device),
+        timestep=torch.full((batch,), 500, device=device),
+        added_cond_kwargs=added,
+    )
+
+
+def pixart_alpha_transformer_inputs(**kwargs: Any) -> dict[str, Any]:
+    """One CFG step of PixArt-α XL/2 1024: 120 T5 tokens and the size conditions."""
+    return pixart_transformer_inputs(**{"max_sequence_length": PIXART_ALPHA_T5_TOKENS, "size_conditions": True,
+                                        **kwargs})
+
+
+def dit_transformer_inputs(
+    resolution: int = 256, batch: int = 2, seed: int = 0, device: Any = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """One CFG step of DiT-XL/2 (``DiTPipeline``'s order: the conditional half first, then the null class 1000):
+    latents, a timestep per sample and the class labels (class 207, the DiT README's golden retriever)."""
+    g = torch.Generator().manual_seed(seed)
+    side = _latent_side(resolution)
+    half = batch // 2
+    labels = [207] * (batch - half) + [DIT_NULL_CLASS] * half
+    return dict(
+        hidden_states=torch.randn(batch, 4, side, side, generator=g).to(device, dtype),
+        timestep=torch.full((batch,), 500, device=device),
+        class_labels=torch.tensor(labels, device=device),
+    )
+
+
 # --- samplers ----------------------------------------------------------------------------------------------------
 # Stable Diffusion 1.x/2.x and SDXL's training noise schedule, with DDIM (the scheduler config shipped with SD1.5;
 # SDXL's default sampler is Euler on the same schedule, which costs the same per step).
@@ -210,6 +312,31 @@ SD_DDIM_CONFIG: dict[str, Any] = {
 SD15_SCHEDULER_CONFIG = SD_DDIM_CONFIG  # the name tokred 0.2 used
 # SD3 / SD3.5: rectified flow with Euler steps and a timestep shift of 3.0 (their scheduler_config.json).
 SD3_FLOW_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
+
+
+# PixArt-α/Σ and DiT: the linear beta schedule (0.0001 to 0.02) they were trained with; PixArt's pipelines sample with
+# DPM-Solver++ (2nd order, 20 steps by default), DiT's with DDIM (50 steps by default).
+LINEAR_BETAS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+}
+PIXART_DPM_CONFIG: dict[str, Any] = {**LINEAR_BETAS, "algorithm_type": "dpmsolver++", "solver_order": 2}
+DIT_DDIM_CONFIG: dict[str, Any] = {**LINEAR_BETAS, "clip_sample": False}
+
+
+def pixart_scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(PIXART_DPM_CONFIG)
+
+
+def dit_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(DIT_DDIM_CONFIG)
 
 
 def ddim_scheduler(prediction_type: str = "epsilon"):
@@ -231,6 +358,8 @@ def flow_match_scheduler():
 # --- the table ---------------------------------------------------------------------------------------------------
 FAMILIES = {"UNet2DConditionModel": "diffusers_unet", "SD3Transformer2DModel": "diffusers_mmdit"}
 DENOISER_ATTRS = {"UNet2DConditionModel": "unet", "SD3Transformer2DModel": "transformer"}
+for _cls in ("PixArtTransformer2DModel", "DiTTransformer2DModel"):  # PixArt-α/Σ, DiT-XL/2
+    FAMILIES[_cls], DENOISER_ATTRS[_cls] = "diffusers_dit", "transformer"
 
 
 @dataclass(frozen=True)
@@ -252,6 +381,7 @@ class Architecture:
     scheduler: Callable[[], Any] = sd15_scheduler
     default_steps: int = 50
     guidance_scale: float = 7.5
+    text_tokens: int | None = None  # T5 tokens of a PixArt (its pipeline's max_sequence_length); None elsewhere
 
     @property
     def family(self) -> str:
@@ -283,6 +413,17 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("sd35", "SD3.5-medium MMDiT-X", "SD3Transformer2DModel", sd35_medium_transformer_config,
                      sd3_transformer_inputs, 1024, 2_243_171_520, "StableDiffusion3Pipeline",
                      "stabilityai/stable-diffusion-3.5-medium", flow_match_scheduler, 40, 4.5),
+        Architecture("pixart_alpha", "PixArt-α XL/2 1024", "PixArtTransformer2DModel", pixart_alpha_transformer_config,
+                     pixart_alpha_transformer_inputs, 1024, 611_349_152, "PixArtAlphaPipeline",
+                     "PixArt-alpha/PixArt-XL-2-1024-MS", pixart_scheduler, 20, 4.5,
+                     PIXART_ALPHA_T5_TOKENS),
+        Architecture("pixart_sigma", "PixArt-Σ XL/2 1024", "PixArtTransformer2DModel", pixart_sigma_transformer_config,
+                     pixart_transformer_inputs, 1024, 610_856_096, "PixArtSigmaPipeline",
+                     "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", pixart_scheduler, 20, 4.5, PIXART_SIGMA_T5_TOKENS),
+        # (the DiT paper's 675M counts one timestep/class embedder; diffusers' DiT keeps a copy in every block)
+        Architecture("dit_xl2", "DiT-XL/2 256", "DiTTransformer2DModel", dit_xl2_transformer_config,
+                     dit_transformer_inputs, 256, 749_826_464, "DiTPipeline", "facebook/DiT-XL-2-256",
+                     dit_scheduler, 50, 4.0),
     )
 }
 
@@ -381,8 +522,15 @@ class RandomInitPipeline:
         config = denoiser.config
         gen = torch.Generator().manual_seed(embedding_seed)
         self.mmdit = self.architecture.model_class == "SD3Transformer2DModel"
+        self.pixart = self.architecture.model_class == "PixArtTransformer2DModel"
+        self.dit = self.architecture.model_class == "DiTTransformer2DModel"
         if self.mmdit:
             tokens, width = CLIP_TOKENS + T5_TOKENS, int(config.joint_attention_dim)
+        elif self.pixart:  # T5 tokens before the caption projection
+            tokens, width = self.architecture.text_tokens or PIXART_SIGMA_T5_TOKENS, int(config.caption_channels)
+        elif self.dit:  # no text: a class label, drawn once like the text embeddings
+            tokens, width = 0, 0
+            self.class_label = int(torch.randint(0, int(config.num_embeds_ada_norm), (1,), generator=gen))
         else:
             tokens, width = CLIP_TOKENS, int(config.cross_attention_dim)
         self.text = torch.randn(2, tokens, width, generator=gen)  # (unconditional, conditional)
@@ -406,7 +554,20 @@ class RandomInitPipeline:
 
     def conditioning(self, n: int, cfg: bool, latent_size: int) -> dict[str, Any]:
         """The denoiser's keyword arguments besides the latents and the timestep, for ``n`` images."""
+        if self.dit:  # DiTPipeline's order: the conditional half first, then the null class
+            p = self._param()
+            labels = [self.class_label] * n + ([DIT_NULL_CLASS] * n if cfg else [])
+            return {"class_labels": torch.tensor(labels, device=p.device)}
         text = self._branches(self.text, n, cfg)
+        if self.pixart:
+            size = float(latent_size * VAE_SCALE_FACTOR)
+            added: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
+            if self.denoiser.use_additional_conditions:  # PixArt-α: the image size and aspect ratio
+                rows, like = text.shape[0], {"device": text.device, "dtype": text.dtype}
+                added = {"resolution": torch.tensor([[size, size]], **like).repeat(rows, 1),
+                         "aspect_ratio": torch.ones(rows, 1, **like)}
+            mask = torch.ones(text.shape[:2], device=text.device, dtype=torch.long)
+            return {"encoder_hidden_states": text, "encoder_attention_mask": mask, "added_cond_kwargs": added}
         if self.mmdit:
             return {"encoder_hidden_states": text, "pooled_projections": self._branches(self.pooled, n, cfg)}
         out: dict[str, Any] = {"encoder_hidden_states": text}
@@ -443,6 +604,14 @@ class RandomInitPipeline:
         if self.mmdit:  # SD3's pipeline: no input scaling, a timestep per sample
             out = self.denoiser(hidden_states=model_input.to(p.dtype), timestep=t.expand(model_input.shape[0]),
                                 **run.conditioning).sample.float()
+        elif self.pixart or self.dit:  # PixArt's and DiT's pipelines: a timestep per sample, learned sigma dropped
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            out = self.denoiser(model_input.to(p.dtype), timestep=t.expand(model_input.shape[0]),
+                                **run.conditioning).sample.float()
+            out = out[:, : run.latents.shape[1]]
+            if run.cfg and self.dit:  # DiT's batch holds the conditional half first
+                cond, uncond = out.chunk(2)
+                return uncond + run.guidance_scale * (cond - uncond)
         else:
             model_input = self.scheduler.scale_model_input(model_input, t)
             out = self.denoiser(model_input.to(p.dtype), t, **run.conditioning).sample.float()

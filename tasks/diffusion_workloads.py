@@ -468,6 +468,8 @@ class PretrainedPipeline(_ArchitectureWorkload):
         return pipe
 
     def generate(self, indices: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+        if self.arch.model_class == "DiTTransformer2DModel":  # class-conditional: the prompts name ImageNet classes
+            return self.generate_classes(indices, seeds)
         out = self.model(
             [self.prompt_for(i) for i in indices],
             num_inference_steps=self.num_inference_steps,
@@ -478,6 +480,22 @@ class PretrainedPipeline(_ArchitectureWorkload):
             output_type="pt",
         )
         return to_uint8(out.images, (0.0, 1.0))
+
+    def generate_classes(self, indices: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+        """DiT: image ``i`` of ImageNet class ``i % 1000`` (given prompts: class names of the pipeline's
+        ``id2label``, through ``DiTPipeline.get_label_ids``), at the model's own resolution."""
+        if self.given_prompts is None:
+            labels = [int(i) % 1000 for i in indices]
+        else:
+            labels = self.model.get_label_ids([self.prompt_for(i) for i in indices])
+        out = self.model(
+            class_labels=labels,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
+            output_type="np",
+        )
+        return to_uint8(torch.from_numpy(out.images).permute(0, 3, 1, 2), (0.0, 1.0))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "prompts": "ImageNet classes (tomesd FID protocol)"

@@ -6,7 +6,8 @@ Model
     The task scores; the model is its workload (:mod:`tokred.tasks.diffusion_workloads`), chosen by ``size``:
     ``"embedded"`` (default), the digits diffusion U-Net shipped with tokred (offline, seconds per batch on a CPU);
     ``"arch"``, a real denoiser of the architecture table at random init (``architecture=`` sd15, sd2, sdxl, sd3,
-    sd35; speed only; one denoiser call per timed unit by default, ``unit="generation"`` for a whole generation);
+    sd35, pixart_alpha, pixart_sigma, dit_xl2 (class-conditional: a class label per image); speed only; one
+    denoiser call per timed unit by default, ``unit="generation"`` for a whole generation);
     ``"full"``, the architecture's diffusers pipeline with its weights (``model=`` a Hugging Face id or a local
     directory; default Stable Diffusion 1.5, float16 on CUDA; no safety checker, which would black out images
     and skew FID).
@@ -203,10 +204,10 @@ class TextToImage(Task):
             dtype: default float16 for the arch and full models on CUDA, float32 otherwise.
             model: full: Hugging Face id or local directory of the architecture's pipeline (default: its hub id).
             architecture: arch and full: a row of :data:`tokred.tasks.architectures.ARCHITECTURES` (``sd15``
-                (default), ``sd2``, ``sdxl``, ``sd3``, ``sd35``).
+                (default), ``sd2``, ``sdxl``, ``sd3``, ``sd35``, ``pixart_alpha``, ``pixart_sigma``, ``dit_xl2``).
             scheduler: sampler by name (see :data:`SCHEDULERS`); default: the model's own.
             num_inference_steps: int >= 1; default 20 (embedded), the architecture's pipeline default (arch, full:
-                50 for the U-Nets, 28 for SD3, 40 for SD3.5).
+                50 for the U-Nets and DiT, 28 for SD3, 40 for SD3.5, 20 for PixArt).
             guidance_scale: classifier-free guidance (> 1 enables it), >= 0; default: the embedded sampler's, the
                 architecture's pipeline default (7.5 SD1.x/2.x, 5.0 SDXL, 7.0 SD3, 4.5 SD3.5).
             resolution: image side in pixels, an int or (arch) a list to sweep; full: default the denoiser's

@@ -1,7 +1,8 @@
 """The coverage matrix: every built-in method on every model family, tested the way users call it.
 
 Each family is a tiny configuration of the real class (timm's own architectures with their variant flags;
-diffusers' ``UNet2DConditionModel`` and ``SD3Transformer2DModel`` in each model's layout). Each cell applies the
+diffusers' ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``PixArtTransformer2DModel`` and
+``DiTTransformer2DModel`` in each model's layout). Each cell applies the
 method at its defaults (CAT pruning with ``t0=2``, first-block cache and pyramid attention broadcast with options
 that make them cache in a three-call generation; see :data:`MATRIX_OPTIONS`) and is
 
@@ -128,6 +129,30 @@ def mmdit_family(name: str, config: str, builder: str) -> Family:
     return Family("MMDiT", name, config, build, run)
 
 
+def dit_family(name: str, config: str, model: str) -> Family:
+    """PixArt-α / PixArt-Σ (``PixArtTransformer2DModel``, cross-attention to caption tokens) and DiT
+    (``DiTTransformer2DModel``, class labels), 16x16 latents on a patch-2 grid."""
+
+    def build() -> torch.nn.Module:
+        import tiny_dit
+
+        return tiny_dit.tiny_dit_transformer() if model == "dit" else tiny_dit.tiny_pixart_transformer(
+            alpha=model == "alpha"
+        )
+
+    def run(model_: torch.nn.Module) -> torch.Tensor:
+        import tiny_dit
+
+        g = torch.Generator().manual_seed(0)
+        sample = smooth_latents(2, 4, 16, g)
+        if model == "dit":
+            return torch.stack(tiny_dit.dit_denoise(model_, sample, torch.tensor([1, 1000]), TIMESTEPS))
+        text = torch.randn(2, 6, tiny_dit.TEXT_WIDTH, generator=g)
+        return torch.stack(tiny_dit.pixart_denoise(model_, sample, text, TIMESTEPS))
+
+    return Family("DiT", name, config, build, run)
+
+
 FAMILIES: list[Family] = [
     vit_family("plain", "vit_small_patch16_224"),
     vit_family("LayerScale (DeiT-3)", "deit3_small_patch16_224"),
@@ -142,6 +167,9 @@ FAMILIES: list[Family] = [
     unet_family("SDXL", "SDXL layout: text_time, 1/1/2 layers", "tiny_sdxl_unet", latent=16, text_width=64, sdxl=True),
     mmdit_family("SD3", "SD3 MMDiT", "tiny_sd3_transformer"),
     mmdit_family("SD3.5", "SD3.5: dual attention, qk rms-norm", "tiny_sd35_transformer"),
+    dit_family("PixArt-α", "PixArt-α: ada_norm_single, T5 cross-attention, size conditions", "alpha"),
+    dit_family("PixArt-Σ", "PixArt-Σ: ada_norm_single, T5 cross-attention", "sigma"),
+    dit_family("DiT-XL/2", "DiT: ada_norm_zero, class labels", "dit"),
 ]
 
 
@@ -348,7 +376,7 @@ def test_zero_strength_options_are_accepted_and_exact(family):
     model, baseline = model_and_baseline(family)
     for method in builtin_methods():
         options = ZERO_STRENGTH.get(method)
-        adapter_family = {"U-Net": "diffusers_unet", "MMDiT": "diffusers_mmdit"}[family.group]
+        adapter_family = {"U-Net": "diffusers_unet", "MMDiT": "diffusers_mmdit", "DiT": "diffusers_dit"}[family.group]
         if options is None or adapter_family not in tokred.get_method(method).options:
             continue
         with tokred.apply(model, method, **options):

@@ -48,6 +48,8 @@ class Method:
     # A caveat benchmarks print for this method's rows on random weights, where what it reduces depends on
     # trained features (e.g. a similarity threshold); "" when random weights reduce as trained ones do.
     random_weights_caveat: ClassVar[str] = ""
+    # Why the method refuses a model family it has no options for (family -> reason), said in apply's error.
+    refusals: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options: Any) -> None:
         self.options = options
