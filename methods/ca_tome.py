@@ -57,6 +57,12 @@ Stable Diffusion 3 / 3.5 MMDiT (``diffusers_mmdit``): our extension
     and no threshold has been tuned for SD3 (the block inputs of an MMDiT are not a U-Net's). Skip-layer
     guidance's extra pass runs unmerged and leaves the cache alone.
 
+Flux.1 (``diffusers_flux``): our extension
+    As on the MMDiT, in the dual- and single-stream blocks (text tokens never merged; merged tokens rotated with
+    their destination's rotary phase, as ToMe on Flux, see :mod:`tokred.methods.tome`). ``compute_on`` counts
+    transformer calls: Flux.1-schnell's 4 steps reach none of ``config_3``'s entries after the first, so its pairs
+    are computed once per generation and reused.
+
 timm ViTs (``timm_vit``)
     ToMe's per-layer bipartite matching (alternating split, protected cls/distillation tokens, size-weighted
     averages, proportional attention) with ``r`` chosen in each layer by the threshold instead of a fixed
@@ -81,6 +87,7 @@ import torch
 
 from tokred import Method, register_method
 from tokred.adapters.base import require_concrete
+from tokred.adapters.diffusers_flux import DiffusersFluxAdapter
 from tokred.adapters.diffusers_mmdit import DiffusersMMDiTAdapter
 from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
 from tokred.adapters.timm_vit import TimmViTAdapter
@@ -228,7 +235,12 @@ def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_pro
 @register_method("ca_tome")
 class CAToMe(Method):
     summary = "Cached Adaptive ToMe: threshold merging, pairs reused between steps (arXiv 2501.00946)"
-    options = {"timm_vit": CAToMeViTOptions, "diffusers_unet": CAToMeSDOptions, "diffusers_mmdit": CAToMeMMDiTOptions}
+    options = {
+        "timm_vit": CAToMeViTOptions,
+        "diffusers_unet": CAToMeSDOptions,
+        "diffusers_mmdit": CAToMeMMDiTOptions,
+        "diffusers_flux": CAToMeMMDiTOptions,
+    }
     presets = {
         "timm_vit": {"threshold0.9": {"threshold": 0.9}, "threshold0.8": {"threshold": 0.8}},
         # The paper's best cache schedule at three thresholds; other schedules via options=compute_on.
@@ -238,6 +250,10 @@ class CAToMe(Method):
             "config_3-threshold0.9": {"compute_on": "config_3", "threshold": 0.9},
         },
         "diffusers_mmdit": {
+            "config_3": {"compute_on": "config_3"},
+            "config_3-threshold0.9": {"compute_on": "config_3", "threshold": 0.9},
+        },
+        "diffusers_flux": {
             "config_3": {"compute_on": "config_3"},
             "config_3-threshold0.9": {"compute_on": "config_3", "threshold": 0.9},
         },
@@ -253,8 +269,8 @@ class CAToMe(Method):
         if isinstance(adapter, DiffusersUNetAdapter):
             self.merging_blocks = adapter.blocks_up_to(self.options.max_downsample)
             require_cross_attention(adapter, self.merging_blocks, self.options, "ca_tome")
-        elif isinstance(adapter, DiffusersMMDiTAdapter):
-            self.merging_blocks = None  # every JointTransformerBlock: they all run on the same patch grid
+        elif isinstance(adapter, (DiffusersMMDiTAdapter, DiffusersFluxAdapter)):
+            self.merging_blocks = None  # every joint/Flux block: they all run on the same patch grid
         if not isinstance(adapter, TimmViTAdapter):
             self.finest_level = finest_merging_level(adapter, self.merging_blocks)
 
