@@ -348,7 +348,8 @@ class RandomInitDenoiser(_ArchitectureWorkload):
                             self.guidance_scale, self.latent_size, torch_device)
 
     def describe(self) -> dict[str, Any]:
-        denoiser_batch = self.batch_size * (2 if self.guidance_scale > 1.0 else 1)
+        cfg = self.guidance_scale > 1.0 and self.family != "diffusers_flux"  # Flux embeds its guidance
+        denoiser_batch = self.batch_size * (2 if cfg else 1)
         return {**super().describe(), "weights": "random init (speed only)",
                 "prompts": "random text embeddings of the text encoders' shapes", "latent_size": self.latent_size,
                 "denoiser_batch": denoiser_batch, "unet_batch": denoiser_batch, "unit": self.unit}

@@ -27,11 +27,13 @@ Unreduced calls (``FULL_BLOCK``) run diffusers' own ``FluxAttnProcessor``, bit-e
 
 The image-token grid is read from ``img_ids`` (``FluxPipeline._prepare_latent_image_ids``: (0, row, col) in
 row-major order); ids that are not such a grid (reference-image conditioning, offsets) leave the call unreduced.
+On the meta device (shapes only, for FLOP counting) ids have no values: a square grid is assumed.
 The timestep is counted on the 0-1000 scale (the pipeline passes ``t / 1000``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -125,9 +127,11 @@ class DiffusersFluxAdapter(Adapter):
         self._ids, self._grid = ids, None
         if ids.ndim == 3:
             ids = ids[0]
-        if ids.ndim != 2 or ids.shape[-1] != 3 or ids.shape[0] == 0 or ids.device.type == "meta":
-            if ids.device.type == "meta" and ids.ndim == 2:  # shapes only (FLOP counting): trust the caller's grid
-                self._grid = self.meta_grid
+        if ids.ndim != 2 or ids.shape[-1] != 3 or ids.shape[0] == 0:
+            return
+        if ids.device.type == "meta":  # shapes only (FLOP counting): no values to read; a square grid is assumed
+            side = math.isqrt(ids.shape[0])
+            self._grid = Grid(side, side, 1) if side * side == ids.shape[0] else None
             return
         last = ids[-1].tolist()
         h, w = int(last[1]) + 1, int(last[2]) + 1
@@ -138,8 +142,6 @@ class DiffusersFluxAdapter(Adapter):
         expected = torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(ids.dtype)
         if torch.equal(ids, expected):
             self._grid = Grid(h, w, 1)
-
-    meta_grid: Grid | None = None  # set by callers that run the model on the meta device (ids without values)
 
     def grid(self, num_tokens: int) -> Grid | None:
         """The image-token grid of the current call, or None if ``num_tokens`` does not fill it."""
