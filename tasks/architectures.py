@@ -30,7 +30,8 @@ name          model                                   class               one CF
 The configurations are those of the published ``config.json`` files (stable-diffusion-v1-5, stabilityai/
 stable-diffusion-xl-base-1.0 ``unet/``, stabilityai/stable-diffusion-2-1 ``unet/``,
 stabilityai/stable-diffusion-3-medium-diffusers and stabilityai/stable-diffusion-3.5-medium ``transformer/``,
-black-forest-labs/FLUX.1-dev and FLUX.1-schnell ``transformer/``), written out here so that no download is needed; options that equal diffusers' defaults are left out.
+black-forest-labs/FLUX.1-dev and FLUX.1-schnell ``transformer/``), written out here so that no download is needed;
+options that equal diffusers' defaults are left out (Flux's are all written out).
 """
 
 from __future__ import annotations

@@ -8,14 +8,14 @@ import torch
 from tiny_flux import flux_denoise, image_ids, tiny_flux_pipeline, tiny_flux_transformer
 
 import tokred
-from tokred.adapters import resolve_adapter
 from tokred.adapters import diffusers_flux as flux_adapter
+from tokred.adapters import resolve_adapter
 from tokred.errors import TokredError, UnsupportedModelError
 from tokred.flops import count_flops
 from tokred.merge import grid_destinations, grid_matching
 from tokred.method import Method
 from tokred.patch import Patch
-from tokred.reduction import FULL_BLOCK, BlockPlan, KeyValue, Sublayer, gather_rows
+from tokred.reduction import BlockPlan, KeyValue, Sublayer, gather_rows
 from tokred.state import RunState
 
 METHODS = {"tome": {}, "ca_tome": {}, "todo": {}, "cat_pruning": {"t0": 2}}
