@@ -1,7 +1,8 @@
 """The coverage matrix: every built-in method on every model family, tested the way users call it.
 
 Each family is a tiny configuration of the real class (timm's own architectures with their variant flags;
-diffusers' ``UNet2DConditionModel`` and ``SD3Transformer2DModel`` in each model's layout). Each cell applies the
+diffusers' ``UNet2DConditionModel``, ``SD3Transformer2DModel`` and ``FluxTransformer2DModel`` in each model's
+layout). Each cell applies the
 method at its defaults (CAT pruning with ``t0=2``, see :data:`MATRIX_OPTIONS`) and is
 
 * **works** when all four hold: it runs; the same seed gives the same output; the per-block token counts
@@ -120,6 +121,20 @@ def mmdit_family(name: str, config: str, builder: str) -> Family:
     return Family("MMDiT", name, config, build, run)
 
 
+def flux_family(name: str, config: str, guidance_embeds: bool) -> Family:
+    def build() -> torch.nn.Module:
+        from tiny_flux import tiny_flux_transformer
+
+        return tiny_flux_transformer(guidance_embeds=guidance_embeds)
+
+    def run(model: torch.nn.Module) -> torch.Tensor:
+        from tiny_flux import flux_denoise
+
+        return torch.stack(flux_denoise(model, timesteps=tuple(t / 1000 for t in TIMESTEPS)))
+
+    return Family("Flux", name, config, build, run)
+
+
 FAMILIES: list[Family] = [
     vit_family("plain", "vit_small_patch16_224"),
     vit_family("LayerScale (DeiT-3)", "deit3_small_patch16_224"),
@@ -134,6 +149,8 @@ FAMILIES: list[Family] = [
     unet_family("SDXL", "SDXL layout: text_time, 1/1/2 layers", "tiny_sdxl_unet", latent=16, text_width=64, sdxl=True),
     mmdit_family("SD3", "SD3 MMDiT", "tiny_sd3_transformer"),
     mmdit_family("SD3.5", "SD3.5: dual attention, qk rms-norm", "tiny_sd35_transformer"),
+    flux_family("Flux.1-dev", "Flux.1: dual + single-stream blocks, RoPE, guidance embedding", True),
+    flux_family("Flux.1-schnell", "Flux.1: dual + single-stream blocks, RoPE, no guidance embedding", False),
 ]
 
 
@@ -336,10 +353,13 @@ ZERO_STRENGTH = {
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f.group != "timm ViT"], ids=lambda f: f.name)
 def test_zero_strength_options_are_accepted_and_exact(family):
+    from tokred.adapters import resolve_adapter
+
     model, baseline = model_and_baseline(family)
+    adapter_family = resolve_adapter(model).family
     for method in builtin_methods():
         options = ZERO_STRENGTH.get(method)
-        if options is None or family.group == "MMDiT" and "diffusers_mmdit" not in tokred.get_method(method).options:
+        if options is None or adapter_family not in tokred.get_method(method).options:
             continue
         with tokred.apply(model, method, **options):
             torch.manual_seed(0)
