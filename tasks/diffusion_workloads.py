@@ -456,8 +456,10 @@ class PretrainedPipeline(_ArchitectureWorkload):
         pipe = pipe.to(torch_device)
         pipe.set_progress_bar_config(disable=True)
         self.model = pipe
-        if self.resolution is None:
-            self.resolution = int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
+        if self.resolution is None:  # Flux's transformer has no sample_size: the architecture's default
+            sample_size = getattr(denoiser.config, "sample_size", None)
+            self.resolution = (int(sample_size) * int(pipe.vae_scale_factor) if sample_size
+                               else self.arch.default_resolution)
         if self.resolution % int(pipe.vae_scale_factor) != 0:
             raise ValueError(f"resolution {self.resolution} must be a multiple of {pipe.vae_scale_factor}")
         self.prompts = self.given_prompts or imagenet_prompts()
