@@ -293,3 +293,20 @@ def test_pipeline_same_seed_same_image_different_from_the_baseline(method):
     assert not torch.equal(first, baseline)
     assert any(min(c.attn, c.kv, c.mlp) < c.tokens for c in counts.values())
     assert torch.equal(pipe(**pipe_inputs(pipe)).images, baseline)
+
+
+def test_ca_tome_batch_independent_rows_match_each_sample_alone():
+    from tiny_flux import smooth_tokens
+
+    model = tiny_flux_transformer()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=smooth_tokens(2, 8, 8, 16, g), encoder_hidden_states=torch.randn(2, 6, 32, generator=g),
+                  pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.full((2,), 0.9),
+                  guidance=torch.full((2,), 3.5), img_ids=image_ids(8, 8), txt_ids=torch.zeros(6, 3))
+    first = {k: v[:1] if k not in ("img_ids", "txt_ids") else v for k, v in inputs.items()}
+    options = dict(batch_independent=True, threshold=0.5, use_rand=False)  # random windows would differ per call
+    with torch.no_grad(), tokred.apply(model, "ca_tome", **options) as patch:
+        batched = model(**inputs).sample
+        assert all(len(s.r) == 2 for s in patch.method_state.block_stats.values())
+        alone = model(**first).sample
+    torch.testing.assert_close(batched[:1], alone, rtol=1e-4, atol=1e-5)
