@@ -310,3 +310,16 @@ def test_ca_tome_batch_independent_rows_match_each_sample_alone():
         assert all(len(s.r) == 2 for s in patch.method_state.block_stats.values())
         alone = model(**first).sample
     torch.testing.assert_close(batched[:1], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_pipeline_with_tiny_clip_and_t5_text_encoders():
+    pipe = tiny_flux_pipeline(text_encoders=True)
+    kwargs = dict(prompt="a photo of a cat riding a horse", height=32, width=32, num_inference_steps=3,
+                  max_sequence_length=8, output_type="pt")
+    baseline = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    with tokred.apply(pipe, "tome") as patch:
+        first = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+        second = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+        assert patch.state.generation == 2 and patch.state.step == 3
+    assert torch.equal(first, second) and not torch.equal(first, baseline)
+    assert torch.equal(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images, baseline)

@@ -73,14 +73,38 @@ def flux_denoise(model, timesteps=(0.9, 0.8, 0.7), batch: int = 1, h: int = 8, w
     return outs
 
 
-def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+def tiny_t5(width: int = 32):
+    """A T5 tokenizer (word-level over a small vocabulary, unknown words -> ``<unk>``, ``</s>`` appended, as T5's)
+    and a 1-layer ``T5EncoderModel`` of ``width``, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in "a an the photo of cat dog red blue green astronaut riding horse on moon".split():
+        vocab[word] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                extra_ids=0, model_max_length=512)
+    config = T5Config(vocab_size=len(vocab), d_model=width, d_kv=8, d_ff=64, num_layers=1, num_heads=2)
+    return tokenizer, T5EncoderModel(config).eval()
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True, text_encoders: bool = False):
     """A FluxPipeline of the tiny transformer, a 4-channel VAE (scale factor 2; the pipeline packs its latents 2x2)
-    and flow-matching Euler with Flux's dynamic shift; no text encoders: call it with ``prompt_embeds`` [B, L, 32]
-    and ``pooled_prompt_embeds`` [B, 32], ``height=width=32`` (16x16 latents -> 8x8 packed tokens)."""
+    and flow-matching Euler with Flux's dynamic shift. ``text_encoders``: a tiny CLIP (pooled, 32) and a tiny T5
+    (32-wide tokens), so prompts work; without them call it with ``prompt_embeds`` [B, L, 32] and
+    ``pooled_prompt_embeds`` [B, 32]. ``height=width=32``: 16x16 latents -> 8x8 packed tokens."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from tiny_models import tiny_vae
+    from tiny_models import tiny_clip_text_encoder, tiny_clip_tokenizer, tiny_vae
 
     torch.manual_seed(seed)
+    encoders = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    if text_encoders:
+        tokenizer = tiny_clip_tokenizer()
+        tokenizer_2, text_encoder_2 = tiny_t5()
+        encoders = dict(text_encoder=tiny_clip_text_encoder(tokenizer), tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
     vae = tiny_vae(latent_channels=4, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
                    use_post_quant_conv=False)
     pipe = FluxPipeline(
@@ -89,10 +113,7 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
             max_image_seq_len=4096,
         ),
         vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
+        **encoders,
         transformer=tiny_flux_transformer(seed=seed, guidance_embeds=guidance_embeds),
     )
     pipe.set_progress_bar_config(disable=True)
