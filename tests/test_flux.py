@@ -323,3 +323,34 @@ def test_pipeline_with_tiny_clip_and_t5_text_encoders():
         assert patch.state.generation == 2 and patch.state.step == 3
     assert torch.equal(first, second) and not torch.equal(first, baseline)
     assert torch.equal(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images, baseline)
+
+
+# --- the architecture rows -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,tokens,guidance", [("flux_dev", 512, True), ("flux_schnell", 256, False)])
+def test_random_init_pipeline_gives_flux_its_pipelines_conditioning(name, tokens, guidance):
+    from tokred.tasks import architectures as A
+
+    arch = A.get_architecture(name)
+    assert arch.family == "diffusers_flux" and arch.pipeline_class == "FluxPipeline"
+    assert (arch.default_steps, arch.guidance_scale) == ((28, 3.5) if guidance else (4, 0.0))
+    config = arch.config()
+    assert (config["num_layers"], config["num_single_layers"], config["num_attention_heads"],
+            config["attention_head_dim"], config["guidance_embeds"]) == (19, 38, 24, 128, guidance)
+    pipe = A.RandomInitPipeline(name, A.build(name, device="meta"), arch.scheduler())
+    run = pipe.begin([0, 1], arch.default_steps, arch.guidance_scale, latent_size=128)  # 1024 px
+    assert not run.cfg and run.latents.shape == (2, 64 * 64, 64)  # 2x2-packed, one branch per image
+    cond = run.conditioning
+    assert cond["encoder_hidden_states"].shape == (2, tokens, 4096) and cond["pooled_projections"].shape == (2, 768)
+    assert cond["img_ids"].shape == (4096, 3) and cond["txt_ids"].shape == (tokens, 3)
+    assert ("guidance" in cond) == guidance
+    assert len(run.timesteps) == arch.default_steps
+
+
+def test_random_init_sigmas_equal_flux_pipelines():
+    from tokred.tasks import architectures as A
+
+    pipe = tiny_flux_pipeline()
+    pipe(**pipe_inputs(pipe, steps=5))  # 8x8 packed tokens
+    ours = A.flux_dev_scheduler()
+    A.flux_set_timesteps(ours, 5, 64, "cpu")
+    assert torch.equal(ours.timesteps, pipe.scheduler.timesteps)
