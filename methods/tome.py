@@ -61,6 +61,7 @@ from typing import Any
 
 from tokred import Method, register_method
 from tokred.adapters.diffusers_dit import DiffusersDiTAdapter
+from tokred.adapters.diffusers_flux import DiffusersFluxAdapter
 from tokred.adapters.diffusers_mmdit import DiffusersMMDiTAdapter
 from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
 from tokred.adapters.timm_vit import TimmViTAdapter
@@ -194,7 +195,8 @@ class MMDiTMergeLayout:
         """The block plan that merges before (and unmerges after) the image sublayers these options select."""
         if merge is None:
             return FULL_BLOCK
-        sub = Sublayer(merge, merge.unmerge)
+        # positions: a merged token stands at its destination (Flux's rotary embeddings; ignored on SD3)
+        sub = Sublayer(merge, merge.unmerge, positions=merge.kept)
         attn = sub if self.merge_attn else KEEP
         return BlockPlan(attn=attn, attn2=attn, mlp=sub if self.merge_mlp else KEEP)
 
@@ -299,15 +301,21 @@ def finest_merging_level(adapter: Any, names: set[str] | None) -> int:
 @register_method("tome")
 class ToMe(Method):
     summary = "Token Merging: bipartite soft matching (ViT, arXiv 2210.09461; SD, arXiv 2303.17604)"
-    options = {"timm_vit": ToMeViTOptions, "diffusers_unet": ToMeSDOptions, "diffusers_mmdit": ToMeMMDiTOptions}
+    options = {
+        "timm_vit": ToMeViTOptions,
+        "diffusers_unet": ToMeSDOptions,
+        "diffusers_mmdit": ToMeMMDiTOptions,
+        "diffusers_flux": ToMeMMDiTOptions,
+    }
     options["diffusers_dit"] = ToMeDiTOptions  # PixArt-α/Σ, DiT-XL/2
     presets = {
         "timm_vit": {"r8": {"r": 8}, "r13": {"r": 13}, "r16-decreasing": {"r": (16, -1)}},
         "diffusers_unet": {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}, "ratio0.6": {"ratio": 0.6},
                            "ratio0.75": {"ratio": 0.75}},
         "diffusers_mmdit": {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}, "ratio0.75": {"ratio": 0.75}},
+        "diffusers_flux": {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}, "ratio0.75": {"ratio": 0.75}},
     }
-    presets["diffusers_dit"] = {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}}
+    presets["diffusers_dit"] = {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}, "ratio0.75": {"ratio": 0.75}}
 
     def check(self, adapter) -> None:
         if isinstance(adapter, TimmViTAdapter):
@@ -320,8 +328,8 @@ class ToMe(Method):
         elif isinstance(adapter, DiffusersUNetAdapter):
             self.merging_blocks = adapter.blocks_up_to(self.options.max_downsample)
             require_cross_attention(adapter, self.merging_blocks, self.options, "tome")
-        elif isinstance(adapter, DiffusersMMDiTAdapter):
-            self.merging_blocks = None  # every JointTransformerBlock: they all run on the same patch grid
+        elif isinstance(adapter, (DiffusersMMDiTAdapter, DiffusersFluxAdapter)):
+            self.merging_blocks = None  # every joint/Flux block: they all run on the same patch grid
         elif isinstance(adapter, DiffusersDiTAdapter):
             self.merging_blocks = None  # every block of a PixArt / DiT runs on the same patch grid
             require_cross_attention(adapter, None, self.options, "tome")

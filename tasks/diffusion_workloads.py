@@ -353,7 +353,8 @@ class RandomInitDenoiser(_ArchitectureWorkload):
                             self.guidance_scale, self.latent_size, torch_device)
 
     def describe(self) -> dict[str, Any]:
-        denoiser_batch = self.batch_size * (2 if self.guidance_scale > 1.0 else 1)
+        cfg = self.guidance_scale > 1.0 and self.family != "diffusers_flux"  # Flux embeds its guidance
+        denoiser_batch = self.batch_size * (2 if cfg else 1)
         return {**super().describe(), "weights": "random init (speed only)",
                 "prompts": "random text embeddings of the text encoders' shapes", "latent_size": self.latent_size,
                 "denoiser_batch": denoiser_batch, "unet_batch": denoiser_batch, "unit": self.unit}
@@ -460,8 +461,10 @@ class PretrainedPipeline(_ArchitectureWorkload):
         pipe = pipe.to(torch_device)
         pipe.set_progress_bar_config(disable=True)
         self.model = pipe
-        if self.resolution is None:
-            self.resolution = int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
+        if self.resolution is None:  # Flux's transformer has no sample_size: the architecture's default
+            sample_size = getattr(denoiser.config, "sample_size", None)
+            self.resolution = (int(sample_size) * int(pipe.vae_scale_factor) if sample_size
+                               else self.arch.default_resolution)
         if self.resolution % int(pipe.vae_scale_factor) != 0:
             raise ValueError(f"resolution {self.resolution} must be a multiple of {pipe.vae_scale_factor}")
         self.prompts = self.given_prompts or imagenet_prompts()

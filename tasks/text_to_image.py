@@ -207,9 +207,11 @@ class TextToImage(Task):
                 (default), ``sd2``, ``sdxl``, ``sd3``, ``sd35``, ``pixart_alpha``, ``pixart_sigma``, ``dit_xl2``).
             scheduler: sampler by name (see :data:`SCHEDULERS`); default: the model's own.
             num_inference_steps: int >= 1; default 20 (embedded), the architecture's pipeline default (arch, full:
-                50 for the U-Nets and DiT, 28 for SD3, 40 for SD3.5, 20 for PixArt).
+                50 for the U-Nets and DiT, 28 for SD3 and Flux.1-dev, 40 for SD3.5, 20 for PixArt, 4 for
+                Flux.1-schnell).
             guidance_scale: classifier-free guidance (> 1 enables it), >= 0; default: the embedded sampler's, the
-                architecture's pipeline default (7.5 SD1.x/2.x, 5.0 SDXL, 7.0 SD3, 4.5 SD3.5).
+                architecture's pipeline default (7.5 SD1.x/2.x, 5.0 SDXL, 7.0 SD3, 4.5 SD3.5); on Flux.1 the
+                embedded guidance (3.5 dev; schnell has none), never classifier-free.
             resolution: image side in pixels, an int or (arch) a list to sweep; full: default the denoiser's
                 sample size x the VAE factor; arch: default the architecture's resolution on CUDA, at most 512 on
                 a CPU, a multiple of 8 x the denoiser's downsampling (U-Nets) or patch size (MMDiTs).

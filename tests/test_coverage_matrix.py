@@ -1,8 +1,8 @@
 """The coverage matrix: every built-in method on every model family, tested the way users call it.
 
 Each family is a tiny configuration of the real class (timm's own architectures with their variant flags;
-diffusers' ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``PixArtTransformer2DModel`` and
-``DiTTransformer2DModel`` in each model's layout). Each cell applies the
+diffusers' ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``PixArtTransformer2DModel``,
+``DiTTransformer2DModel`` and ``FluxTransformer2DModel`` in each model's layout). Each cell applies the
 method at its defaults (CAT pruning with ``t0=2``, first-block cache and pyramid attention broadcast with options
 that make them cache in a three-call generation; see :data:`MATRIX_OPTIONS`) and is
 
@@ -153,6 +153,20 @@ def dit_family(name: str, config: str, model: str) -> Family:
     return Family("DiT", name, config, build, run)
 
 
+def flux_family(name: str, config: str, guidance_embeds: bool) -> Family:
+    def build() -> torch.nn.Module:
+        from tiny_flux import tiny_flux_transformer
+
+        return tiny_flux_transformer(guidance_embeds=guidance_embeds)
+
+    def run(model: torch.nn.Module) -> torch.Tensor:
+        from tiny_flux import flux_denoise
+
+        return torch.stack(flux_denoise(model, timesteps=tuple(t / 1000 for t in TIMESTEPS)))
+
+    return Family("Flux", name, config, build, run)
+
+
 FAMILIES: list[Family] = [
     vit_family("plain", "vit_small_patch16_224"),
     vit_family("LayerScale (DeiT-3)", "deit3_small_patch16_224"),
@@ -170,6 +184,8 @@ FAMILIES: list[Family] = [
     dit_family("PixArt-α", "PixArt-α: ada_norm_single, T5 cross-attention, size conditions", "alpha"),
     dit_family("PixArt-Σ", "PixArt-Σ: ada_norm_single, T5 cross-attention", "sigma"),
     dit_family("DiT-XL/2", "DiT: ada_norm_zero, class labels", "dit"),
+    flux_family("Flux.1-dev", "Flux.1: dual + single-stream blocks, RoPE, guidance embedding", True),
+    flux_family("Flux.1-schnell", "Flux.1: dual + single-stream blocks, RoPE, no guidance embedding", False),
 ]
 
 
@@ -373,10 +389,12 @@ ZERO_STRENGTH = {
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f.group != "timm ViT"], ids=lambda f: f.name)
 def test_zero_strength_options_are_accepted_and_exact(family):
+    from tokred.adapters import resolve_adapter
+
     model, baseline = model_and_baseline(family)
+    adapter_family = resolve_adapter(model).family
     for method in builtin_methods():
         options = ZERO_STRENGTH.get(method)
-        adapter_family = {"U-Net": "diffusers_unet", "MMDiT": "diffusers_mmdit", "DiT": "diffusers_dit"}[family.group]
         if options is None or adapter_family not in tokred.get_method(method).options:
             continue
         with tokred.apply(model, method, **options):
