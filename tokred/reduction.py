@@ -15,6 +15,11 @@ point                  what the method supplies                                 
                        and/or a hook on the projected keys and values
 cached output          a :class:`Sublayer` whose ``restore`` writes the fresh    CAT
                        rows into a :class:`RowCache` (:func:`recompute_rows`)
+:class:`TokenReduce`   (timm ViTs) after attention, ``choose(scores) ->          ToMe, CA-ToMe, EViT,
+                       TokenReduction``: tokens merged, pruned or fused for the  ToFu, PiToMe
+                       rest of the network, chosen from :class:`AttentionScores`
+                       (keys, the class token's attention row, the attention
+                       matrix: only what the method asks for is computed)
 =====================  ========================================================  =======================
 
 A plan holds no state of its own: anything a method remembers between calls lives in its typed state class
@@ -27,9 +32,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .merge import TokenReduction
 
 Tokens = Callable[[torch.Tensor], torch.Tensor]
 
@@ -77,6 +85,45 @@ SAME_TOKENS = KeyValue()
 
 
 @dataclass(frozen=True)
+class AttentionScores:
+    """What a ViT block's attention computed besides its output, for :class:`TokenReduce`'s ``choose``.
+
+    ``tokens`` [B, N, C]: the tokens after attention's residual (what is reduced; the MLP runs on the result);
+    ``keys`` [B, N, Ch]: the attention keys averaged over heads (ToMe's metric), always there;
+    ``size`` [B, N, 1]: how many input tokens each token stands for (None while nothing was merged or fused);
+    ``cls_attention`` [B, N]: the class token's (query 0) attention over all keys, averaged over heads, when
+    the plan asked for it (``TokenReduce(cls_attention=True)``), else None;
+    ``attention`` [B, H, N, N]: the attention probabilities, when asked for (``attention=True``), else None;
+    ``num_protected``: the prefix tokens (cls, distillation, registers) a method must keep in front;
+    ``call``: the block call.
+
+    Both attention scores include proportional attention's ``log(size)`` bias when the block uses it. With
+    fused attention they are computed next to it (one extra query row, or the explicit matrix) and their
+    matmuls show up in FLOP counts; with ``fused_attn=False`` the explicit matrix is reused.
+    """
+
+    tokens: torch.Tensor
+    keys: torch.Tensor
+    size: torch.Tensor | None
+    num_protected: int
+    call: BlockCall
+    cls_attention: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TokenReduce:
+    """The ViT reduction point: between attention and the MLP, ``choose(scores: AttentionScores)`` returns a
+    :class:`~tokred.merge.TokenReduction` (a merge, a pruning, a fused token; tokens removed for the rest of
+    the network) or None (keep every token). ``cls_attention`` / ``attention`` ask attention to compute the
+    class token's attention row / the full attention matrix for ``choose``."""
+
+    choose: Callable[[AttentionScores], TokenReduction | None]
+    cls_attention: bool = False
+    attention: bool = False
+
+
+@dataclass(frozen=True)
 class BlockPlan:
     """What one call of one transformer block does. Fields an adapter's block lacks are ignored (a U-Net block
     has no ``attn2``-style second self-attention; an MMDiT block has no cross-attention)."""
@@ -87,10 +134,12 @@ class BlockPlan:
     attn2: Sublayer = KEEP  # second image self-attention (SD3.5 dual-attention blocks)
     kv2: KeyValue = SAME_TOKENS
     mlp: Sublayer = KEEP
+    tokens: TokenReduce | None = None  # after attention, for the rest of the network (timm ViTs)
 
     @property
     def is_full(self) -> bool:
-        return all(p.is_identity for p in (self.attn, self.kv, self.cross, self.attn2, self.kv2, self.mlp))
+        points = (self.attn, self.kv, self.cross, self.attn2, self.kv2, self.mlp)
+        return self.tokens is None and all(p.is_identity for p in points)
 
 
 FULL_BLOCK = BlockPlan()
