@@ -136,7 +136,7 @@ def test_unet_plugin_of_tokred_02_works_and_warns(plugins):
         warnings.simplefilter("always")
         with tokred.apply(unet, "v02_unet", ratio=0.5):
             got = denoise()
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
     for old, new in (("SublayerPlan", "tokred.reduction.Sublayer"), ("grid(latent_size, n)", "call.grid"),
                      ("install_planned_blocks", "install_blocks")):  # fmt: skip
