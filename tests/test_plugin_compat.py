@@ -58,6 +58,20 @@ class PluginReadme02ViT(Method):
         patch.adapter.install_merging(patch, lambda call, metric: alternate_matching(metric, r, p))
 
 
+class PluginCurrentViT(Method):
+    """The README's current interface (0.3): install_blocks with BlockPlan(tokens=TokenReduce(...))."""
+
+    options = {"timm_vit": KOptions}
+
+    def install(self, patch) -> None:
+        from tokred.merge import alternate_matching
+        from tokred.reduction import FULL_BLOCK, BlockPlan, TokenReduce
+
+        r = self.options.r
+        patch.adapter.install_blocks(patch, lambda call, x: BlockPlan(tokens=TokenReduce(lambda s:
+            alternate_matching(s.keys, r, s.num_protected))) if call.index == 0 else FULL_BLOCK)  # fmt: skip
+
+
 @dataclass
 class RatioOptions:
     ratio: float = option(0.5, valid="0 <= ratio <= 0.75", check=number_in(0.0, 0.75))
@@ -92,7 +106,8 @@ def plugins(monkeypatch):
     registry = tokred.registry.methods
     registry.names()
     monkeypatch.setattr(registry, "_items", dict(registry._items))
-    for name, cls in (("v02_vit", PluginV02ViT), ("readme02_vit", PluginReadme02ViT), ("v02_unet", PluginV02UNet)):
+    for name, cls in (("v02_vit", PluginV02ViT), ("readme02_vit", PluginReadme02ViT), ("v02_unet", PluginV02UNet),
+                      ("current_vit", PluginCurrentViT)):  # fmt: skip
         registry.register(name)(cls)
 
 
@@ -117,6 +132,14 @@ def test_vit_plugins_of_earlier_versions_work_and_warn(tiny_vit, plugins, method
     if legacy is not None:  # tokred 0.2's README: patch.state.call["size"]
         assert torch.equal(legacy["size"], size)
         assert any("merged_tokens" in str(w.message) for w in deprecations)
+
+
+def test_the_current_interface_warns_nothing(tiny_vit, plugins):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), tokred.apply(tiny_vit, "tome", r=[3], prop_attn=False):  # install_blocks: prop_attn off
+        expected = tiny_vit(x)
+    out, _, deprecations = run_vit(tiny_vit, "current_vit", x, r=3)
+    assert torch.equal(out, expected) and not deprecations
 
 
 def test_unet_plugin_of_tokred_02_works_and_warns(plugins):
