@@ -299,6 +299,47 @@ def deit_s_gmacs() -> tuple[dict[str, float], dict[str, list[float]]]:
     return gmacs, counts
 
 
+@pytest.mark.parametrize("method, options", [("evit", {"keep_rate": 0.6}), ("tofu", {"r": 6}), ("pitome", {"r": 6})])
+def test_fused_attention_stays_and_matches_eager(vit, method, options):
+    """The scores are computed next to timm's fused attention (its SDPA kernel still runs, once per block, and the
+    class-token row is an extra matmul in the FLOP count); the eager path gives the same output."""
+    from tokred.flops import flop_counter
+
+    x = images(7)
+    with tokred.apply(vit, method, **options), torch.no_grad():
+        counter = flop_counter()
+        with counter:
+            fused = vit(x)
+        sdpa = [op for op in counter.get_flop_counts()["Global"] if "scaled_dot_product" in str(op)]
+        assert sdpa, "fused attention was given up"
+        for blk in vit.blocks:
+            blk.attn.fused_attn = False
+        eager = vit(x)
+    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method, options", [("evit", {"keep_rate": 0.6}), ("tofu", {"r": 6, "size_weighted": True}),
+                                             ("pitome", {"r": 6, "prop_attn": True})])  # fmt: skip
+def test_gradients_flow_through_the_reductions(vit, method, options):
+    x = images(8).requires_grad_(True)
+    with tokred.apply(vit, method, **options) as patch:
+        vit(x).sum().backward()
+        assert any(c.mlp < c.tokens for c in patch.token_counts().values())
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_evit_class_attention_row_costs_one_query(vit):
+    """EViT's extra work is the class token's attention row in each drop block: 2 * N * C FLOPs per image there."""
+    from tokred.flops import count_flops
+
+    x = images(9)
+    with tokred.apply(vit, "evit", keep_rate=1.0):
+        full = count_flops(lambda: vit(x))
+    with tokred.apply(vit, "evit", keep_rate=0.999):  # drops nothing (ceil keeps all 64), scores computed
+        scored = count_flops(lambda: vit(x))
+    assert scored - full == 3 * 2 * (2 * 65 * 48)  # 3 drop blocks, batch 2, one query row over 65 keys
+
+
 def test_deit_s_gmacs_match_the_published_counts():
     """EViT keep 0.7 at blocks 4/7/10 is 3.0 GMACs in its README (4.6 unreduced); ToMe r=13 is 2.7."""
     gmacs, counts = deit_s_gmacs()
