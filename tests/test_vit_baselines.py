@@ -128,6 +128,56 @@ def pitome_reference(schedule, margins, bsm_blocks, p=1):
     return reduce_block
 
 
+def mctf_reference(model, image, schedule, start, tau=(1.0, 20.0, 40.0), bidirection=True, p=1):
+    """MCTF on one image, in loops: fusion before attention, the block's attention probabilities reduced and reused
+    (one-step-ahead), pooling weights = attention received * size / max size."""
+    tau_sim, tau_info, tau_size = tau
+    t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(image))))
+    sizes = None
+    for i, blk in enumerate(model.blocks):
+        attn, n = blk.attn, t.shape[1]
+        q, k, v = attn.qkv(blk.norm1(t)).reshape(1, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        logits = (q @ k.transpose(-2, -1)) * attn.scale
+        if sizes is not None:
+            logits = logits + torch.tensor(sizes).log()
+        probs = logits.softmax(dim=-1)[0]  # [H, n, n]
+        r = schedule[i] if i >= start else 0
+        r = min(n - 10 if n - r < 10 else r, (n - p) // 2)
+        if r > 0:
+            rows = list(t[0])
+            received = [float(probs[:, :, j].mean()) for j in range(n)]
+            info = [(1 / x) / max(1 / y for y in received) for x in received]
+            size = sizes or [1.0] * n
+            small = [(1 / x) / max(1 / y for y in size) for x in size]
+
+            def w(a, b, rows=rows, info=info, small=small, sized=sizes is not None):
+                score = ((cos(rows[a], rows[b]) + 1) / 2) ** (1 / tau_sim) * (info[a] * info[b]) ** (1 / tau_info)
+                return score * ((small[a] * small[b]) ** (1 / tau_size) if sized else 1.0)
+
+            evens, odds = list(range(0, n, 2)), list(range(1, n, 2))
+            r1, r2 = (r // 2, r - r // 2) if bidirection else (r, 0)
+            best = {a: max((w(a, b), b) for b in odds if b >= p) for a in evens if a >= p}
+            stage1 = sorted(best, key=lambda a: -best[a][0])[:r1]
+            groups = {b: [b] + [a for a in stage1 if best[a][1] == b] for b in odds}
+            left = [a for a in evens if a not in stage1]
+            best2 = {b: max((w(a, b), a) for a in left if a >= p) for b in odds if b >= p}
+            order2 = sorted(odds, key=lambda b: -best2[b][0] if b in best2 else math.inf)
+            stage2 = order2[:r2]
+            out_groups = [[a] + [m for b in stage2 if best2[b][1] == a for m in groups[b]] for a in left]
+            out_groups += [groups[b] for b in order2[r2:]]
+            pool = [received[m] * size[m] / max(size) for m in range(n)]
+            t = torch.stack([sum(pool[m] * rows[m] for m in g) / sum(pool[m] for m in g) for g in out_groups])[None]
+            sizes = [sum(size[m] for m in g) for g in out_groups]
+            cols = torch.stack([probs[:, :, g].sum(dim=-1) for g in out_groups], dim=-1)  # [H, n, n']
+            probs = torch.stack([sum(pool[m] * cols[:, m] for m in g) / sum(pool[m] for m in g) for g in out_groups], 1)
+            nn = t.shape[1]
+            v = attn.qkv(blk.norm1(t)).reshape(1, nn, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)[2]
+        out = attn.proj((probs[None] @ v).transpose(1, 2).reshape(1, t.shape[1], -1))
+        t = t + blk.ls1(out)
+        t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+    return model.forward_head(model.norm(t))
+
+
 @pytest.fixture
 def vit():
     """A small timm ViT with a class token: 32x32 images in 4x4 patches (64 patches + cls), 4 blocks."""
@@ -177,6 +227,24 @@ def test_pitome_equals_reference(vit, seed, r, margin, bsm_blocks):
     got = applied(vit, x, "pitome", r=r, margin=margin, bsm_blocks=bsm_blocks)
     margins = [0.75 - 0.75 * i / 4 if margin is None else margin for i in range(4)]
     expected = reference(vit, x, pitome_reference(parse_r(r, 4), margins, 2 if bsm_blocks is None else bsm_blocks))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "seed, r, start, bidirection", [(0, 6, 1, True), (1, 9, 0, True), (2, [0, 4, 12, 7], 1, False), (3, 11, 2, True)]
+)
+def test_mctf_equals_reference(vit, seed, r, start, bidirection):
+    from tokred.methods.tome import parse_r
+
+    with torch.no_grad():  # peaked attention, so that the attention-derived weights differ between tokens
+        for blk in vit.blocks:
+            blk.attn.qkv.weight[: 2 * 48].mul_(6.0)
+
+    x = images(seed)
+    got = applied(vit, x, "mctf", r=r, start_block=start, bidirection=bidirection)
+    with torch.no_grad():
+        expected = torch.cat([mctf_reference(vit, x[i : i + 1], parse_r(r, 4), start, bidirection=bidirection)
+                              for i in range(len(x))])  # fmt: skip
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
@@ -255,7 +323,7 @@ def test_tofu_pruned_tokens_are_gone_and_merged_tokens_keep_the_largest_norm():
 
 
 # --- zero strength, accounting, refusals, FLOPs ------------------------------------------------------------------
-ZERO = {"evit": {"keep_rate": 1.0}, "tofu": {"r": 0}, "pitome": {"r": 0}}
+ZERO = {"evit": {"keep_rate": 1.0}, "tofu": {"r": 0}, "pitome": {"r": 0}, "mctf": {"r": 0}}
 
 
 @pytest.mark.parametrize("method", sorted(ZERO))
@@ -292,7 +360,7 @@ def deit_s_gmacs() -> tuple[dict[str, float], dict[str, list[float]]]:
     torch.manual_seed(0)
     model, x = timm.create_model("deit_small_patch16_224", pretrained=False).eval(), torch.randn(1, 3, 224, 224)
     gmacs, counts = {"baseline": count_flops(lambda: model(x)) / 2e9}, {}
-    for method in ("evit", "tome", "tofu", "pitome"):
+    for method in ("evit", "tome", "tofu", "pitome", "mctf"):
         with tokred.apply(model, method) as patch:
             gmacs[method] = count_flops(lambda: model(x)) / 2e9
             counts[method] = [c.mlp for c in patch.token_counts().values()]
@@ -319,7 +387,7 @@ def test_fused_attention_stays_and_matches_eager(vit, method, options):
 
 
 @pytest.mark.parametrize("method, options", [("evit", {"keep_rate": 0.6}), ("tofu", {"r": 6, "size_weighted": True}),
-                                             ("pitome", {"r": 6, "prop_attn": True})])  # fmt: skip
+                                             ("pitome", {"r": 6, "prop_attn": True}), ("mctf", {"r": 6})])  # fmt: skip
 def test_gradients_flow_through_the_reductions(vit, method, options):
     x = images(8).requires_grad_(True)
     with tokred.apply(vit, method, **options) as patch:
@@ -347,6 +415,8 @@ def test_deit_s_gmacs_match_the_published_counts():
     assert abs(gmacs["baseline"] - 4.6) < 0.05 and abs(gmacs["evit"] - 3.0) < 0.05
     assert abs(gmacs["tome"] - 2.7) < 0.05 and gmacs["tofu"] == gmacs["tome"]
     assert gmacs["tome"] < gmacs["pitome"] < gmacs["tome"] + 0.05  # + the energy's N x N similarity
+    assert counts["mctf"] == [197 - 16 * i for i in range(12)]  # r=16 from the second block, before attention
+    assert 2.5 < gmacs["mctf"] < gmacs["tome"]
 
 
 if __name__ == "__main__":

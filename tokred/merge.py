@@ -69,6 +69,11 @@ class TokenReduction:
     def reduce_source(self, source: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def reduce_attention(self, probs: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities [B, H, N, N] of the tokens before :meth:`reduce`, for the reduced tokens
+        (only reductions made *before* attention need it: ``TokenReduce(before_attention=True)``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot reduce an attention matrix")
+
 
 class BipartiteMerge(TokenReduction):
     """Merges sources into destinations given fixed pairs; reusable on any tensor with the same tokens.
@@ -228,6 +233,51 @@ class NormMerge(TokenReduction):
 
     def reduce_source(self, source: torch.Tensor) -> torch.Tensor:
         return self.merge(source, mode="amax")
+
+
+class TwoWayMerge(TokenReduction):
+    """MCTF's bidirectional bipartite merge with attention-weighted pooling.
+
+    Stage 1: sources ``src1`` [B, r1, 1] of set A (even positions) merge into their destinations ``dst1`` in set B
+    (odd positions); ``unm1`` are the A tokens left. Stage 2: tokens ``src2`` of the resulting B merge into
+    ``dst2`` among the left A tokens; ``unm2`` are the B tokens left. Output: ``[A left, B left]``. Tokens are
+    averaged with the weights ``weight * size / max(size)`` (``weight`` [B, N, 1], MCTF: the attention each token
+    receives); :meth:`reduce_attention` sums the merged keys' probabilities and averages the merged queries' rows
+    with the same weights (it uses the sizes of the last :meth:`reduce`, which it must follow)."""
+
+    def __init__(self, unm1, src1, dst1, unm2, src2, dst2, weight: torch.Tensor) -> None:
+        self.unm1, self.src1, self.dst1 = unm1, src1, dst1
+        self.unm2, self.src2, self.dst2 = unm2, src2, dst2
+        self.weight = weight
+        self._pool: torch.Tensor | None = None
+
+    def merge(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """Both stages on ``x`` [B, N, C] with the ``scatter_reduce`` reduction ``mode``."""
+        a, b = x[:, ::2], x[:, 1::2]
+        n, _, c = a.shape
+        unm = a.gather(1, self.unm1.expand(n, -1, c))
+        b = b.scatter_reduce(1, self.dst1.expand(n, -1, c), a.gather(1, self.src1.expand(n, -1, c)), reduce=mode)
+        unm = unm.scatter_reduce(1, self.dst2.expand(n, -1, c), b.gather(1, self.src2.expand(n, -1, c)), reduce=mode)
+        return torch.cat([unm, b.gather(1, self.unm2.expand(n, -1, c))], dim=1)
+
+    def reduce(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        size = torch.ones_like(x[..., :1]) if size is None else size
+        pool = self.weight.to(x.dtype) * (size / size.amax(dim=1, keepdim=True))
+        self._pool = pool
+        return self.merge(x * pool, "sum") / self.merge(pool, "sum"), self.merge(size, "sum")
+
+    def reduce_source(self, source: torch.Tensor) -> torch.Tensor:
+        return self.merge(source, "amax")
+
+    def reduce_attention(self, probs: torch.Tensor) -> torch.Tensor:
+        if self._pool is None:
+            raise RuntimeError("TwoWayMerge.reduce_attention before reduce: the pooling weights are not known yet")
+        b, h, tq, tk = probs.shape
+        keys = self.merge(probs.permute(0, 3, 1, 2).reshape(b, tk, h * tq), "sum")  # merged keys: summed
+        tk = keys.shape[1]
+        rows = keys.reshape(b, tk, h, tq).permute(0, 3, 2, 1).reshape(b, tq, h * tk)
+        rows = self.merge(rows * self._pool, "sum") / self.merge(self._pool, "sum")  # merged queries: pooled
+        return rows.reshape(b, -1, h, tk).permute(0, 2, 1, 3)
 
 
 class TokenSelect(TokenReduction):

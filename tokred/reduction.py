@@ -116,11 +116,18 @@ class TokenReduce:
     """The ViT reduction point: between attention and the MLP, ``choose(scores: AttentionScores)`` returns a
     :class:`~tokred.merge.TokenReduction` (a merge, a pruning, a fused token; tokens removed for the rest of
     the network) or None (keep every token). ``cls_attention`` / ``attention`` ask attention to compute the
-    class token's attention row / the full attention matrix for ``choose``."""
+    class token's attention row / the full attention matrix for ``choose``.
+
+    ``before_attention=True`` (MCTF's one-step-ahead attention) moves the point before attention: the block's
+    attention probabilities are computed explicitly from its input (``scores.tokens`` is then the block input and
+    ``scores.attention`` is always given), the reduction is applied to the input, and attention runs on the reduced
+    tokens with the reduction's :meth:`~tokred.merge.TokenReduction.reduce_attention` of those probabilities (the
+    values are projected from the reduced tokens; queries and keys are not recomputed)."""
 
     choose: Callable[[AttentionScores], TokenReduction | None]
     cls_attention: bool = False
     attention: bool = False
+    before_attention: bool = False
 
 
 @dataclass(frozen=True)

@@ -145,28 +145,40 @@ class TimmViTAdapter(Adapter):
                 before = entering[_index] if _index else MergedTokens()  # what the previous block left
                 size, source = before.size, before.source
                 bias = size.log()[:, None, None, :, 0] if (prop_attn and size is not None) else None
-                attn_out, keys, cls_attention, attention = size_aware_attention(
-                    blk.attn, blk.norm1(x), bias,
-                    cls_attention=point is not None and point.cls_attention,
-                    attention=point is not None and point.attention,
-                )  # fmt: skip
                 num_tokens = x.shape[1]
-                x = x + blk.drop_path1(blk.ls1(attn_out))
+                if point is not None and point.before_attention:  # reduce the input, reuse its attention
+                    h = blk.norm1(x)
+                    q, k = queries_keys(blk.attn, h)
+                    probs = attention_probs(q, k, blk.attn.scale, bias)
+                    scores = AttentionScores(x, k.mean(dim=1), size, num_protected, _call, attention=probs)
+                    reduction = point.choose(scores)
+                    if reduction is not None:
+                        if trace_source:
+                            source = reduction.reduce_source(source if source is not None else identity_source(x))
+                        x, size = reduction.reduce(x, size)
+                        probs, h = reduction.reduce_attention(probs), blk.norm1(x)
+                    x = x + blk.drop_path1(blk.ls1(attention_with(blk.attn, h, probs)))
+                    point = None
+                else:
+                    attn_out, keys, cls_attention, attention = size_aware_attention(
+                        blk.attn, blk.norm1(x), bias,
+                        cls_attention=point is not None and point.cls_attention,
+                        attention=point is not None and point.attention,
+                    )  # fmt: skip
+                    x = x + blk.drop_path1(blk.ls1(attn_out))
                 if point is not None:
                     scores = AttentionScores(x, keys, size, num_protected, _call, cls_attention, attention)
                     reduction = point.choose(scores)
                     if reduction is not None:
                         if trace_source:
-                            if source is None:
-                                n, t, _ = x.shape
-                                source = torch.eye(t, device=x.device, dtype=x.dtype)[None].expand(n, t, t)
-                            source = reduction.reduce_source(source)
+                            source = reduction.reduce_source(source if source is not None else identity_source(x))
                         x, size = reduction.reduce(x, size)
                 after = MergedTokens(size, source if trace_source else None)
                 entering[_index + 1] = after
                 adapter.merged_tokens = after
                 x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-                counter.record(_call.name, num_tokens, num_tokens, num_tokens, x.shape[1])
+                counter.record(_call.name, num_tokens, num_tokens, num_tokens, x.shape[1])  # attention: queries
+                # and keys of all entering tokens (also before_attention, whose probabilities are computed on them)
                 return x
 
             patch.replace_forward(block, forward)
@@ -306,6 +318,41 @@ def size_aware_attention(
         cls_row = probs[:, :, 0] if probs is not None else attention_probs(q[:, :, :1], k, attn.scale, bias)[:, :, 0]
         cls_row = cls_row.mean(dim=1)
     return out, k.mean(dim=1), cls_row, probs if attention else None
+
+
+def identity_source(x: torch.Tensor) -> torch.Tensor:
+    """Each token covers itself: [B, N, N] identity."""
+    n, t, _ = x.shape
+    return torch.eye(t, device=x.device, dtype=x.dtype)[None].expand(n, t, t)
+
+
+def queries_keys(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm ``Attention``'s queries and keys [B, H, N, D] of ``x`` (qk-norm applied), without the values: the
+    first two thirds of the ``qkv`` projection."""
+    B, N, _ = x.shape
+    attn_dim = attn.num_heads * attn.head_dim
+    weight, bias = attn.qkv.weight[: 2 * attn_dim], attn.qkv.bias
+    qk = F.linear(x, weight, None if bias is None else bias[: 2 * attn_dim])
+    q, k = qk.reshape(B, N, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k)
+
+
+# Adapted from timm 1.0.31 timm.layers.Attention.forward; changes marked "tokred:".
+def attention_with(attn: torch.nn.Module, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """timm ``Attention.forward`` on ``x`` [B, N, C] with given attention probabilities ``probs`` [B, H, N, N]
+    (MCTF's one-step-ahead attention): only the values are projected."""
+    B, N, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    attn_dim = attn.num_heads * attn.head_dim
+    weight, bias = attn.qkv.weight[2 * attn_dim :], attn.qkv.bias  # tokred: the values only
+    v = F.linear(x, weight, None if bias is None else bias[2 * attn_dim :])
+    v = v.reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+    out = attn.attn_drop(probs.to(v.dtype)) @ v  # tokred: the given probabilities
+    out = out.transpose(1, 2).reshape(B, N, attn_dim)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
