@@ -16,10 +16,11 @@ point                  what the method supplies                                 
 cached output          a :class:`Sublayer` whose ``restore`` writes the fresh    CAT
                        rows into a :class:`RowCache` (:func:`recompute_rows`)
 :class:`TokenReduce`   (timm ViTs) after attention, ``choose(scores) ->          ToMe, CA-ToMe, EViT,
-                       TokenReduction``: tokens merged, pruned or fused for the  ToFu, PiToMe
-                       rest of the network, chosen from :class:`AttentionScores`
+                       TokenReduction``: tokens merged, pruned or fused for the  ToFu, PiToMe; MCTF
+                       rest of the network, chosen from :class:`AttentionScores`  (before attention)
                        (keys, the class token's attention row, the attention
-                       matrix: only what the method asks for is computed)
+                       matrix: only what the method asks for is computed); or
+                       before attention, reusing the block's attention matrix
 =====================  ========================================================  =======================
 
 A plan holds no state of its own: anything a method remembers between calls lives in its typed state class
