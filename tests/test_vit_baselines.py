@@ -341,6 +341,43 @@ def test_zero_strength_is_bit_exact(method, arch):
             assert all(c.mlp == c.tokens for c in patch.token_counts().values())
 
 
+def test_planner_names_select_blocks_and_sizes_pass_through_the_others(vit):
+    """``install_blocks(..., names)`` asks the planner for those blocks only; the others still carry the token sizes
+    (proportional attention downstream), so planning block 0 alone equals ToMe with r=[3] everywhere else 0."""
+    from tokred.merge import alternate_matching
+    from tokred.method import Method
+    from tokred.reduction import BlockPlan, TokenReduce
+
+    asked = []
+
+    class FirstBlock(Method):
+        options = {"timm_vit": object}
+
+        def install(self, patch):
+            def plan(call, x):
+                asked.append(call.name)
+                return BlockPlan(tokens=TokenReduce(lambda s: alternate_matching(s.keys, 3, s.num_protected)))
+
+            patch.adapter.install_blocks(patch, plan, {"blocks.0"}, prop_attn=True)
+
+    x = images(11)
+    with torch.no_grad():
+        with tokred.apply(vit, "tome", r=[3]):
+            expected = vit(x)
+        from tokred.adapters import resolve_adapter
+        from tokred.patch import Patch
+        from tokred.state import RunState
+
+        adapter = resolve_adapter(vit)
+        patch = Patch(adapter, FirstBlock(None), RunState())
+        patch.method.install(patch)
+        try:
+            got = vit(x)
+        finally:
+            patch.remove()
+    assert asked == ["blocks.0"] and torch.equal(got, expected)
+
+
 def test_evit_refuses_models_without_a_class_token_and_out_of_range_locations():
     from tiny_models import tiny_timm_vit
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import UnsupportedModelError
 from ..merge import TokenReduction
-from ..reduction import AttentionScores, BlockCall, BlockPlan, Grid, Planner, TokenReduce
+from ..reduction import FULL_BLOCK, AttentionScores, BlockCall, BlockPlan, Grid, Planner, TokenReduce
 from .base import Adapter, has_class_named
 
 if TYPE_CHECKING:
@@ -126,8 +126,8 @@ class TimmViTAdapter(Adapter):
         adapter = self
 
         for index, (name, block) in enumerate(self.blocks):
-            if names is not None and name not in names:
-                continue
+            # every block runs the adapter's forward (token sizes and sources pass through each one); the planner
+            # is asked only for the blocks in ``names``
             call = BlockCall(name, index, block, 1, grid, 0)
 
             def forward(
@@ -137,10 +137,11 @@ class TimmViTAdapter(Adapter):
                 is_causal: bool = False,
                 _index: int = index,
                 _call: BlockCall = call,
+                _planned: bool = names is None or name in names,
             ) -> torch.Tensor:
                 if attn_mask is not None or is_causal:
                     raise UnsupportedModelError("tokred's reducing ViT blocks do not take attn_mask/is_causal")
-                plan = planner(_call, x)
+                plan = planner(_call, x) if _planned else FULL_BLOCK
                 point = vit_point(plan, _call)
                 before = entering[_index] if _index else MergedTokens()  # what the previous block left
                 size, source = before.size, before.source
