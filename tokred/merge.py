@@ -116,6 +116,10 @@ class BipartiteMerge(TokenReduction):
         src, dst = self.split(x)
         n, na, c = src.shape
         nu, nd, r = na - self.r, dst.shape[1], self.r
+        if torch.compiler.is_compiling():
+            # torch.compile: the same arithmetic without ``out=`` and in-place writes into views, which dynamo's
+            # fake tensors cannot trace on the strided split (issue 20); inductor fuses the temporaries anyway
+            return self._weighted_mean_functional(src, dst, size)
         src_idx, dst_idx, unm_idx = (i.expand(n, -1, -1) for i in (self.src_idx, self.dst_idx, self.unm_idx))
         merged = src.gather(1, src_idx.expand(n, r, c))
         if size is None:
@@ -144,6 +148,27 @@ class BipartiteMerge(TokenReduction):
 
     def reduce_source(self, source: torch.Tensor) -> torch.Tensor:
         return self(source, mode="amax")
+
+    def _weighted_mean_functional(
+        self, src: torch.Tensor, dst: torch.Tensor, size: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`weighted_mean`'s arithmetic, op for op, with out-of-place ops only (for torch.compile)."""
+        n, na, c = src.shape
+        nu, nd, r = na - self.r, dst.shape[1], self.r
+        src_idx, dst_idx, unm_idx = (i.expand(n, -1, -1) for i in (self.src_idx, self.dst_idx, self.unm_idx))
+        merged = src.gather(1, src_idx.expand(n, r, c))
+        if size is None:
+            unm_size, src_size, dst_size = src.new_ones(n, nu, 1), src.new_ones(n, r, 1), src.new_ones(n, nd, 1)
+            weighted_dst = dst
+        else:
+            size_src, dst_size = self.split(size)
+            unm_size, src_size = size_src.gather(1, unm_idx), size_src.gather(1, src_idx)
+            merged = merged * src_size
+            weighted_dst = dst * dst_size
+        new_size = dst_size.scatter_add(1, dst_idx, src_size)
+        dst_out = weighted_dst.scatter_add(1, dst_idx.expand(n, r, c), merged) / new_size
+        unm = src.gather(1, unm_idx.expand(n, nu, c))
+        return self.join(unm, dst_out), self.join(unm_size, new_size)
 
     def __call__(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         """Merge ``x`` [B, N, C] to [B, N - r, C]; ``mode`` is a ``scatter_reduce`` reduction."""
