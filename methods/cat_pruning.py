@@ -400,6 +400,7 @@ class CatPolicy:
 # --- the method ------------------------------------------------------------------------------------------------------
 @register_method("cat_pruning")
 class CatPruning(Method):
+    kind = "prune"
     summary = "CAT pruning: cluster-aware token pruning with cached outputs for diffusion (arXiv 2502.00433)"
     options = {"diffusers_mmdit": CatOptions, "diffusers_unet": CatUNetOptions}
     presets = {

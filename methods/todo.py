@@ -91,6 +91,7 @@ class ToDoUNetOptions(ToDoOptions):
 
 @register_method("todo")
 class ToDo(Method):
+    kind = "downsample"
     summary = "ToDo: token downsampling of self-attention keys/values for diffusion (arXiv 2402.13573)"
     options = {"diffusers_unet": ToDoUNetOptions, "diffusers_mmdit": ToDoOptions}
     presets = {
