@@ -256,9 +256,6 @@ def composite_method(spec: str | Sequence[str]) -> type[Method]:
             "the transformer blocks through the adapter's one block planner per block, so one would replace the "
             "other's forward; compose at most one of them with a cache"
         )
-    if not caches:
-        raise UnknownMethodError(f"composition {label!r} has no cache; a composition is a cache (kind 'cache') and "
-                                 "a token-reduction method")
     ordered = tuple(c for c in classes if c.kind == CACHE) + tuple(c for c in classes if c.kind != CACHE)
     built = _BUILT.get(ordered)
     if built is not None:

@@ -122,7 +122,8 @@ def print_listing(data: dict[str, Any]) -> None:
 
     print("METHODS")
     for m in data["methods"]:
-        print(f"\n{m['name']} [{m['kind']}]: {m['summary']}")
+        print(f"\n{m['name']}: {m['summary']}")
+        print(f"  kind {m['kind']}")
         if m.get("members"):
             print(f"  composition of {', '.join(m['members'])} (the cache outside; options as member.option)")
         for family, spec in m["families"].items():
