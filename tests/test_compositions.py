@@ -303,3 +303,24 @@ def test_cli_plans_and_runs_a_composition_by_name(tmp_path, capsys):
     assert rows["deepcache+tome"]["unit"] == "cycle of 3 denoiser calls"
     with pytest.raises(InvalidOptionError, match="option 'ratio' does not name a member"):
         plan_cases("text_to_image", "deepcache+tome", options={"ratio": 0.3})
+
+
+# --- the leaderboard's kind column and the published rows -------------------------------------------------------
+def test_kind_column_reads_the_results_or_the_registry():
+    from tokred.leaderboard.sections import method_kind
+
+    assert method_kind("baseline") == "—"
+    assert method_kind("tome", "cache") == "cache"  # what the results recorded wins
+    assert method_kind("deepcache+todo") == "composite" and method_kind("todo") == "downsample"  # older files
+    assert method_kind("not_installed") == "" and method_kind("deepcache+not_installed") == ""
+
+
+def test_published_deepcache_rows_as_published():
+    from tokred.leaderboard.generate import published_table
+
+    text = published_table()
+    assert "| method " in text and "| kind " in text
+    rows = [line for line in text.splitlines() if line.startswith("| DeepCache")]
+    assert len(rows) == 2 and all("| cache " in r for r in rows)
+    assert "2.3× with a CLIP Score decline of 0.05" in rows[0] and "arXiv 2312.00858" in rows[0]
+    assert "SD2.1 512²" in rows[1] and "(2.32×)" in rows[1] and "diffusers docs" in rows[1]

@@ -871,6 +871,10 @@ class TaskRun:
             notes=self.notes(case),
         )
         info.update(timings.monitor.info())
+        if not case.is_baseline:
+            from ..registry import get_method
+
+            info["method_kind"] = get_method(case.method).kind
         if tokens is not None:
             info["tokens"] = tokens
         # schema 3: what one timed call is, the workload kind, architecture and resolution (where they apply)
