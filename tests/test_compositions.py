@@ -324,3 +324,14 @@ def test_published_deepcache_rows_as_published():
     assert len(rows) == 2 and all("| cache " in r for r in rows)
     assert "2.3× with a CLIP Score decline of 0.05" in rows[0] and "arXiv 2312.00858" in rows[0]
     assert "SD2.1 512²" in rows[1] and "(2.32×)" in rows[1] and "diffusers docs" in rows[1]
+
+
+# --- the main job (the pytest plugin takes compositions too: tests/test_pytest_plugin.py) -----------------------
+def test_the_main_job_plans_the_declared_compositions():
+    from tokred.bench.harness import plan_sweeps
+
+    planned = {run.task: {(c.method, c.preset) for c in run.cases}
+               for run in plan_sweeps(["text_to_image", "vit_classification"], "embedded")}
+    assert {("deepcache+tome", "interval3+ratio0.5"), ("deepcache+todo", "interval3+factor2"),
+            ("deepcache", "interval3")} <= planned["text_to_image"]
+    assert not any(m.startswith("deepcache") for m, _ in planned["vit_classification"])
