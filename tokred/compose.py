@@ -151,13 +151,6 @@ class Composite(Method):
         super().__init__(options)
         self.parts: list[tuple[str, Method]] = [(cls.name, cls(options[cls.name])) for cls in self.members]
 
-    def member(self, name: str) -> Method:
-        """The member method instance called ``name``."""
-        for member_name, method in self.parts:
-            if member_name == name:
-                return method
-        raise KeyError(f"{self.name} has no member {name!r}; members: {', '.join(n for n, _ in self.parts)}")
-
     @classmethod
     def member_names(cls) -> list[str]:
         return [m.name for m in cls.members]
