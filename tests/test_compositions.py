@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from tokred.bench.harness import CaseSkipped, TaskRun, plan_cases
 from tokred.compose import Composite, CompositeOptions
 from tokred.errors import InvalidOptionError, UnknownMethodError, UnsupportedModelError
 from tokred.flops import count_flops
+from tokred.method import MethodState
 from tokred.registry import methods as method_registry
 
 TIMESTEPS = (900, 800, 700)  # one cycle of deepcache's default interval: a full call, then two reusing ones
@@ -335,3 +337,80 @@ def test_the_main_job_plans_the_declared_compositions():
     assert {("deepcache+tome", "interval3+ratio0.5"), ("deepcache+todo", "interval3+factor2"),
             ("deepcache", "interval3")} <= planned["text_to_image"]
     assert not any(m.startswith("deepcache") for m, _ in planned["vit_classification"])
+
+
+# --- a cache that wraps block forwards as diffusers' hooks do (first-block caching's way) ---------------------------
+class SkipEverySecondCall(MethodState):
+    """The test cache's state: each block's output of its last computed call."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+
+
+def register_hook_cache():
+    """A cache that installs with diffusers' ``HookRegistry`` (as the diffusers-hook caches do): it wraps whatever
+    forward a transformer block has at install time, and on even denoiser calls returns the block's previous
+    output without running it."""
+    from diffusers.hooks.hooks import HookRegistry, ModelHook
+
+    class HookCache(tokred.Method):
+        kind = "cache"
+        options = {"diffusers_unet": HookCacheOptions}
+        State = SkipEverySecondCall
+
+        def install(self, patch) -> None:
+            state, cache = patch.state, patch.method_state
+            for name, block in patch.adapter.blocks:
+                class Skip(ModelHook):
+                    def new_forward(self, module, *args, _name=name, **kwargs):
+                        if state.step % 2 == 0 and _name in cache.outputs:
+                            return cache.outputs[_name]
+                        cache.outputs[_name] = self.fn_ref.original_forward(*args, **kwargs)
+                        return cache.outputs[_name]
+
+                before = vars(block).get("forward")  # the token member's forward, installed first
+                registry = HookRegistry.check_if_exists_or_initialize(block)
+                registry.register_hook(Skip(), "hook_cache")
+
+                def undo(block=block, registry=registry, before=before):
+                    registry.remove_hook("hook_cache", recurse=False)
+                    if before is None:
+                        vars(block).pop("forward", None)
+                    vars(block).pop("_diffusers_hook", None)
+
+                patch.on_remove(undo)
+
+    return HookCache
+
+
+@dataclass
+class HookCacheOptions:
+    pass
+
+
+@pytest.fixture
+def hook_cache():
+    cls = register_hook_cache()
+    method_registry.register("hook_cache")(cls)
+    yield cls
+    method_registry._items.pop("hook_cache")
+
+
+def test_a_cache_that_wraps_forwards_wraps_the_token_methods(unet, hook_cache):
+    """Members install innermost first, so a cache that wraps the blocks' forwards (diffusers' hooks) wraps the
+    token method's: on its skipping calls the token method does not run, and remove() undoes both exactly."""
+    baseline = denoise(unet)
+    with tokred.apply(unet, "tome", seed=0) as patch:
+        alone = denoise(unet)
+        assert {c.calls for c in patch.token_counts().values()} == {3}
+    with tokred.apply(unet, "tome+hook_cache", seed=0) as patch:
+        assert patch.method.name == "hook_cache+tome"
+        both = denoise(unet)
+        assert {c.calls for c in patch.token_counts().values()} == {2}  # call 2 skipped every block
+        assert any(c.attn < c.tokens for c in patch.token_counts().values())  # calls 1 and 3 merged
+    assert both[0].equal(alone[0]) and not both[1].equal(alone[1])
+    assert equal(denoise(unet), baseline)
+    assert not any("forward" in vars(m) or "_diffusers_hook" in vars(m) for m in unet.modules())
