@@ -85,7 +85,7 @@ def second_cache():
     ("deepcache+tomee", "composition 'deepcache\\+tomee': unknown method 'tomee'; valid methods: .*tome"),
     ("deepcache+deepcache", "names deepcache twice"),
     ("deepcache+", "empty member name"),
-    ("deepcache+deepcache_twin", r"two caches \(deepcache, deepcache_twin\)"),
+    ("deepcache+deepcache_twin", r"2 caches \(deepcache, deepcache_twin\)"),
     ([], "names no method"),
 ])
 def test_bad_compositions_are_refused_with_the_reason(spec, message, second_cache):

@@ -240,8 +240,8 @@ def composite_method(spec: str | Sequence[str]) -> type[Method]:
     others = [c.name for c in classes if c.kind != CACHE]
     if len(caches) > 1:
         raise UnknownMethodError(
-            f"composition {label!r} has two caches ({', '.join(caches)}): each decides which blocks run on a call, so "
-            "they cannot share a model; compose one cache with one token-reduction method"
+            f"composition {label!r} has {len(caches)} caches ({', '.join(caches)}): each decides which blocks run on "
+            "a call, so they cannot share a model; compose one cache with one token-reduction method"
         )
     if len(others) > 1:
         raise UnknownMethodError(
