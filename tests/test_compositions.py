@@ -414,3 +414,35 @@ def test_a_cache_that_wraps_forwards_wraps_the_token_methods(unet, hook_cache):
     assert both[0].equal(alone[0]) and not both[1].equal(alone[1])
     assert equal(denoise(unet), baseline)
     assert not any("forward" in vars(m) or "_diffusers_hook" in vars(m) for m in unet.modules())
+
+
+# --- diffusers-hook caches with ToDo on SD3 (methods/diffusers_caches.py) --------------------------------------------
+@pytest.mark.parametrize("cache", ["first_block_cache", "pab"])
+def test_a_diffusers_hook_cache_with_todo_on_sd3(cache):
+    from test_diffusers_caches import OPTIONS, TIMESTEPS, count_runs, generate, module_state
+    from tiny_sd3 import tiny_sd3_transformer
+
+    model = tiny_sd3_transformer(num_layers=4)
+    names, _ = module_state(model)
+    base = generate(model)
+    with tokred.apply(model, "todo", downsample_factor=2):
+        todo_alone = generate(model)
+    with tokred.apply(model, cache, **OPTIONS[cache]):
+        cache_alone = generate(model)
+    options = {cache: OPTIONS[cache], "todo.downsample_factor": 2}
+    with tokred.apply(model, f"todo+{cache}", **options) as patch:
+        assert patch.method.name == f"{cache}+todo" and patch.method.cycle_calls() is None  # not periodic
+        counts, handles = count_runs(model)
+        both, again = generate(model), generate(model)
+        tokens = patch.token_counts()
+        for h in handles:
+            h.remove()
+    assert torch.equal(both, again) and torch.equal(both[0], todo_alone[0])  # the first call computes all, reduced
+    assert not any(torch.equal(both, other) for other in (todo_alone, cache_alone, base))
+    for t in tokens.values():  # one record per call: ToDo's keys/values where attention ran, 0 where it was reused
+        assert t.calls == 2 * len(TIMESTEPS) and t.kv == pytest.approx(t.attn / 4)
+    assert counts["to_q"] < 2 * len(TIMESTEPS) * len(model.transformer_blocks)  # the cache skipped some
+    assert torch.equal(generate(model), base) and module_state(model)[0] == names
+    if cache == "first_block_cache":
+        assert tokred.get_method(f"{cache}+todo").presets["diffusers_mmdit"] == {
+            "threshold0.05+factor2": {"first_block_cache.threshold": 0.05, "todo.downsample_factor": 2}}

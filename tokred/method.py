@@ -33,7 +33,9 @@ class Method:
 
     Subclasses set ``name`` (through :func:`tokred.register_method`), ``options`` (one options dataclass per
     supported model family; see :mod:`tokred.options`), optionally ``presets`` (named option sets per family,
-    used by the benchmarks) and ``State`` (a :class:`MethodState` subclass), and implement :meth:`install`.
+    used by the benchmarks: a ladder ordered from the mildest to the strongest, which the leaderboard joins in
+    that order and whose two ends the main job runs) and ``State`` (a :class:`MethodState` subclass), and
+    implement :meth:`install`.
 
     ``install`` receives a fresh :class:`~tokred.patch.Patch` whose adapter drives the model's blocks: the
     method hands the adapter a planner (``patch.adapter.install_blocks(patch, planner)``) that returns a
@@ -56,6 +58,8 @@ class Method:
     # A caveat benchmarks print for this method's rows on random weights, where what it reduces depends on
     # trained features (e.g. a similarity threshold); "" when random weights reduce as trained ones do.
     random_weights_caveat: ClassVar[str] = ""
+    # Why the method refuses a model family it has no options for (family -> reason), said in apply's error.
+    refusals: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options: Any) -> None:
         self.options = options
@@ -97,8 +101,11 @@ class Method:
 
     @classmethod
     def unsupported_reason(cls, family: str) -> str:
-        """Why this method does not apply to ``family`` models (a family without options)."""
-        return f"method {cls.name!r} does not support {family} models; it supports: {', '.join(cls.families())}"
+        """Why this method does not apply to ``family`` models (a family without options; ``refusals`` may say
+        why)."""
+        reason = cls.refusals.get(family)
+        return (f"method {cls.name!r} does not support {family} models" + (f" ({reason})" if reason else "")
+                + f"; it supports: {', '.join(cls.families())}")
 
     def option_values(self) -> dict[str, Any]:
         """The parsed options as keyword arguments for :func:`tokred.apply` (they give the same options again)."""
