@@ -258,6 +258,7 @@ def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_pro
 
 @register_method("ca_tome")
 class CAToMe(Method):
+    kind = "merge"
     summary = "Cached Adaptive ToMe: threshold merging, pairs reused between steps (arXiv 2501.00946)"
     options = {
         "timm_vit": CAToMeViTOptions,

@@ -300,6 +300,7 @@ def finest_merging_level(adapter: Any, names: set[str] | None) -> int:
 
 @register_method("tome")
 class ToMe(Method):
+    kind = "merge"
     summary = "Token Merging: bipartite soft matching (ViT, arXiv 2210.09461; SD, arXiv 2303.17604)"
     options = {
         "timm_vit": ToMeViTOptions,

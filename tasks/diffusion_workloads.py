@@ -17,6 +17,7 @@ Adding a denoiser family is a row in the architecture table; the workloads take 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -366,7 +367,14 @@ class DenoiserCall(TimedCall):
     latents and call count of a generation. :meth:`start` begins a generation and runs the method's warm-up
     calls untimed (CAT pruning's ``t0`` full calls); a generation that runs out of steps starts again in
     :meth:`advance`, with its warm-up, so no timed call is ever a warm-up call. The baseline's calls (the patch
-    paused) denoise the same step and do not advance it."""
+    paused) denoise the same step and do not advance it.
+
+    ``start(warmup, cycle=n)`` (a cache's cycle, :meth:`tokred.Method.cycle_calls`) makes each timed call a cycle
+    of ``n`` denoiser calls at the next ``n`` timesteps (``unit`` "cycle of n denoiser calls"), for the baseline
+    and the method alike; the calls of a cycle start from the latents at its start (stepping the sampler between
+    them would change the scheduler's state inside the baseline's timed calls), and :meth:`advance` steps the
+    sampler with their predictions in turn. A generation restarts where fewer than ``n`` steps are left, so every
+    cycle is ``n`` consecutive calls of one generation (DeepCache's: one full call and ``n - 1`` reusing ones)."""
 
     stateful = True
 
@@ -377,37 +385,44 @@ class DenoiserCall(TimedCall):
         self.guidance_scale, self.latent_size, self.torch_device = guidance_scale, latent_size, torch_device
         self.warmup_calls = 0
         self.run: A.DenoisingRun | None = None
-        self.last: torch.Tensor | None = None
+        self.last: list[torch.Tensor] = []  # the predictions of the latest timed call, for advance()
 
     @torch.no_grad()
     def _call(self) -> torch.Tensor:
         if self.run is None:
-            self.start(self.warmup_calls)
-        self.last = self.pipe.call(self.run)
+            self.start(self.warmup_calls, self.calls)
+        run = self.run if self.calls == 1 else dataclasses.replace(self.run)  # a cycle: its own index
+        self.last = []
+        for i in range(self.calls):
+            run.index += 1 if i else 0
+            self.last.append(self.pipe.call(run))
         synchronize(self.torch_device)
-        return self.last
+        return self.last[-1]
 
     @torch.no_grad()
-    def start(self, warmup_calls: int = 0) -> None:
-        if warmup_calls >= self.steps:
+    def start(self, warmup_calls: int = 0, cycle: int = 1) -> None:
+        if warmup_calls + cycle > self.steps:
+            what = "call" if cycle == 1 else f"cycle of {cycle} calls"
             raise ValueError(
-                f"a generation of {self.steps} steps has no call after the method's {warmup_calls} warm-up calls; "
+                f"a generation of {self.steps} steps has no {what} after the method's {warmup_calls} warm-up calls; "
                 "raise num_inference_steps"
             )
-        self.warmup_calls = warmup_calls
+        self.warmup_calls, self.calls = warmup_calls, cycle
+        self.unit = "denoiser call" if cycle == 1 else f"cycle of {cycle} denoiser calls"
         self.run = self.pipe.begin(self.seeds, self.steps, self.guidance_scale, self.latent_size)
         for _ in range(warmup_calls):
             self.pipe.step(self.run, self.pipe.call(self.run))
-        self.last = None
+        self.last = []
 
     @torch.no_grad()
     def advance(self) -> None:
-        if self.run is None or self.last is None:
+        if self.run is None or not self.last:
             return
-        self.pipe.step(self.run, self.last)
-        self.last = None
-        if self.run.done:
-            self.start(self.warmup_calls)
+        for prediction in self.last:
+            self.pipe.step(self.run, prediction)
+        self.last = []
+        if self.run.index + self.calls > len(self.run.timesteps):
+            self.start(self.warmup_calls, self.calls)
 
 
 class PretrainedPipeline(_ArchitectureWorkload):

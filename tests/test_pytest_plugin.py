@@ -28,6 +28,15 @@ def test_parametrized_over_registry_and_presets(bench_dir):
     assert not [i for i in ids if "cat_pruning" in i]
 
 
+def test_a_composition_is_collected_by_its_name(bench_dir):
+    """--tokred-methods takes a composition by name, in any order of its members (issue 17)."""
+    result = bench_dir.runpytest_inprocess("--collect-only", "-q", "--tokred-task=text_to_image",
+                                           "--tokred-methods=tome+deepcache,todo")
+    ids = [line.split("[", 1)[1].rstrip("]") for line in result.outlines if line.startswith("test_methods.py::")]
+    assert "text_to_image-deepcache+tome-interval3+ratio0.5" in ids and "text_to_image-todo-factor2" in ids
+    assert not [i for i in ids if "tome+deepcache" in i]
+
+
 def test_benchmark_json_and_extra_info(bench_dir):
     result = bench_dir.runpytest_inprocess(
         "--benchmark-only", "--benchmark-json=out.json", "--tokred-task=fake_vit", "--tokred-methods=fake_merge",

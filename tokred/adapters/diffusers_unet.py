@@ -118,6 +118,8 @@ class DiffusersUNetAdapter(Adapter):
         num_levels = len(getattr(unet, "down_blocks", ())) or 1
         self.blocks = [(n, m) for n, m in unet.named_modules() if has_class_named(m, "BasicTransformerBlock")]
         self.level: dict[str, int] = {name: block_level(name, num_levels) for name, _ in self.blocks}
+        # the blocks install_blocks runs through block_forward (which records their token counts itself)
+        self.planned: set[str] = set()
 
     @classmethod
     def match(cls, obj: Any) -> DiffusersUNetAdapter | None:
@@ -174,6 +176,7 @@ class DiffusersUNetAdapter(Adapter):
         for index, (name, block) in enumerate(self.blocks):
             if names is None or name in names:
                 patch.replace_forward(block, block_forward(patch, planner, name, index, self.level[name]))
+                self.planned.add(name)
 
     # --- deprecated (tokred 0.2's interface; removed in 0.4) --------------------------------------------------
     @staticmethod
@@ -273,7 +276,8 @@ class DiffusersUNetAdapter(Adapter):
         in and out, so that in-place consumers such as FreeU's scaling cannot change it) and the others' shapes.
 
         Token counts: every transformer block records its tokens when it runs, and 0 computed tokens in each
-        sublayer when a skipped module holds it.
+        sublayer when a skipped module holds it. A block that also runs a planner (:meth:`install_blocks`, the token
+        method of a composition) records what its planned forward computed instead, so no call is counted twice.
         """
         from torch.utils._pytree import tree_map_only
 
@@ -293,7 +297,8 @@ class DiffusersUNetAdapter(Adapter):
             def before_block(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
                 hidden_states = args[0] if args else kwargs["hidden_states"]
                 n = cache.block_tokens[name] = int(hidden_states.shape[1])
-                counter.record(name, n, n, n, n, n if block.attn2 is not None else None)
+                if name not in self.planned:  # a planned forward records its own (reduced) counts
+                    counter.record(name, n, n, n, n, n if block.attn2 is not None else None)
 
             return before_block
 

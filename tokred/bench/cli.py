@@ -74,7 +74,6 @@ def _fmt_value(value: Any) -> str:
 def listing(jsonable: bool = False) -> dict[str, Any]:
     """Methods (families, options with defaults and valid ranges, presets) and tasks, as plain data (JSON types
     only with ``jsonable``: tuples become lists)."""
-    from ..options import describe
     from ..registry import get_method, list_methods
     from .results import to_jsonable
     from .task import get_task, list_tasks
@@ -84,9 +83,11 @@ def listing(jsonable: bool = False) -> dict[str, Any]:
         cls = get_method(name)
         families = {}
         for family in cls.families():
-            spec = {"options": describe(cls.options[family]), "presets": (cls.presets or {}).get(family, {})}
+            spec = {"options": cls.describe_options(family), "presets": (cls.presets or {}).get(family, {})}
             families[family] = to_jsonable(spec) if jsonable else spec
-        methods.append({"name": name, "summary": cls.summary, "module": cls.__module__, "families": families})
+        members = [m.name for m in getattr(cls, "members", ())]
+        methods.append({"name": name, "kind": cls.kind, "summary": cls.summary, "module": cls.__module__,
+                        "families": families, **({"members": members} if members else {})})
     tasks = []
     for name in list_tasks():
         cls = get_task(name)
@@ -122,6 +123,9 @@ def print_listing(data: dict[str, Any]) -> None:
     print("METHODS")
     for m in data["methods"]:
         print(f"\n{m['name']}: {m['summary']}")
+        print(f"  kind {m['kind']}")
+        if m.get("members"):
+            print(f"  composition of {', '.join(m['members'])} (the cache outside; options as member.option)")
         for family, spec in m["families"].items():
             print(f"  family {family}")
             rows = [

@@ -276,7 +276,8 @@ def plan_cases(
     if chosen is None:
         chosen = supported
     else:
-        chosen = [m for m in chosen if m != BASELINE]
+        # a composition by its canonical name (tome+deepcache is deepcache+tome), each method once
+        chosen = list(dict.fromkeys(get_method(m).name for m in chosen if m != BASELINE))
         for name in chosen:
             cls = get_method(name)  # UnknownMethodError lists the valid methods
             if not method_presets(cls, family):
@@ -296,11 +297,8 @@ def plan_cases(
             raise SelectionError(
                 f"custom options need exactly one method (--methods NAME), got {len(chosen)}: {', '.join(chosen)}"
             )
-        from ..options import parse_options
-
-        method_cls = get_method(chosen[0])
         # checked here, before anything runs (model-dependent checks still happen at apply time)
-        parse_options(method_cls.options[family], options, context=f"{chosen[0]} ({family})")
+        get_method(chosen[0]).parse_options(family, options)
         return cases + [Case(task, chosen[0], CUSTOM_PRESET, dict(options))]
 
     wanted = parse_list(presets)
@@ -556,6 +554,27 @@ def token_counts(patch: Any) -> dict[str, dict[str, Any]] | None:
 def reset_token_counts(patch: Any) -> None:
     if patch is not None and hasattr(patch, "reset_token_counts"):
         patch.reset_token_counts()
+
+
+def start_sequence(workload: Any, method: Any, name: str) -> None:
+    """Begin a stateful workload's sequence for ``method``: its warm-up calls untimed, and, for a method whose calls
+    differ in a period (:meth:`tokred.Method.cycle_calls`, a cache), a whole cycle per timed call, the baseline's
+    alike. A method without a period, or a workload that cannot time cycles, is refused (CaseSkipped) with the
+    reason: no run of single calls would be a fair unit."""
+    warmup, cycle = int(method.warmup_calls()), method.cycle_calls()
+    if cycle is None:
+        raise CaseSkipped(
+            f"{name}: its denoiser calls are not periodic (it decides per generation or per call which calls reuse), "
+            f"so no run of single calls ({unit_of(workload)}) is a fair timed unit; time it by whole generations "
+            "(text_to_image: --set unit=generation)"
+        )
+    if cycle == 1:
+        workload.start(warmup)
+    elif "cycle" in inspect.signature(workload.start).parameters:
+        workload.start(warmup, cycle=int(cycle))
+    else:
+        raise CaseSkipped(f"{name}: its calls repeat in cycles of {cycle}, and this workload's timed call "
+                          f"({unit_of(workload)}) cannot time a cycle; time it by whole generations")
 
 
 def _ratio(a: Any, b: Any) -> float | None:
@@ -824,8 +843,12 @@ class TaskRun:
                 if stateful:
                     workload.advance()
 
-            if stateful:  # a fresh sequence, the method's warm-up calls run untimed
-                workload.start(int(holder["patch"].method.warmup_calls()))
+            if stateful:  # a fresh sequence, the method's warm-up calls run untimed; a cache's cycle is the unit
+                try:
+                    start_sequence(workload, holder["patch"].method, case.method)
+                except CaseSkipped:
+                    holder.pop("patch").remove()
+                    raise
 
             try:
                 quality = task.evaluate()
@@ -905,6 +928,10 @@ class TaskRun:
             notes=self.notes(case),
         )
         info.update(timings.monitor.info())
+        if not case.is_baseline:
+            from ..registry import get_method
+
+            info["method_kind"] = get_method(case.method).kind
         if tokens is not None:
             info["tokens"] = tokens
         # schema 3: what one timed call is, the workload kind, architecture and resolution (where they apply)

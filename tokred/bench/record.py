@@ -185,6 +185,8 @@ class CaseRecord:
     family: str | None = _field("str", "the task's model family")
     method: str = _field("str", "method name (\"baseline\" for the unreduced model)", required=True)
     preset: str = _field("str", "preset name (\"baseline\" for the unreduced model)", required=True)
+    method_kind: str | None = _field("str", "the method's kind (Method.kind: merge, prune, downsample, cache, "
+                                     "composite, other); absent for the baseline and in older files")
     options: dict[str, Any] = _field("dict", "the method options applied (JSON: tuples become lists)",
                                      required=True)
     options_repr: str | None = _field("str", "the method options applied, as Python")
