@@ -8,8 +8,14 @@ in pytest-benchmark's JSON layout (:mod:`tokred.bench.results`), with the ``extr
 Timing (:mod:`tokred.bench.timing`, :mod:`tokred.bench.stats`): each round times one baseline call (patch
 removed) and one method call (patch applied again), warm-up rounds first and dropped; the speedup is the median
 of the per-round ratios with a 95% bootstrap interval; rounds go on from 5 until that interval is within +-5% or
-the case's budget (``budget_s``) is spent. The baseline row times the baseline alone, by the same rule on its call
-times. ``--rounds N`` fixes the number of rounds.
+the case's budget (``budget_s``) is spent, but never before the timing floor, ``min_time_s`` seconds of the
+method's own timed calls. The baseline row times the baseline alone, by the same rule on its call times.
+``--rounds N`` fixes the number of rounds.
+
+Processes (:mod:`tokred.bench.workers`): with ``processes`` N > 1 (the workload profile's, ``--processes N``) the
+rounds are timed in N spawned worker processes, each with its own model, and the interval comes from the
+per-process results (:func:`tokred.bench.stats.process_speedup`); quality, FLOPs and memory are measured once,
+here. ``processes=1`` times in this process.
 
 Contention (:mod:`tokred.bench.contention`): the case runs at the task's thread count (``threads``), and the load
 average and the process's CPU time around the timed calls decide ``contended``.
@@ -61,6 +67,8 @@ TIMING_DEFAULTS: dict[str, Any] = {
     "budget_s": 60.0,
     "target_rel_half_width": stats_mod.TARGET_REL_HALF_WIDTH,
     "threads": None,
+    "min_time_s": stats_mod.MIN_TIME_S,  # the timing floor: seconds of the method's own timed calls
+    "processes": 1,  # worker processes the rounds are spread over (1: this process)
 }
 HARNESS_SETTINGS = tuple(TIMING_DEFAULTS)
 
@@ -453,6 +461,7 @@ def timing_settings(settings: dict[str, Any], rounds: int | None) -> TimingSetti
             budget_s=settings["budget_s"],
             target_rel_half_width=settings["target_rel_half_width"],
             rounds=rounds,
+            min_time_s=settings["min_time_s"],
         )
     except (TypeError, ValueError) as err:
         raise SelectionError(f"timing settings: {err}") from None
@@ -566,9 +575,16 @@ class TaskRun:
         **timing: Any,
     ) -> None:
         """``task_kwargs``: task constructor arguments and harness settings (:data:`HARNESS_SETTINGS`: ``threads``,
-        ``budget_s``, ``min_rounds``, ``max_rounds``, ``warmup_rounds``, ``target_rel_half_width``), as ``--set``
-        gives them; ``timing``: harness settings given in code. ``rounds`` fixes the number of timed rounds."""
+        ``budget_s``, ``min_rounds``, ``max_rounds``, ``warmup_rounds``, ``target_rel_half_width``,
+        ``min_time_s``, ``processes``), as ``--set`` gives them; ``timing``: harness settings given in code (over
+        the profile's; ``--set`` over both). ``rounds`` fixes the number of timed rounds."""
         from .task import get_task
+        from .workers import check_processes
+
+        # what a timing worker process builds its own run from (one process each: no pools of pools)
+        self._worker_spec = {"task": task, "size": size, "device": device, "dtype": dtype,
+                             "task_kwargs": {k: v for k, v in (task_kwargs or {}).items() if k != "processes"},
+                             "profile": profile, "rounds": rounds, "command": "-", **timing, "processes": 1}
 
         self.task_name = task
         self.task_cls = get_task(task)
@@ -600,6 +616,11 @@ class TaskRun:
                 check_threads(self.settings["threads"])
             except ValueError as err:
                 raise SelectionError(str(err)) from None
+        try:
+            self.processes = check_processes(self.settings["processes"])
+        except ValueError as err:
+            raise SelectionError(str(err)) from None
+        self._pool: Any = None
         self.fixed_rounds = rounds
         # what the runner reports; with adaptive rounds, the minimum
         self.rounds = rounds if rounds is not None else self.timing.min_rounds
@@ -643,9 +664,33 @@ class TaskRun:
         return self.task_cls.family_for(self.size, self.task_kwargs)
 
     def release(self) -> None:
-        """Drop the set-up task and its model (a sweep's next run builds its own)."""
+        """Drop the set-up task and its model (a sweep's next run builds its own), and end the timing workers."""
         self.task = None
         self._built = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def pool(self) -> Any:
+        """The timing workers (:class:`tokred.bench.workers.WorkerPool`, started on first use), or None with
+        ``processes=1``."""
+        if self.processes <= 1:
+            return None
+        if self._pool is None:
+            from .workers import WorkerPool
+
+            self._pool = WorkerPool(self._worker_spec, self.processes).start()
+        return self._pool
+
+    def setup_timing(self) -> TaskRun:
+        """Set up only what timing needs: the task's model and inputs (``task.setup()``), no reference outputs, no
+        quality, no baseline measurement. What a timing worker process does."""
+        if self.task is None:
+            task = self._built or self.build()
+            with torch_threads(self.threads):
+                task.setup()
+            self.task = task
+        return self
 
     def setup(self) -> TaskRun:
         """Build the task, record its reference and the baseline's quality and speed (GFLOPs, memory)."""
@@ -667,6 +712,7 @@ class TaskRun:
     def _setup(self) -> None:
         start = time.perf_counter()
         task = self._built or self.build()
+        self.pool()  # the workers build their models while this process records the reference
         with torch_threads(self.threads):
             task.setup()
             quality = task.record_reference()  # also warms the model up
@@ -752,6 +798,43 @@ class TaskRun:
 
         task = self.task
         workload = task.workload()
+        if case.is_baseline:
+            quality = Quality(self.baseline_quality, self.baseline_quality_ci, self.baseline_quality_n)
+            speed = self.baseline_speed
+        else:
+            try:
+                patch = tokred.apply(task.model, case.method, **case.options)
+            except UnsupportedModelError as err:
+                raise CaseSkipped(str(err)) from err
+            try:  # quality, FLOPs and memory once, here (not in each timing process)
+                quality = task.evaluate()
+                speed = self._measure_speed()
+            finally:
+                patch.remove()
+                tokred.remove(task.model)
+        pool = self.pool()
+        if pool is None:
+            timings, tokens = self.time_case(case, self.timing, threads)
+        else:
+            from .workers import time_replicated
+
+            timings, tokens = time_replicated(pool, case, self.timing, threads, self._on_cpu(),
+                                              paired=not case.is_baseline)
+        info = self._extra_info(case, timings, quality, speed, threads, tokens, unit_of(workload))
+        return CaseResult(case, timings.method_times, info, timings.warmup_rounds)
+
+    def time_case(self, case: Case, settings: TimingSettings,
+                  threads: int | None = None) -> tuple[Timings, dict[str, Any] | None]:
+        """Time ``case`` here (:func:`time_paired`: the baseline row alone, a method paired with the baseline);
+        the patch is applied for it and removed afterwards, whatever happens. Its timings and the token counts of
+        its latest method call."""
+        import tokred
+
+        if threads is None:
+            with torch_threads(self.threads) as threads:
+                return self.time_case(case, settings, threads)
+        task = self.task
+        workload = task.workload()
         stateful = getattr(workload, "stateful", False)
         monitor = Monitor(threads=threads, check_cpu=self._on_cpu())
         tokens: dict[str, Any] = {}
@@ -759,51 +842,44 @@ class TaskRun:
             tokred.remove(task.model)
             if stateful:
                 workload.start(0)
-            timings = time_paired(workload, self.timing, monitor)
-            quality = Quality(self.baseline_quality, self.baseline_quality_ci, self.baseline_quality_n)
-            speed = self.baseline_speed
-        else:
-            holder: dict[str, Any] = {}
-            try:
+            return time_paired(workload, settings, monitor), None
+        holder: dict[str, Any] = {}
+        try:
+            holder["patch"] = tokred.apply(task.model, case.method, **case.options)
+        except UnsupportedModelError as err:
+            raise CaseSkipped(str(err)) from err
+
+        def use_baseline() -> None:
+            if stateful:  # the method's state from its earlier calls must survive the baseline's call
+                holder["patch"].pause()
+            else:
+                holder.pop("patch").remove()
+
+        def use_method() -> None:
+            if stateful:
+                holder["patch"].resume()
+            else:
                 holder["patch"] = tokred.apply(task.model, case.method, **case.options)
-            except UnsupportedModelError as err:
-                raise CaseSkipped(str(err)) from err
 
-            def use_baseline() -> None:
-                if stateful:  # the method's state from its earlier calls must survive the baseline's call
-                    holder["patch"].pause()
-                else:
-                    holder.pop("patch").remove()
+        def after_method() -> None:  # the token counts of the latest method call
+            counts = token_counts(holder.get("patch"))
+            if counts is not None:
+                tokens["counts"] = counts
+            reset_token_counts(holder.get("patch"))
+            if stateful:
+                workload.advance()
 
-            def use_method() -> None:
-                if stateful:
-                    holder["patch"].resume()
-                else:
-                    holder["patch"] = tokred.apply(task.model, case.method, **case.options)
-
-            def after_method() -> None:  # the token counts of the latest method call
-                counts = token_counts(holder.get("patch"))
-                if counts is not None:
-                    tokens["counts"] = counts
-                reset_token_counts(holder.get("patch"))
-                if stateful:
-                    workload.advance()
-
+        try:
             if stateful:  # a fresh sequence, the method's warm-up calls run untimed
                 workload.start(int(holder["patch"].method.warmup_calls()))
-
-            try:
-                quality = task.evaluate()
-                timings = time_paired(workload, self.timing, monitor, baseline=workload, use_baseline=use_baseline,
-                                      use_method=use_method, after_method=after_method)
-                speed = self._measure_speed()
-            finally:
-                patch = holder.pop("patch", None)
-                if patch is not None:
-                    patch.remove()
-                tokred.remove(task.model)
-        info = self._extra_info(case, timings, quality, speed, threads, tokens.get("counts"), unit_of(workload))
-        return CaseResult(case, timings.method_times, info, timings.warmup_rounds)
+            timings = time_paired(workload, settings, monitor, baseline=workload, use_baseline=use_baseline,
+                                  use_method=use_method, after_method=after_method)
+        finally:
+            patch = holder.pop("patch", None)
+            if patch is not None:
+                patch.remove()
+            tokred.remove(task.model)
+        return timings, tokens.get("counts")
 
     def _extra_info(self, case: Case, timings: Timings, quality: Any, speed: dict[str, Any], threads: int,
                     tokens: dict[str, Any] | None, unit: str) -> dict[str, Any]:
@@ -837,6 +913,13 @@ class TaskRun:
             speedup_ci=[estimate.ci[0], estimate.ci[1]],
             round_ratios=list(estimate.ratios),
             rounds=timings.rounds,
+            processes=timings.processes,
+            process_speedups=list(estimate.process_medians) if timings.process_rounds else None,
+            process_rounds=list(timings.process_rounds) if timings.process_rounds else None,
+            process_latency_ms=([statistics.median(t) * 1000.0 for t in timings.split(times)]
+                                if timings.process_rounds else None),
+            method_time_s=timings.method_time_s,
+            min_time_s=self.timing.min_time_s,
             warmup_rounds=timings.warmup_rounds,
             threads=threads,
             num_threads=threads,
