@@ -478,6 +478,7 @@ def reproduce_command(
     task_kwargs: dict[str, Any] | None = None,
     profile: str = "default",
     rounds: int | None = None,
+    processes: int | None = None,
 ) -> str:
     """The ``tokred run`` command line that repeats a run."""
     parts = ["tokred", "run", "--task", task, "--size", size, "--device", str(device)]
@@ -495,6 +496,8 @@ def reproduce_command(
         parts.append("--quick")
     if rounds:
         parts += ["--rounds", str(rounds)]
+    if processes:
+        parts += ["--processes", str(processes)]
     return shlex.join(parts)
 
 
