@@ -17,7 +17,7 @@ from tokred.bench import stats
 from tokred.bench.contention import Monitor
 from tokred.bench.harness import SelectionError, TaskRun
 from tokred.bench.record import CaseRecord, ResultsError, migrate
-from tokred.bench.timing import TimingSettings, Timings, time_paired
+from tokred.bench.timing import Timings, TimingSettings, time_paired
 from tokred.bench.workers import WorkerError, WorkerPool, fixed_shares, next_pass, time_replicated
 
 pytest_plugins = ["pytester"]
