@@ -224,15 +224,26 @@ def test_record_fields_and_migration():
 # --- options --------------------------------------------------------------------------------------------------------
 
 
-def test_processes_setting_checks(capsys):
+def test_processes_setting_checks(capsys, monkeypatch):
     from tokred.bench.cli import main
 
+    monkeypatch.delenv("TOKRED_PROCESSES")
     with pytest.raises(SelectionError, match="processes must be an int >= 1"):
         TaskRun("vit_classification", processes=0)
     with pytest.raises(SelectionError, match="processes must be an int >= 1"):
         TaskRun("vit_classification", task_kwargs={"processes": 1.5})
     assert TaskRun("vit_classification", size="arch").processes == 3  # the profile's
     assert TaskRun("vit_classification", size="arch", profile="quick").processes == 1
+    monkeypatch.setenv("TOKRED_PROCESSES", "2")  # over the profile's, under what the run is given
+    assert TaskRun("vit_classification", size="arch").processes == 2
+    assert TaskRun("vit_classification", size="arch", task_kwargs={"processes": 4}).processes == 4
+    monkeypatch.setenv("TOKRED_PROCESSES", "many")
+    with pytest.raises(SelectionError, match="TOKRED_PROCESSES='many': expected a process count"):
+        TaskRun("vit_classification")
+    monkeypatch.setenv("TOKRED_PROCESSES", "0")
+    with pytest.raises(SelectionError, match="processes must be an int >= 1"):
+        TaskRun("vit_classification")
+    monkeypatch.delenv("TOKRED_PROCESSES")
     assert main(["run", "--task", "vit_classification", "--processes", "0", "--out", "/nonexistent/x.json"]) == 2
     err = capsys.readouterr().err
     assert "--processes must be an int >= 1" in err and "Traceback" not in err

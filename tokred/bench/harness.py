@@ -35,6 +35,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -71,6 +72,9 @@ TIMING_DEFAULTS: dict[str, Any] = {
     "processes": 1,  # worker processes the rounds are spread over (1: this process)
 }
 HARNESS_SETTINGS = tuple(TIMING_DEFAULTS)
+# The process count where neither the command line nor --set gives one, over the workload profile's: "1" keeps a
+# test suite or a CI smoke run in one process (a worker's start is a few seconds of imports and model build).
+PROCESSES_ENV = "TOKRED_PROCESSES"
 
 class SelectionError(TokredError, ValueError):
     """A task, method or preset selection that does not exist; the message lists the valid names."""
@@ -603,6 +607,12 @@ class TaskRun:
                 f"unknown timing settings: {', '.join(sorted(unknown))}; valid: {', '.join(HARNESS_SETTINGS)}"
             )
         user_harness = {k: v for k, v in self.user_kwargs.items() if k in HARNESS_SETTINGS}
+        env = os.environ.get(PROCESSES_ENV, "").strip()
+        if env and "processes" not in timing and "processes" not in user_harness:
+            try:
+                settings["processes"] = int(env)
+            except ValueError:
+                raise SelectionError(f"{PROCESSES_ENV}={env!r}: expected a process count, an int >= 1") from None
         settings.update(timing)
         settings.update(user_harness)
         kwargs = settings.pop("task")
@@ -801,24 +811,32 @@ class TaskRun:
 
         task = self.task
         workload = task.workload()
+        pool = self.pool()
         if case.is_baseline:
             quality = Quality(self.baseline_quality, self.baseline_quality_ci, self.baseline_quality_n)
             speed = self.baseline_speed
+            timings, tokens = self.time_case(case, self.timing, threads) if pool is None else (None, None)
         else:
+            holder: dict[str, Any] = {}
             try:
-                patch = tokred.apply(task.model, case.method, **case.options)
+                holder["patch"] = tokred.apply(task.model, case.method, **case.options)
             except UnsupportedModelError as err:
                 raise CaseSkipped(str(err)) from err
-            try:  # quality, FLOPs and memory once, here (not in each timing process)
+            try:
                 quality = task.evaluate()
+                if pool is None:
+                    timings, tokens = self._time_applied(case, holder, self.timing, threads, workload)
+                else:  # timed in the workers; FLOPs and memory here, from the method's steady state
+                    timings, tokens = None, None
+                    if getattr(workload, "stateful", False):
+                        workload.start(int(holder["patch"].method.warmup_calls()))
                 speed = self._measure_speed()
             finally:
-                patch.remove()
+                patch = holder.pop("patch", None)
+                if patch is not None:
+                    patch.remove()
                 tokred.remove(task.model)
-        pool = self.pool()
-        if pool is None:
-            timings, tokens = self.time_case(case, self.timing, threads)
-        else:
+        if pool is not None:  # quality, FLOPs and memory are measured once, here; the rounds in the workers
             from .workers import time_replicated
 
             timings, tokens = time_replicated(pool, case, self.timing, threads, self._on_cpu(),
@@ -828,9 +846,9 @@ class TaskRun:
 
     def time_case(self, case: Case, settings: TimingSettings,
                   threads: int | None = None) -> tuple[Timings, dict[str, Any] | None]:
-        """Time ``case`` here (:func:`time_paired`: the baseline row alone, a method paired with the baseline);
-        the patch is applied for it and removed afterwards, whatever happens. Its timings and the token counts of
-        its latest method call."""
+        """Time ``case`` here (:func:`time_paired`: the baseline row alone, a method paired with the baseline):
+        the patch is applied for it and removed afterwards, whatever happens (what a timing worker does for each
+        pass). Its timings and the token counts of its latest method call."""
         import tokred
 
         if threads is None:
@@ -838,19 +856,34 @@ class TaskRun:
                 return self.time_case(case, settings, threads)
         task = self.task
         workload = task.workload()
-        stateful = getattr(workload, "stateful", False)
-        monitor = Monitor(threads=threads, check_cpu=self._on_cpu())
-        tokens: dict[str, Any] = {}
         if case.is_baseline:
             tokred.remove(task.model)
-            if stateful:
+            if getattr(workload, "stateful", False):
                 workload.start(0)
-            return time_paired(workload, settings, monitor), None
+            return time_paired(workload, settings, Monitor(threads=threads, check_cpu=self._on_cpu())), None
         holder: dict[str, Any] = {}
         try:
             holder["patch"] = tokred.apply(task.model, case.method, **case.options)
         except UnsupportedModelError as err:
             raise CaseSkipped(str(err)) from err
+        try:
+            return self._time_applied(case, holder, settings, threads, workload)
+        finally:
+            patch = holder.pop("patch", None)
+            if patch is not None:
+                patch.remove()
+            tokred.remove(task.model)
+
+    def _time_applied(self, case: Case, holder: dict[str, Any], settings: TimingSettings, threads: int,
+                      workload: Any) -> tuple[Timings, dict[str, Any] | None]:
+        """Paired rounds of ``case``, whose patch ``holder["patch"]`` is applied (and may be replaced: the
+        caller removes ``holder["patch"]`` afterwards, whatever happens)."""
+        import tokred
+
+        task = self.task
+        stateful = getattr(workload, "stateful", False)
+        monitor = Monitor(threads=threads, check_cpu=self._on_cpu())
+        tokens: dict[str, Any] = {}
 
         def use_baseline() -> None:
             if stateful:  # the method's state from its earlier calls must survive the baseline's call
@@ -872,16 +905,10 @@ class TaskRun:
             if stateful:
                 workload.advance()
 
-        try:
-            if stateful:  # a fresh sequence, the method's warm-up calls run untimed
-                workload.start(int(holder["patch"].method.warmup_calls()))
-            timings = time_paired(workload, settings, monitor, baseline=workload, use_baseline=use_baseline,
-                                  use_method=use_method, after_method=after_method)
-        finally:
-            patch = holder.pop("patch", None)
-            if patch is not None:
-                patch.remove()
-            tokred.remove(task.model)
+        if stateful:  # a fresh sequence, the method's warm-up calls run untimed
+            workload.start(int(holder["patch"].method.warmup_calls()))
+        timings = time_paired(workload, settings, monitor, baseline=workload, use_baseline=use_baseline,
+                              use_method=use_method, after_method=after_method)
         return timings, tokens.get("counts")
 
     def _extra_info(self, case: Case, timings: Timings, quality: Any, speed: dict[str, Any], threads: int,
