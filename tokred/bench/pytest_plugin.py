@@ -284,6 +284,12 @@ def record_rounds(benchmark: Any, times: list[float]) -> None:
     benchmark._mode = "tokred paired rounds"  # marks the fixture as used (pytest-benchmark warns otherwise)
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """End the session's timing worker processes (``--tokred-processes``) with their runs."""
+    for run in session.config.stash.get(_RUNS_KEY, {}).values():
+        run.release()
+
+
 @pytest.fixture(scope="session")
 def tokred_runs(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Per-task harness runs of this session (each task set up once, its baseline measured once)."""
