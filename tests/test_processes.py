@@ -17,6 +17,7 @@ from tokred.bench import stats
 from tokred.bench.contention import Monitor
 from tokred.bench.harness import SelectionError, TaskRun
 from tokred.bench.record import CaseRecord, ResultsError, migrate
+from tokred.bench.runner import summary_line
 from tokred.bench.timing import Timings, TimingSettings, time_paired
 from tokred.bench.workers import WorkerError, WorkerPool, fixed_shares, next_pass, time_replicated
 
@@ -286,6 +287,8 @@ def test_workers_spawn_and_time_the_embedded_vit():
     assert extra["gflops"] < extra["baseline_gflops"] and "agreement" in extra["quality"]
     assert extra["tokens"] and extra["min_time_s"] == 0.0
     assert base.extra_info["processes"] == 2 and base.extra_info["speedup"] == 1.0
+    assert "process_speedups" not in base.extra_info and len(base.extra_info["process_latency_ms"]) == 2
+    assert "(2 processes)" in summary_line(extra)
     assert len(set(pids)) == 2 and run._pool is None
     CaseRecord.from_extra_info(extra)  # a valid record
 

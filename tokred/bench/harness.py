@@ -944,7 +944,7 @@ class TaskRun:
             round_ratios=list(estimate.ratios),
             rounds=timings.rounds,
             processes=timings.processes,
-            process_speedups=list(estimate.process_medians) if timings.process_rounds else None,
+            process_speedups=list(estimate.process_medians) if timings.process_rounds and timings.paired else None,
             process_rounds=list(timings.process_rounds) if timings.process_rounds else None,
             process_latency_ms=([statistics.median(t) * 1000.0 for t in timings.split(times)]
                                 if timings.process_rounds else None),
