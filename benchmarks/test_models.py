@@ -15,6 +15,11 @@ What "one call" is for each method (:func:`prepared`):
 FLOPs (deterministic; the same on any device; minutes per call on a small CPU at 1024²)::
 
     python benchmarks/test_models.py --arch sdxl sd3 --resolution 1024 [--dtype float32] [--json out.json]
+    python benchmarks/test_models.py --arch flux_dev --resolution 1024 --batch 1 --device meta   # 12B: shapes only
+
+On ``--device meta`` (nothing allocated) CA-ToMe is not counted (its merge count needs values) and CAT's pruned call
+is counted with its own block plans on a fixed selection (:func:`meta_cat_pruned_call_flops`). Flux.1 runs one
+branch per call (guidance embedded, no CFG): ``--batch 1`` is one image.
 
 Timing (pytest-benchmark; the baseline and the method alternate within each round)::
 
@@ -49,13 +54,18 @@ from tokred.tasks import architectures as A
 METHODS = ("tome", "ca_tome", "cat_pruning", "todo")
 OPTIONS: dict[str, dict[str, Any]] = {"cat_pruning": {"t0": 2}}  # a pruned call is call 3
 PRIMING_CALLS: dict[str, int] = {"cat_pruning": 2}
-FAMILY = {"UNet2DConditionModel": "diffusers_unet", "SD3Transformer2DModel": "diffusers_mmdit"}
+FAMILY = {"UNet2DConditionModel": "diffusers_unet", "SD3Transformer2DModel": "diffusers_mmdit",
+          "FluxTransformer2DModel": "diffusers_flux"}
+# On the meta device (no values; a model too large for memory, e.g. Flux.1's 12B parameters) methods whose choices
+# read the activations refuse to apply; CAT's pruned call is counted with a fixed selection instead (its FLOPs do
+# not depend on which tokens are selected), CA-ToMe's merge count cannot be known.
+META_SKIPPED = {"ca_tome": "its merge count is read from the activations (the meta device has no values)"}
 
 
 def methods_for(arch: A.Architecture) -> list[str]:
     """The methods of :data:`METHODS` that are registered and support this architecture's family."""
     registered = set(tokred.list_methods())
-    family = FAMILY[arch.model_class]
+    family = FAMILY.get(arch.model_class) or A.FAMILIES[arch.model_class]  # PixArt, DiT: diffusers_dit
     return [m for m in METHODS if m in registered and family in tokred.get_method(m).options]
 
 
@@ -101,8 +111,45 @@ def reduction_info(patch: tokred.Patch | None) -> dict[str, Any]:
     return info
 
 
+def meta_cat_pruned_call_flops(model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """GFLOPs of CAT's pruned call on a meta-device model: CAT's own block plans (:class:`CatPolicy`) with the
+    caches recorded by a full call and the selection fixed to the first ``int(alpha * N)`` tokens of each sample
+    (the k-means and the selection need values; the pruned call's FLOPs do not depend on which tokens it takes)."""
+    from tokred.adapters import resolve_adapter
+    from tokred.methods.cat_pruning import CatOptions, CatPolicy, CatState
+    from tokred.patch import Patch
+    from tokred.state import RunState
+
+    options = CatOptions(**OPTIONS["cat_pruning"])
+    adapter = resolve_adapter(model)
+    state = RunState(method=CatState())
+    patch = Patch(adapter, tokred.get_method("cat_pruning")(options), state)
+    try:
+        adapter.attach(patch)
+        policy = CatPolicy(options, state, True, getattr(adapter, "single_blocks", ()))
+        adapter.install_blocks(patch, policy.plan)
+        with torch.no_grad():
+            for _ in range(options.t0):  # calls 1..t0: call t0 records the caches
+                model(**inputs)
+        latent = inputs.get("hidden_states", inputs.get("sample"))
+        tokens = latent.shape[1] if latent.ndim == 3 else state.latent_size[0] * state.latent_size[1] // 4
+        batch = latent.shape[0]
+        st: CatState = state.method
+        st.shape, st.sel_step = (batch, tokens, 0), options.t0 + 1
+        st.sel = torch.arange(policy.budget(tokens), device=latent.device)[None].expand(batch, -1)
+        patch.reset_token_counts()
+        start = time.perf_counter()
+        flops = count_flops(lambda: model(**inputs))
+        return {"gflops": flops / 1e9, "count_seconds": time.perf_counter() - start, **reduction_info(patch),
+                "note": "meta device: CAT's pruned-call plans with a fixed selection of int(alpha * N) tokens"}
+    finally:
+        patch.remove()
+
+
 def count_call_flops(model: torch.nn.Module, inputs: dict[str, Any], method: str) -> dict[str, Any]:
     """GFLOPs of one call of ``method`` (see :func:`prepared`), with its token counts for that call."""
+    if next(model.parameters()).device.type == "meta" and method == "cat_pruning":
+        return meta_cat_pruned_call_flops(model, inputs)
     with prepared(model, inputs, method) as call:
         patch = tokred.get_patch(model)
         if patch is not None:
@@ -123,6 +170,9 @@ def flop_table(name: str, resolution: int, batch: int = 2, dtype: torch.dtype = 
     inputs = arch.inputs(resolution=resolution, batch=batch, device=device, dtype=dtype)
     rows: dict[str, Any] = {}
     for method in ["baseline", *(m for m in methods_for(arch) if methods is None or m in methods)]:
+        if device == "meta" and method in META_SKIPPED:
+            log(f"{name} {resolution}px batch {batch} {method}: not counted on the meta device: {META_SKIPPED[method]}")
+            continue
         rows[method] = count_call_flops(model, inputs, method)
         rows[method]["ratio"] = rows[method]["gflops"] / rows["baseline"]["gflops"]
         log(f"{name} {resolution}px batch {batch} {method}: {json.dumps(rows[method])}")

@@ -56,7 +56,11 @@ INTRO = (
     "time followed FLOPs; **efficiency**: measured speedup over FLOPs-ideal. s/image and throughput come from "
     "the median call; GFLOPs per image; peak memory of one call above the memory already allocated. Quality "
     "metrics carry their 95% interval (a bootstrap over images for FID, KID, CLIP score, PSNR and SSIM; Wilson "
-    "intervals for accuracies and agreement). ↑ higher is better, ↓ lower is better; — not reported (the "
+    "intervals for accuracies and agreement). Where a case was compared with the baseline on the same images "
+    "(results of schema 4), its quality cell also gives **Δ**, the difference from the baseline, with its 95% "
+    "paired interval: a bootstrap over images for per-image scores; for accuracies and agreement Bonett and "
+    "Price's adjusted Wald interval for paired proportions, in percentage points, held to McNemar's exact test "
+    "(it holds 0 where the test does not reject). ↑ higher is better, ↓ lower is better; — not reported (the "
     "baseline's fidelity to itself is not a measurement)."
 )
 MARKS = (
@@ -68,7 +72,9 @@ MARKS = (
     f"{CONTENDED_MARK}: the machine was busy while the row was timed; its speedup does not compete and "
     "the row carries no marks. GFLOPs and memory are exact counts (equal values tie); throughput and s/image "
     "are not ranked (the paired speedup is); values at a cap (PSNR of identical images) and values without "
-    "intervals (results files of schema 1) are not ranked."
+    "intervals (results files of schema 1) are not ranked. A quality column with Δ intervals is ranked on them: "
+    "a row's interval is the baseline's value plus its Δ interval and the baseline's value counts as exact, so a "
+    "row ties with the baseline exactly when its Δ interval holds 0."
 )
 
 
@@ -93,8 +99,14 @@ def _bound(value: float, key: str) -> str:
     return f"{value:.2f}" if key == "speedup" else fmt(value, key)
 
 
+def _signed(value: float) -> str:
+    text = fmt(abs(value))
+    return text if text.strip("0.,") == "" else ("−" if value < 0 else "+") + text
+
+
 def cell(row: Row, key: str) -> str:
-    """A row's value in column ``key``: point estimate, interval, cap and mark."""
+    """A row's value in column ``key``: point estimate, interval (a quality metric's own, over the images), the
+    paired difference from the baseline (Δ, where recorded), cap and mark."""
     value = row.values.get(key)
     if value is None:
         return "—"
@@ -102,9 +114,14 @@ def cell(row: Row, key: str) -> str:
     estimate = row.estimates.get(key)
     if row.capped(key):
         return f"{text} (cap)"
-    if estimate is not None and estimate.interval is not None and estimate.interval[0] != estimate.interval[1]:
-        low, high = estimate.interval
+    own = (row.record.quality_ci or {}).get(key) if key in row.record.quality else None
+    interval = tuple(own) if own is not None else (estimate.interval if estimate is not None else None)
+    if interval is not None and interval[0] != interval[1]:
+        low, high = interval
         text += f" [{_bound(low, key)}, {_bound(high, key)}]"
+    delta = (row.record.quality_delta or {}).get(key)
+    if delta is not None:
+        text += f" Δ {_signed(delta[0])} [{_signed(delta[1])}, {_signed(delta[2])}]"
     mark = row.marks.get(key)
     if mark == "bold":
         return f"**{text}**"
@@ -203,7 +220,8 @@ def section_notes(section: Section) -> list[str]:
     parts = []
     primary = section.primary_metric()
     if primary is not None:
-        parts.append(f"Primary quality metric (Pareto front): `{primary['name']}` ({primary['better']} is better).")
+        text = f"Primary quality metric (Pareto front): `{primary['name']}` ({primary['better']} is better)"
+        parts.append(f"{text}: {primary['note']}." if primary.get("note") else f"{text}.")
     elif not any(r.record.quality for r in section.rows):
         parts.append("Speed only: the real architecture with random weights (`--size arch`), so no quality "
                      "metrics and no Pareto front.")

@@ -14,7 +14,11 @@ Marks (see :mod:`tokred.leaderboard.ranking` for the definitions):
 * rows whose timing was contended (``contended: true``) never carry a mark, and their speedups do not compete;
   their quality, FLOPs and memory still do (contention does not change them), so a contended row can prevent
   another from being bold;
-* a value at a cap constant (:data:`CAPS`: PSNR of identical images) is shown but not ranked.
+* a value at a cap constant (:data:`CAPS`: PSNR of identical images) is shown but not ranked;
+* paired quality (results schema 4, ``quality_delta``): a metric that a case records as a difference from the
+  baseline on the same images is ranked on that paired interval: the row's interval is the baseline's value plus
+  the difference's interval, and the baseline's value is exact in that column, so a row is separated from the
+  baseline exactly when its paired interval excludes zero (rows of older files keep their marginal intervals).
 """
 
 from __future__ import annotations
@@ -126,7 +130,11 @@ class Section:
         ]  # fmt: skip
 
     def primary_metric(self) -> dict[str, Any] | None:
-        """The first quality metric the baseline reports (or, without a baseline row, any row)."""
+        """The first quality metric the task marks ``primary`` that a row reports; for results without such a
+        mark, the first quality metric the baseline reports (or, without a baseline row, any row)."""
+        flagged = [m for m in self.quality_metrics() if m.get("primary")]
+        if flagged:
+            return flagged[0]
         baseline = [r for r in self.rows if r.is_baseline]
         pool = baseline or self.rows
         return next((m for m in self.quality_metrics() if any(m["name"] in r.values for r in pool)), None)
@@ -166,6 +174,7 @@ def _row(record: CaseRecord, when: str, source: str) -> Row:
     values: dict[str, float] = {}
     estimates: dict[str, Estimate] = {}
     quality_ci = record.quality_ci or {}
+    deltas = record.quality_delta or {}
     for name, raw in record.quality.items():
         value = _number(raw)
         if value is None:
@@ -173,6 +182,9 @@ def _row(record: CaseRecord, when: str, source: str) -> Row:
         values[name] = value
         ci = quality_ci.get(name)
         estimates[name] = Estimate(value, (float(ci[0]), float(ci[1])) if ci else None)
+        if name in deltas:  # paired: the baseline's value (this value less the difference) plus the interval
+            delta, low, high = (float(v) for v in deltas[name])
+            estimates[name] = Estimate(value, (value - delta + low, value - delta + high))
     for key in ("speedup", "throughput_per_s", "s_per_image", "gflops", "peak_mem_mb", "flops_ideal_speedup",
                 "efficiency", "baseline_gflops"):
         value = _number(getattr(record, key))
@@ -222,6 +234,9 @@ def load_sections(paths: Sequence[str], sources: Sequence[str] | None = None,
                 if metric["name"] not in known:
                     sec.metrics.append(dict(metric))
                     known.add(metric["name"])
+                elif metric.get("primary"):  # a newer file names the primary axis that an older one did not
+                    sec.metric(metric["name"]).update(primary=True, **({"note": metric["note"]} if
+                                                                      metric.get("note") else {}))
             row = _row(record, when, source)
             identity = row.identity
             previous = index.get(identity)
@@ -239,6 +254,7 @@ def load_sections(paths: Sequence[str], sources: Sequence[str] | None = None,
     _distinguish(out)
     for sec in out:
         fill_derived(sec)
+        pair_baseline(sec)
         sec.rows.sort(key=lambda r: (not r.is_baseline, -r.values.get("speedup", 0.0), r.method, r.preset,
                                      r.identity[2]))
         mark(sec)
@@ -278,6 +294,21 @@ def fill_derived(section: Section) -> None:
                 row.values["flops_ideal_speedup"] = base / row.values["gflops"]
         if "efficiency" not in row.values and row.values.get("flops_ideal_speedup"):
             row.values["efficiency"] = row.values["speedup"] / row.values["flops_ideal_speedup"]
+
+
+def paired_metrics(section: Section) -> set[str]:
+    """The quality metrics that some row of the section records as a paired difference from the baseline."""
+    return {name for r in section.rows for name in (r.record.quality_delta or {})}
+
+
+def pair_baseline(section: Section) -> None:
+    """In a column ranked on paired intervals, the baseline's value is the reference the intervals are taken
+    against: exact (its own interval, over the images, stays in the table)."""
+    paired = paired_metrics(section)
+    for row in section.rows:
+        if row.is_baseline:
+            for name in paired & set(row.values):
+                row.estimates[name] = Estimate.exact(row.values[name])
 
 
 # --- marks -----------------------------------------------------------------------------------------------------

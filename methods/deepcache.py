@@ -143,7 +143,12 @@ def skipped(part: UNetPart, block_id: int, layer_id: int) -> bool:
 class DeepCache(Method):
     summary = "DeepCache: reuse the U-Net's deep features across steps, run only the shallow branch (arXiv 2312.00858)"
     options = {"diffusers_unet": DeepCacheOptions}
-    presets = {"diffusers_unet": {"interval3": {"cache_interval": 3, "cache_branch_id": 0}}}
+    # a ladder, mild to strong: a full step every 2, 3 or 5 denoiser calls
+    presets = {"diffusers_unet": {f"interval{k}": {"cache_interval": k, "cache_branch_id": 0} for k in (2, 3, 5)}}
+    refusals = {
+        "diffusers_dit": "U-Net only: it caches the deep features behind a U-Net's skip connections, which a DiT "
+        "does not have",
+    }
     State = DeepCacheState
 
     def warmup_calls(self) -> int:

@@ -28,6 +28,15 @@ Where we differ from the official code (github ethansmith2000/ImprovedTokenMerge
       official code would fail); ``area`` on sides the factor does not divide averages uneven windows.
     * SD3 (``diffusers_mmdit``), beyond the paper: the image stream's keys and values in joint attention (and in
       SD3.5's second image self-attention) come from the downsampled patch grid; the text tokens are untouched.
+    * PixArt-α/Σ and DiT-XL/2 (``diffusers_dit``), beyond the paper: self-attention's keys and values in every
+      block come from the downsampled patch grid (PixArt's cross-attention to the text is untouched). At 1024 px
+      PixArt-Σ's patch grid is 64 x 64, SD 1.5's top level at 512 px.
+    * Flux.1 (``diffusers_flux``), beyond the paper: the same in the dual- and single-stream blocks (the image rows
+      of the single-stream sequence). The keys carry rotary embeddings, and their tables (cos, sin) are
+      downsampled with the same method as the tokens: ``nearest-exact`` / ``nearest`` give each key the phase of
+      the token it was taken from; ``area``, ``bilinear``, ``bicubic`` interpolate the rotation factors as the
+      tokens are interpolated (a window's mean rotation: the centre phase, damped at high frequencies, as if the
+      rotated keys were averaged); ``max_pool`` uses ``area`` for the tables.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from tokred.options import int_at_least, number_in, one_of, option
 from tokred.reduction import FULL_BLOCK, BlockCall, BlockPlan, Grid, KeyValue
 
 DOWNSAMPLE_METHODS = ("nearest-exact", "nearest", "area", "bilinear", "bicubic", "max_pool")
+ROTARY_METHOD = {"max_pool": "area"}  # how Flux's rotary tables are downsampled where it is not the tokens' method
 
 
 def downsample(tokens: torch.Tensor, grid: Grid, factor: int, method: str) -> torch.Tensor:
@@ -92,21 +102,23 @@ class ToDoUNetOptions(ToDoOptions):
 @register_method("todo")
 class ToDo(Method):
     summary = "ToDo: token downsampling of self-attention keys/values for diffusion (arXiv 2402.13573)"
-    options = {"diffusers_unet": ToDoUNetOptions, "diffusers_mmdit": ToDoOptions}
+    options = {"diffusers_unet": ToDoUNetOptions, "diffusers_mmdit": ToDoOptions, "diffusers_flux": ToDoOptions}
+    options["diffusers_dit"] = ToDoOptions  # PixArt-α/Σ, DiT-XL/2: every block on the patch grid
     presets = {
         family: {
             "factor2": {"downsample_factor": 2},
             "factor2-area": {"downsample_factor": 2, "downsample_method": "area"},
             "factor3": {"downsample_factor": 3},
+            "factor4": {"downsample_factor": 4},
         }
-        for family in ("diffusers_unet", "diffusers_mmdit")
+        for family in ("diffusers_unet", "diffusers_mmdit", "diffusers_dit", "diffusers_flux")
     }
 
     def check(self, adapter) -> None:
         if isinstance(adapter, DiffusersUNetAdapter):
             self.blocks: set[str] | None = adapter.blocks_up_to(self.options.max_downsample)
         else:
-            self.blocks = None  # every joint block of an MMDiT
+            self.blocks = None  # every joint block of an MMDiT, every block of a PixArt / DiT
         adapter.require_kv_hooks(self.blocks, "todo")
 
     def install(self, patch) -> None:
@@ -120,7 +132,11 @@ class ToDo(Method):
             grid, t = call.grid, state.last_timestep
             if factor == 1 or grid is None or min(grid.h, grid.w) < factor or (t is not None and t / 1000 <= stop):
                 return FULL_BLOCK
-            kv = KeyValue(tokens=lambda tokens: downsample(tokens, grid, factor, method))
+            kv = KeyValue(
+                tokens=lambda tokens: downsample(tokens, grid, factor, method),
+                # Flux: the keys' rotary tables downsampled alike (a maximum of cos/sin is no rotation: area)
+                positions=lambda table: downsample(table, grid, factor, ROTARY_METHOD.get(method, method)),
+            )
             return BlockPlan(kv=kv, kv2=kv)  # kv2: SD3.5's second image self-attention
 
         return plan

@@ -43,6 +43,14 @@ Stable Diffusion 3 / 3.5 MMDiT (``diffusers_mmdit``): our extension
     serves both. ``merge_mlp`` (default False, as ToMe for SD) merges for the image feed-forward too.
     There is no ``max_downsample``: every MMDiT block runs on the same patch grid, so there are no levels
     to choose from. Skip-layer guidance's extra pass runs unmerged (the adapter marks it auxiliary).
+
+PixArt-α/Σ and DiT-XL/2 (``diffusers_dit``): our extension
+    ToMe for SD's design on the image tokens of every ``BasicTransformerBlock`` of the patch grid (see
+    :class:`DiTMergeLayout`): ``int(ratio * N)`` tokens merged from the block input with one destination per
+    ``sy x sx`` window (random unless ``use_rand=False``), before self-attention and unmerged after it; with
+    ``merge_crossattn`` PixArt's cross-attention runs on the merged image queries (the T5 text tokens are keys
+    and values only and never merged); ``merge_mlp`` for the feed-forward. ``merge_crossattn`` alone on DiT
+    (no cross-attention) is an error. No ``max_downsample``: one grid, no levels.
 """
 
 from __future__ import annotations
@@ -52,6 +60,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokred import Method, register_method
+from tokred.adapters.diffusers_dit import DiffusersDiTAdapter
+from tokred.adapters.diffusers_flux import DiffusersFluxAdapter
 from tokred.adapters.diffusers_mmdit import DiffusersMMDiTAdapter
 from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
 from tokred.adapters.timm_vit import TimmViTAdapter
@@ -152,11 +162,12 @@ def require_some_sublayer(opts: Any) -> None:
         )
 
 
-def require_cross_attention(adapter: DiffusersUNetAdapter, names: set[str], opts: Any, method: str) -> None:
-    """``merge_crossattn`` as the only merged sublayer needs blocks that have cross-attention."""
+def require_cross_attention(adapter: Any, names: set[str] | None, opts: Any, method: str) -> None:
+    """``merge_crossattn`` as the only merged sublayer needs blocks (of ``names``; None: all) that have
+    cross-attention."""
     if opts.merge_attn or opts.merge_mlp or not opts.merge_crossattn:
         return
-    if not any(block.attn2 is not None for name, block in adapter.blocks if name in names):
+    if not any(block.attn2 is not None for name, block in adapter.blocks if names is None or name in names):
         raise InvalidOptionError(
             f"{method}: merge_crossattn=True is the only merged sublayer, but none of the selected blocks has "
             "cross-attention, so nothing would be reduced; set merge_attn=True or merge_mlp=True"
@@ -184,7 +195,8 @@ class MMDiTMergeLayout:
         """The block plan that merges before (and unmerges after) the image sublayers these options select."""
         if merge is None:
             return FULL_BLOCK
-        sub = Sublayer(merge, merge.unmerge)
+        # positions: a merged token stands at its destination (Flux's rotary embeddings; ignored on SD3)
+        sub = Sublayer(merge, merge.unmerge, positions=merge.kept)
         attn = sub if self.merge_attn else KEEP
         return BlockPlan(attn=attn, attn2=attn, mlp=sub if self.merge_mlp else KEEP)
 
@@ -196,6 +208,42 @@ class ToMeMMDiTOptions(MMDiTMergeLayout):
         valid=RATIO_VALID,
         check=number_in(0.0, 1.0),
         doc="fraction of image tokens merged (text tokens never are); untested on trained SD3 weights",
+    )
+
+    def validate(self) -> None:
+        check_ratio(self.ratio, self.sx, self.sy)
+        require_some_sublayer(self)
+
+
+@dataclass
+class DiTMergeLayout(MMDiTMergeLayout):
+    """ToMe for SD's layout options on a DiT's image tokens (PixArt-α/Σ, DiT-XL/2: no levels, every block on the
+    patch grid): merged from the block input with one destination per ``sy x sx`` window, before self-attention
+    (``merge_attn``), cross-attention to the text (``merge_crossattn``, PixArt only: its image queries are
+    merged, the text keys/values never are) and the MLP (``merge_mlp``), as ToMe for SD's U-Net options."""
+
+    merge_crossattn: bool = option(
+        False, valid="bool", check=is_bool, doc="merge the image queries of cross-attention (PixArt; DiT has none)"
+    )
+
+    def plan(self, merge: GridMerge | None) -> BlockPlan:
+        if merge is None:
+            return FULL_BLOCK
+        sub = Sublayer(merge, merge.unmerge)
+        return BlockPlan(
+            attn=sub if self.merge_attn else KEEP,
+            cross=sub if self.merge_crossattn else KEEP,
+            mlp=sub if self.merge_mlp else KEEP,
+        )
+
+
+@dataclass
+class ToMeDiTOptions(DiTMergeLayout):
+    ratio: float = option(
+        0.5,
+        valid=RATIO_VALID,
+        check=number_in(0.0, 1.0),
+        doc="fraction of image tokens merged; untested on trained PixArt/DiT weights",
     )
 
     def validate(self) -> None:
@@ -253,12 +301,21 @@ def finest_merging_level(adapter: Any, names: set[str] | None) -> int:
 @register_method("tome")
 class ToMe(Method):
     summary = "Token Merging: bipartite soft matching (ViT, arXiv 2210.09461; SD, arXiv 2303.17604)"
-    options = {"timm_vit": ToMeViTOptions, "diffusers_unet": ToMeSDOptions, "diffusers_mmdit": ToMeMMDiTOptions}
+    options = {
+        "timm_vit": ToMeViTOptions,
+        "diffusers_unet": ToMeSDOptions,
+        "diffusers_mmdit": ToMeMMDiTOptions,
+        "diffusers_flux": ToMeMMDiTOptions,
+    }
+    options["diffusers_dit"] = ToMeDiTOptions  # PixArt-α/Σ, DiT-XL/2
     presets = {
         "timm_vit": {"r8": {"r": 8}, "r13": {"r": 13}, "r16-decreasing": {"r": (16, -1)}},
-        "diffusers_unet": {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}, "ratio0.6": {"ratio": 0.6}},
-        "diffusers_mmdit": {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}},
+        "diffusers_unet": {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}, "ratio0.6": {"ratio": 0.6},
+                           "ratio0.75": {"ratio": 0.75}},
+        "diffusers_mmdit": {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}, "ratio0.75": {"ratio": 0.75}},
+        "diffusers_flux": {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}, "ratio0.75": {"ratio": 0.75}},
     }
+    presets["diffusers_dit"] = {"ratio0.3": {"ratio": 0.3}, "ratio0.5": {"ratio": 0.5}, "ratio0.75": {"ratio": 0.75}}
 
     def check(self, adapter) -> None:
         if isinstance(adapter, TimmViTAdapter):
@@ -271,8 +328,11 @@ class ToMe(Method):
         elif isinstance(adapter, DiffusersUNetAdapter):
             self.merging_blocks = adapter.blocks_up_to(self.options.max_downsample)
             require_cross_attention(adapter, self.merging_blocks, self.options, "tome")
-        elif isinstance(adapter, DiffusersMMDiTAdapter):
-            self.merging_blocks = None  # every JointTransformerBlock: they all run on the same patch grid
+        elif isinstance(adapter, (DiffusersMMDiTAdapter, DiffusersFluxAdapter)):
+            self.merging_blocks = None  # every joint/Flux block: they all run on the same patch grid
+        elif isinstance(adapter, DiffusersDiTAdapter):
+            self.merging_blocks = None  # every block of a PixArt / DiT runs on the same patch grid
+            require_cross_attention(adapter, None, self.options, "tome")
         if not isinstance(adapter, TimmViTAdapter):
             self.finest_level = finest_merging_level(adapter, self.merging_blocks)
 

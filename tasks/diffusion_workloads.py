@@ -182,12 +182,17 @@ class EmbeddedDigits(DiffusionWorkload):
     note = EMBEDDED_NOTE
     settings = frozenset({"prompts"})
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
-        # About 0.6 s per image (20 DDIM steps, guidance, one thread). Per method: 60 evaluated images
-        # (6 per digit) for FID/KID/accuracy/PSNR with intervals, 1 warm-up + 5-12 paired rounds of a 2-image
-        # batch (2.4 s a round), one more batch for FLOPs and memory and one for the U-Net share.
+        # About 0.6 s per image (20 DDIM steps, guidance, one thread). Per method: 80 evaluated images
+        # (8 per digit) for FID/KID/accuracy/PSNR with intervals and the paired differences from the baseline,
+        # 1 warm-up + 5-12 paired rounds of a 2-image batch (2.4 s a round), one more batch for FLOPs and memory
+        # and one for the U-Net share. The count: what the main job's 15 minutes on 2 cores leave after timing,
+        # with the mildest and strongest preset of each of 5 methods (about 0.6 s for the baseline's image plus
+        # 10 x 0.5 s for the cases', 5.4 s an image index: 80 images are 430 s of the job). The evaluated images
+        # are generated 2 a call, as timed; `--set eval_batch_size=N` generates them N a call (cheaper per image
+        # if a call's fixed cost dominates: to be timed on a quiet machine before the profile takes it).
         # Rounds of about 2 s, 40-60 s per case, reproduced from machine to machine: one process, and a timing
         # floor of 5 s of method calls (the fastest presets stop at 5 rounds of 0.7 s otherwise).
-        "default": {"task": {"num_images": 60, "batch_size": 2}, "budget_s": 25.0, "max_rounds": 20,
+        "default": {"task": {"num_images": 80, "batch_size": 2}, "budget_s": 25.0, "max_rounds": 20,
                     "min_time_s": 5.0},
         "quick": {"task": {"num_images": 10, "batch_size": 2, "num_inference_steps": 10}, "budget_s": 4.0,
                   "max_rounds": 8},
@@ -352,7 +357,8 @@ class RandomInitDenoiser(_ArchitectureWorkload):
                             self.guidance_scale, self.latent_size, torch_device)
 
     def describe(self) -> dict[str, Any]:
-        denoiser_batch = self.batch_size * (2 if self.guidance_scale > 1.0 else 1)
+        cfg = self.guidance_scale > 1.0 and self.family != "diffusers_flux"  # Flux embeds its guidance
+        denoiser_batch = self.batch_size * (2 if cfg else 1)
         return {**super().describe(), "weights": "random init (speed only)",
                 "prompts": "random text embeddings of the text encoders' shapes", "latent_size": self.latent_size,
                 "denoiser_batch": denoiser_batch, "unet_batch": denoiser_batch, "unit": self.unit}
@@ -459,14 +465,18 @@ class PretrainedPipeline(_ArchitectureWorkload):
         pipe = pipe.to(torch_device)
         pipe.set_progress_bar_config(disable=True)
         self.model = pipe
-        if self.resolution is None:
-            self.resolution = int(denoiser.config.sample_size) * int(pipe.vae_scale_factor)
+        if self.resolution is None:  # Flux's transformer has no sample_size: the architecture's default
+            sample_size = getattr(denoiser.config, "sample_size", None)
+            self.resolution = (int(sample_size) * int(pipe.vae_scale_factor) if sample_size
+                               else self.arch.default_resolution)
         if self.resolution % int(pipe.vae_scale_factor) != 0:
             raise ValueError(f"resolution {self.resolution} must be a multiple of {pipe.vae_scale_factor}")
         self.prompts = self.given_prompts or imagenet_prompts()
         return pipe
 
     def generate(self, indices: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+        if self.arch.model_class == "DiTTransformer2DModel":  # class-conditional: the prompts name ImageNet classes
+            return self.generate_classes(indices, seeds)
         out = self.model(
             [self.prompt_for(i) for i in indices],
             num_inference_steps=self.num_inference_steps,
@@ -477,6 +487,22 @@ class PretrainedPipeline(_ArchitectureWorkload):
             output_type="pt",
         )
         return to_uint8(out.images, (0.0, 1.0))
+
+    def generate_classes(self, indices: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+        """DiT: image ``i`` of ImageNet class ``i % 1000`` (given prompts: class names of the pipeline's
+        ``id2label``, through ``DiTPipeline.get_label_ids``), at the model's own resolution."""
+        if self.given_prompts is None:
+            labels = [int(i) % 1000 for i in indices]
+        else:
+            labels = self.model.get_label_ids([self.prompt_for(i) for i in indices])
+        out = self.model(
+            class_labels=labels,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
+            output_type="np",
+        )
+        return to_uint8(torch.from_numpy(out.images).permute(0, 3, 1, 2), (0.0, 1.0))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "prompts": "ImageNet classes (tomesd FID protocol)"

@@ -35,11 +35,16 @@ def test_inputs_fit_the_model(name):
     with torch.no_grad():
         out = model(**inputs).sample
     latent = inputs["sample" if "sample" in inputs else "hidden_states"]
-    assert out.shape == latent.shape and latent.shape[-1] == 256 // 8
+    if arch.family == "diffusers_flux":  # 2x2-packed tokens of 4 x 16 channels
+        assert out.shape == latent.shape and latent.shape[-2:] == ((256 // 16) ** 2, 64)
+    else:
+        channels = int(model.config.out_channels or latent.shape[1])  # PixArt, DiT: noise and learned sigma
+        assert out.shape == (*latent.shape[:1], channels, *latent.shape[2:]) and latent.shape[-1] == 256 // 8
 
 
 def test_unknown_architecture_and_bad_resolution_are_named():
-    with pytest.raises(ValueError, match="valid: sd15, sd2, sdxl, sd3, sd35"):
+    with pytest.raises(ValueError, match="valid: sd15, sd2, sdxl, sd3, sd35, pixart_alpha, pixart_sigma, dit_xl2, "
+                                         "flux_dev, flux_schnell"):
         A.get_architecture("sd4")
     with pytest.raises(ValueError, match="multiple of the VAE's scale factor 8"):
         A.sdxl_unet_inputs(resolution=1000 + 1)

@@ -1,11 +1,14 @@
 """The coverage matrix: every built-in method on every model family, tested the way users call it.
 
 Each family is a tiny configuration of the real class (timm's own architectures with their variant flags;
-diffusers' ``UNet2DConditionModel`` and ``SD3Transformer2DModel`` in each model's layout). Each cell applies the
-method at its defaults (CAT pruning with ``t0=2``, see :data:`MATRIX_OPTIONS`) and is
+diffusers' ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``PixArtTransformer2DModel``,
+``DiTTransformer2DModel`` and ``FluxTransformer2DModel`` in each model's layout). Each cell applies the
+method at its defaults (CAT pruning with ``t0=2``, first-block cache and pyramid attention broadcast with options
+that make them cache in a three-call generation; see :data:`MATRIX_OPTIONS`) and is
 
 * **works** when all four hold: it runs; the same seed gives the same output; the per-block token counts
-  (``patch.token_counts()``) show fewer tokens than entered in some sublayer; ``remove()`` gives the baseline
+  (``patch.token_counts()``) show fewer tokens than entered in some sublayer (a cache: a block or attention it
+  skipped computed 0 tokens on that call); ``remove()`` gives the baseline
   output bit-exactly and leaves no patched forward behind;
 * **refused: <reason>** when ``tokred.apply`` raises a :class:`tokred.TokredError` (the reason is the error's
   first clause), leaves no patch and the output is the baseline's bit-exactly.
@@ -40,8 +43,14 @@ START, END = "<!-- coverage-matrix:start -->", "<!-- coverage-matrix:end -->"
 WRITE_ENV = "TOKRED_WRITE_COVERAGE"
 
 # Options the matrix passes on top of the defaults: CAT's default t0=8 computes 8 calls in full before it
-# prunes; the matrix's generations have 3 calls, so t0=2 makes the third one pruned.
-MATRIX_OPTIONS: dict[str, dict[str, Any]] = {"cat_pruning": {"t0": 2}}
+# prunes; the matrix's generations have 3 calls, so t0=2 makes the third one pruned. The caches: on these random
+# weights the first block's residual changes by 0.3 to 0.5 between calls (trained models: far less), and the
+# broadcast's default window (100, 800) holds only the third call, which its skip range 2 computes.
+MATRIX_OPTIONS: dict[str, dict[str, Any]] = {
+    "cat_pruning": {"t0": 2},
+    "first_block_cache": {"threshold": 0.5},
+    "pab": {"spatial_attention_timestep_skip_range": (0, 1000)},
+}
 TIMESTEPS = (900, 800, 700)  # one short generation: the timestep rising again starts the next one
 
 
@@ -120,6 +129,44 @@ def mmdit_family(name: str, config: str, builder: str) -> Family:
     return Family("MMDiT", name, config, build, run)
 
 
+def dit_family(name: str, config: str, model: str) -> Family:
+    """PixArt-α / PixArt-Σ (``PixArtTransformer2DModel``, cross-attention to caption tokens) and DiT
+    (``DiTTransformer2DModel``, class labels), 16x16 latents on a patch-2 grid."""
+
+    def build() -> torch.nn.Module:
+        import tiny_dit
+
+        return tiny_dit.tiny_dit_transformer() if model == "dit" else tiny_dit.tiny_pixart_transformer(
+            alpha=model == "alpha"
+        )
+
+    def run(model_: torch.nn.Module) -> torch.Tensor:
+        import tiny_dit
+
+        g = torch.Generator().manual_seed(0)
+        sample = smooth_latents(2, 4, 16, g)
+        if model == "dit":
+            return torch.stack(tiny_dit.dit_denoise(model_, sample, torch.tensor([1, 1000]), TIMESTEPS))
+        text = torch.randn(2, 6, tiny_dit.TEXT_WIDTH, generator=g)
+        return torch.stack(tiny_dit.pixart_denoise(model_, sample, text, TIMESTEPS))
+
+    return Family("DiT", name, config, build, run)
+
+
+def flux_family(name: str, config: str, guidance_embeds: bool) -> Family:
+    def build() -> torch.nn.Module:
+        from tiny_flux import tiny_flux_transformer
+
+        return tiny_flux_transformer(guidance_embeds=guidance_embeds)
+
+    def run(model: torch.nn.Module) -> torch.Tensor:
+        from tiny_flux import flux_denoise
+
+        return torch.stack(flux_denoise(model, timesteps=tuple(t / 1000 for t in TIMESTEPS)))
+
+    return Family("Flux", name, config, build, run)
+
+
 FAMILIES: list[Family] = [
     vit_family("plain", "vit_small_patch16_224"),
     vit_family("LayerScale (DeiT-3)", "deit3_small_patch16_224"),
@@ -134,6 +181,11 @@ FAMILIES: list[Family] = [
     unet_family("SDXL", "SDXL layout: text_time, 1/1/2 layers", "tiny_sdxl_unet", latent=16, text_width=64, sdxl=True),
     mmdit_family("SD3", "SD3 MMDiT", "tiny_sd3_transformer"),
     mmdit_family("SD3.5", "SD3.5: dual attention, qk rms-norm", "tiny_sd35_transformer"),
+    dit_family("PixArt-α", "PixArt-α: ada_norm_single, T5 cross-attention, size conditions", "alpha"),
+    dit_family("PixArt-Σ", "PixArt-Σ: ada_norm_single, T5 cross-attention", "sigma"),
+    dit_family("DiT-XL/2", "DiT: ada_norm_zero, class labels", "dit"),
+    flux_family("Flux.1-dev", "Flux.1: dual + single-stream blocks, RoPE, guidance embedding", True),
+    flux_family("Flux.1-schnell", "Flux.1: dual + single-stream blocks, RoPE, no guidance embedding", False),
 ]
 
 
@@ -331,15 +383,19 @@ ZERO_STRENGTH = {
     "cat_pruning": {"t0": 2, "alpha": 1.0},
     "todo": {"downsample_factor": 1},
     "deepcache": {"cache_interval": 1},
+    "pab": {"spatial_attention_block_skip_range": 1, "spatial_attention_timestep_skip_range": (0, 1000)},
 }
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f.group != "timm ViT"], ids=lambda f: f.name)
 def test_zero_strength_options_are_accepted_and_exact(family):
+    from tokred.adapters import resolve_adapter
+
     model, baseline = model_and_baseline(family)
+    adapter_family = resolve_adapter(model).family
     for method in builtin_methods():
         options = ZERO_STRENGTH.get(method)
-        if options is None or family.group == "MMDiT" and "diffusers_mmdit" not in tokred.get_method(method).options:
+        if options is None or adapter_family not in tokred.get_method(method).options:
             continue
         with tokred.apply(model, method, **options):
             torch.manual_seed(0)

@@ -221,7 +221,7 @@ def test_options_are_checked_at_apply():
         with pytest.raises(InvalidOptionError, match=message):
             tokred.apply(unet, "deepcache", **bad)
     assert tokred.get_method("deepcache").presets == {
-        "diffusers_unet": {"interval3": {"cache_interval": 3, "cache_branch_id": 0}}
+        "diffusers_unet": {f"interval{k}": {"cache_interval": k, "cache_branch_id": 0} for k in (2, 3, 5)}
     }
     assert tokred.get_method("deepcache")(None).warmup_calls() == 0
 

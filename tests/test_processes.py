@@ -205,9 +205,9 @@ def a_row() -> dict:
 
 def test_record_fields_and_migration():
     old = a_row()
-    assert old["tokred"] < 4 and "processes" not in old
+    assert old["tokred"] < 5 and "processes" not in old
     assert migrate(old)["processes"] == 1 and CaseRecord.from_extra_info(old).processes == 1
-    new = dict(old, tokred=4, unit="batch", workload="embedded", architecture=None, resolution=None, processes=3,
+    new = dict(old, tokred=5, unit="batch", workload="embedded", architecture=None, resolution=None, processes=3,
                rounds=6, round_ratios=[1.2] * 6, process_speedups=[1.2, 1.25, 1.18], process_rounds=[2, 2, 2],
                process_latency_ms=[50.0, 51.0, 49.0], method_time_s=0.3, min_time_s=6.0)
     record = CaseRecord.from_extra_info(new)

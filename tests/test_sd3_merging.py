@@ -14,7 +14,12 @@ from tokred.merge import grid_destinations, grid_matching
 
 TIMESTEPS = (900, 800, 700)
 TEXT_TOKENS = 8
-SD3_METHODS = [m for m in tokred.list_methods() if "diffusers_mmdit" in tokred.get_method(m).options]
+# The token-reduction methods (the caches, kind "cache", skip whole blocks: tests/test_diffusers_caches.py)
+SD3_METHODS = [
+    m
+    for m in tokred.list_methods()
+    if "diffusers_mmdit" in tokred.get_method(m).options and getattr(tokred.get_method(m), "kind", "") != "cache"
+]
 
 
 def sd3_calls(model, latent=(16, 16), batch=2, steps=TIMESTEPS, seed=0, rows=None):

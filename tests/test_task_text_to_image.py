@@ -400,7 +400,7 @@ def test_arch_sdxl_has_its_conditioning_and_default_level():
 
 def test_arch_settings_are_checked():
     task = get_task("text_to_image")
-    with pytest.raises(ValueError, match="unknown architecture 'sd4'; valid: sd15, sd2, sdxl, sd3, sd35"):
+    with pytest.raises(ValueError, match="unknown architecture 'sd4'; valid: sd15, sd2, sdxl, sd3, sd35, "):
         task(size="arch", architecture="sd4")
     with pytest.raises(ValueError, match="architecture= applies to size='arch' or 'full'"):
         task(size="embedded", architecture="sdxl")

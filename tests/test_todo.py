@@ -303,4 +303,4 @@ def test_listed_and_planned_for_text_to_image(capsys):
     listing = capsys.readouterr().out.split("\ntodo: ")[1].split("\n\n")[0]
     assert "downsample_factor" in listing and "nearest-exact" in listing and "factor2-area" in listing
     planned = {c.preset for c in plan_cases("text_to_image", "todo")}
-    assert planned == {"baseline", "factor2", "factor2-area", "factor3"}
+    assert planned == {"baseline", "factor2", "factor2-area", "factor3", "factor4"}

@@ -32,13 +32,34 @@ TINY = {
     "sd35": dict(sample_size=16, num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
                  caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=16,
                  dual_attention_layers=(0,)),
+    "flux_dev": dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                     joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)),
+    "flux_schnell": dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                         joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)),
 }
-RESOLUTION = {"sd15": 128, "sd2": 128, "sdxl": 256, "sd3": 128, "sd35": 128}
+TINY_PIXART = dict(sample_size=8, num_layers=2, attention_head_dim=12, num_attention_heads=2, cross_attention_dim=24,
+                   caption_channels=32)
+TINY.update({
+    "pixart_alpha": TINY_PIXART,
+    "pixart_sigma": TINY_PIXART,
+    "dit_xl2": dict(sample_size=8, num_layers=2, attention_head_dim=8, num_attention_heads=2),
+})
+RESOLUTION = {"sd15": 128, "sd2": 128, "sdxl": 256, "sd3": 128, "sd35": 128, "pixart_alpha": 64, "pixart_sigma": 64,
+              "dit_xl2": 64, "flux_dev": 128, "flux_schnell": 128}
+
+
+def latent_shape(name: str, side: int) -> tuple[int, ...]:
+    """The trailing shape of a latent (or noise prediction) ``side`` wide: a map, or Flux's 2x2-packed tokens."""
+    if A.ARCHITECTURES[name].family == "diffusers_flux":
+        return ((side // 2) ** 2, 64)
+    return (side, side)
 
 
 def test_the_table_has_every_denoiser_family():
-    assert list(A.ARCHITECTURES) == ["sd15", "sd2", "sdxl", "sd3", "sd35"]
-    assert {a.family for a in A.ARCHITECTURES.values()} == {"diffusers_unet", "diffusers_mmdit"}
+    assert list(A.ARCHITECTURES) == ["sd15", "sd2", "sdxl", "sd3", "sd35", "pixart_alpha", "pixart_sigma", "dit_xl2",
+                                     "flux_dev", "flux_schnell"]
+    assert {a.family for a in A.ARCHITECTURES.values()} == {"diffusers_unet", "diffusers_mmdit", "diffusers_dit",
+                                                           "diffusers_flux"}
     assert set(WORKLOADS) == {"embedded", "arch", "full"}
     assert A.ARCHITECTURES["sd3"].pipeline_class == "StableDiffusion3Pipeline"
 
@@ -57,13 +78,15 @@ def test_arch_workload_builds_and_runs_one_denoiser_call(name):
     call.start(0)
     eps = call()
     side = RESOLUTION[name] // 8
-    assert eps.shape[-2:] == (side, side) and torch.isfinite(eps).all()
+    assert eps.shape[-2:] == latent_shape(name, side) and torch.isfinite(eps).all()
     call.advance()
     assert call.run.index == 1
     info = task.describe()
-    assert info["architecture"] == name and info["denoiser_batch"] == 2  # one image, both CFG branches
+    # one image, both CFG branches; Flux embeds its guidance (dev) or has none (schnell): one branch
+    branches = 1 if A.ARCHITECTURES[name].family == "diffusers_flux" else 2
+    assert info["architecture"] == name and info["denoiser_batch"] == branches
     latents = task.generate([0])
-    assert latents.shape[-1] == side and torch.isfinite(latents).all()
+    assert latents.shape[-2:] == latent_shape(name, side) and torch.isfinite(latents).all()
 
 
 def test_foreign_settings_name_the_workload_that_takes_them():

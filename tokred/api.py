@@ -31,9 +31,11 @@ def apply(model: Any, method: str, *, seed: int | None = None, **options: Any) -
         raise InvalidOptionError(f"{method_cls.name}: seed={seed!r} is invalid; valid: {SEED_RANGE}")
     adapter = resolve_adapter(model)
     if adapter.family not in method_cls.options:
+        reason = method_cls.refusals.get(adapter.family)
         raise UnsupportedModelError(
-            f"method {method_cls.name!r} does not support {adapter.family} models; "
-            f"it supports: {', '.join(method_cls.families())}"
+            f"method {method_cls.name!r} does not support {adapter.family} models"
+            + (f" ({reason})" if reason else "")
+            + f"; it supports: {', '.join(method_cls.families())}"
         )
     parsed = parse_options(method_cls.options[adapter.family], options, context=f"{method_cls.name} ({adapter.family})")
     instance = method_cls(parsed)

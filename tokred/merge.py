@@ -251,6 +251,14 @@ class GridMerge(BipartiteMerge):
         dst = x.gather(dim=1, index=self.b_idx.expand(n, -1, c))
         return src, dst
 
+    def kept(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, N, C] at the tokens the merge keeps, in the merged order, without averaging: each merged
+        token takes its destination's row (for per-token positions, e.g. rotary embeddings)."""
+        src, dst = self.split(x)
+        n, _, c = src.shape
+        unm = src.gather(dim=1, index=self.unm_idx.expand(n, -1, c))
+        return self.join(unm, dst)
+
     def unmerge(self, x: torch.Tensor) -> torch.Tensor:
         """Give each of the original N tokens the value of the token it was merged into."""
         unm_len = self.unm_idx.shape[1]

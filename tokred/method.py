@@ -30,7 +30,9 @@ class Method:
 
     Subclasses set ``name`` (through :func:`tokred.register_method`), ``options`` (one options dataclass per
     supported model family; see :mod:`tokred.options`), optionally ``presets`` (named option sets per family,
-    used by the benchmarks) and ``State`` (a :class:`MethodState` subclass), and implement :meth:`install`.
+    used by the benchmarks: a ladder ordered from the mildest to the strongest, which the leaderboard joins in
+    that order and whose two ends the main job runs) and ``State`` (a :class:`MethodState` subclass), and
+    implement :meth:`install`.
 
     ``install`` receives a fresh :class:`~tokred.patch.Patch` whose adapter drives the model's blocks: the
     method hands the adapter a planner (``patch.adapter.install_blocks(patch, planner)``) that returns a
@@ -46,6 +48,8 @@ class Method:
     # A caveat benchmarks print for this method's rows on random weights, where what it reduces depends on
     # trained features (e.g. a similarity threshold); "" when random weights reduce as trained ones do.
     random_weights_caveat: ClassVar[str] = ""
+    # Why the method refuses a model family it has no options for (family -> reason), said in apply's error.
+    refusals: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options: Any) -> None:
         self.options = options

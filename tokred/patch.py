@@ -100,12 +100,14 @@ class _HookChange:
 @dataclasses.dataclass
 class _Callback:
     fn: Callable[[], None]
+    on_copy: Callable[[dict[int, Any]], None] | None = None
 
     def undo(self) -> None:
         self.fn()
 
     def undo_on_copy(self, memo: dict[int, Any]) -> None:
-        pass
+        if self.on_copy is not None:
+            self.on_copy(memo)
 
 
 class Patch:
@@ -199,9 +201,10 @@ class Patch:
         :meth:`register_forward_pre_hook` / :meth:`register_forward_hook`)."""
         self._changes.append(_Callback(handle.remove))
 
-    def on_remove(self, fn: Callable[[], None]) -> None:
-        """Call ``fn()`` when the patch is removed."""
-        self._changes.append(_Callback(fn))
+    def on_remove(self, fn: Callable[[], None], on_copy: Callable[[dict[int, Any]], None] | None = None) -> None:
+        """Call ``fn()`` when the patch is removed; ``on_copy(memo)``, if given, does the same on a deep copy of
+        the patched model (``memo`` maps ``id`` of an original object to its copy)."""
+        self._changes.append(_Callback(fn, on_copy))
 
     def _guard(self, module: Any, hook: Callable[..., Any]) -> Callable[..., Any]:
         patch = self
@@ -271,8 +274,9 @@ class Patch:
 
     def copy_into(self, clone_root: Any, memo: dict[int, Any]) -> None:
         """On ``clone_root``, a deep copy of the patched model made with ``memo``, take back every change this
-        patch made, so the copy is the unpatched model."""
-        for change in self._changes:
+        patch made, so the copy is the unpatched model (newest first, as :meth:`remove`: an attribute changed twice,
+        e.g. a forward wrapped in another, gets its first previous value back)."""
+        for change in reversed(self._changes):
             change.undo_on_copy(memo)
 
     def option_values(self) -> dict[str, Any]:

@@ -45,6 +45,10 @@ class Sublayer:
 
     reduce: Tokens = identity
     restore: Tokens = identity
+    # Per-token positional data (Flux's rotary tables [B, N, D]) -> that of reduce's output tokens [B, n, D]: for
+    # each reduced token, the position it stands at. Adapters of models with rotary embeddings need it whenever
+    # ``reduce`` is not the identity; others ignore it.
+    positions: Tokens | None = None
 
     @property
     def is_identity(self) -> bool:
@@ -67,6 +71,9 @@ class KeyValue:
     tokens: Tokens | None = None
     keys: Tokens | None = None
     values: Tokens | None = None
+    # Rotary models (Flux): the per-token positional data [B, N, D] -> that of the keys attention uses. None: the
+    # queries' positions when keys come from the same tokens, every token's when ``keys`` returns all N of them.
+    positions: Tokens | None = None
 
     @property
     def is_identity(self) -> bool:
@@ -185,7 +192,10 @@ def record_output(cache: RowCache) -> Sublayer:
 
 def recompute_rows(index: torch.Tensor, cache: RowCache) -> Sublayer:
     """The sublayer runs on rows ``index`` only; the other rows take their cached output."""
-    return Sublayer(lambda x: gather_rows(x, index), lambda y: cache.update(index, y))
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return gather_rows(x, index)
+
+    return Sublayer(rows, lambda y: cache.update(index, y), positions=rows)
 
 
 # --- applying a KeyValue to a diffusers Attention ---------------------------------------------------------------

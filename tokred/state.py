@@ -105,7 +105,7 @@ def _as_float(timestep: Any) -> float | None:
     if timestep is None:
         return None
     if isinstance(timestep, torch.Tensor):
-        if timestep.numel() == 0:
+        if timestep.numel() == 0 or timestep.device.type == "meta":  # meta: shapes only, no value to read
             return None
         return float(timestep.detach().max().item())
     try:

@@ -34,6 +34,7 @@ class TokenCounter:
 
     def __init__(self) -> None:
         self._sums: dict[str, list[float]] = {}  # name -> [calls, tokens, attn, kv, mlp, cross, cross_calls]
+        self._last: dict[str, tuple[int, int, int, int]] = {}  # name -> the last call's (tokens, attn, kv, mlp)
 
     def record(self, name: str, tokens: int, attn: int, kv: int, mlp: int, cross: int | None = None) -> None:
         row = self._sums.get(name)
@@ -44,12 +45,33 @@ class TokenCounter:
         row[2] += attn
         row[3] += kv
         row[4] += mlp
+        self._last[name] = (tokens, attn, kv, mlp)
         if cross is not None:
             row[5] += cross
             row[6] += 1
 
+    def calls(self, name: str) -> int:
+        """How many calls of block ``name`` are recorded (a wrapper compares it before and after a call to learn
+        whether a forward inside it recorded that call)."""
+        row = self._sums.get(name)
+        return int(row[0]) if row is not None else 0
+
+    def reused(self, name: str, attn: bool = False, kv: bool = False, mlp: bool = False) -> None:
+        """The last recorded call of block ``name`` did not compute the sublayers named true: it reused their
+        outputs (a cache inside the block, e.g. pyramid attention broadcast), so they count 0 tokens on it."""
+        last = self._last.get(name)
+        row = self._sums.get(name)
+        if last is None or row is None:
+            return
+        tokens, a, k, m = last
+        for flag, index, value in ((attn, 2, a), (kv, 3, k), (mlp, 4, m)):
+            if flag:
+                row[index] -= value
+        self._last[name] = (tokens, 0 if attn else a, 0 if kv else k, 0 if mlp else m)
+
     def reset(self) -> None:
         self._sums.clear()
+        self._last.clear()
 
     def means(self) -> dict[str, BlockTokens]:
         out = {}

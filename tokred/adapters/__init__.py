@@ -6,11 +6,15 @@ from typing import Any
 
 from ..errors import UnsupportedModelError
 from .base import Adapter
+from .diffusers_dit import DiffusersDiTAdapter
+from .diffusers_flux import DiffusersFluxAdapter
 from .diffusers_mmdit import DiffusersMMDiTAdapter
 from .diffusers_unet import DiffusersUNetAdapter
 from .timm_vit import TimmViTAdapter
 
 ADAPTERS: list[type[Adapter]] = [TimmViTAdapter, DiffusersUNetAdapter, DiffusersMMDiTAdapter]
+ADAPTERS.append(DiffusersDiTAdapter)  # PixArt-α/Σ, DiT-XL/2
+ADAPTERS.append(DiffusersFluxAdapter)
 
 
 def register_adapter(adapter_cls: type[Adapter]) -> type[Adapter]:

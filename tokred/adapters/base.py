@@ -105,6 +105,7 @@ def attach_denoiser_state(
     sample: tuple[str, int] = ("sample", 0),
     timestep: tuple[str, int] = ("timestep", 1),
     auxiliary_kwarg: str | None = None,
+    timestep_scale: float = 1.0,
 ) -> None:
     """Keep ``patch.state`` in step with a diffusion denoiser (U-Net, MMDiT).
 
@@ -115,6 +116,7 @@ def attach_denoiser_state(
     scheduler at call time follows ``pipe.scheduler = ...`` swaps) or when the timestep goes up (see
     :meth:`~tokred.state.RunState.begin_call`). Nothing on the scheduler is changed. A call with a true
     ``auxiliary_kwarg`` (SD3's ``skip_layers``) is a second pass of the same step: it is not counted.
+    ``timestep_scale`` brings the timestep to the 0-1000 scale methods read (Flux is called with ``t / 1000``).
     """
     state = patch.state
     sample_name, sample_pos = sample
@@ -128,6 +130,8 @@ def attach_denoiser_state(
         t = args[timestep_pos] if len(args) > timestep_pos else kwargs.get(timestep_name)
         if x is not None:
             state.latent_size = (int(x.shape[-2]), int(x.shape[-1]))
+        if t is not None and timestep_scale != 1.0:
+            t = t * timestep_scale
         auxiliary = auxiliary_kwarg is not None and bool(kwargs.get(auxiliary_kwarg))
         state.begin_call(t, auxiliary=auxiliary)
 

@@ -164,25 +164,7 @@ class DiffusersUNetAdapter(Adapter):
     def require_kv_hooks(self, names: set[str], method: str) -> None:
         """Refuse blocks whose self-attention does not project keys/values with ``to_k``/``to_v`` (fused
         projections, custom processors), where the ``kv`` point cannot act."""
-        for name, block in self.blocks:
-            if name not in names:
-                continue
-            attn = block.attn1
-            processor = type(getattr(attn, "processor", None)).__name__
-            if (
-                processor not in KV_PROCESSORS
-                or getattr(attn, "fused_projections", False)
-                or block.only_cross_attention
-                or attn.group_norm is not None
-                or attn.spatial_norm is not None
-            ):
-                raise UnsupportedModelError(
-                    f"{method}: {name}.attn1 uses {processor} (fused={getattr(attn, 'fused_projections', False)}, "
-                    f"only_cross_attention={block.only_cross_attention}, group_norm={attn.group_norm is not None}, "
-                    f"spatial_norm={attn.spatial_norm is not None}); it needs self-attention with separate "
-                    f"to_k/to_v projections and one of the processors {', '.join(KV_PROCESSORS)} (undo "
-                    "fuse_qkv_projections / custom processors first)"
-                )
+        require_attn1_kv_hooks(self.blocks, names, method)
 
     # --- reduction points --------------------------------------------------------------------------------
     def install_blocks(self, patch: Patch, planner: Planner, names: set[str] | None = None) -> None:
@@ -310,6 +292,31 @@ class DiffusersUNetAdapter(Adapter):
             patch.replace_forward(modules[name], cached_forward(name, modules[name]))
 
 
+def require_attn1_kv_hooks(blocks: list[tuple[str, torch.nn.Module]], names: set[str] | None, method: str) -> None:
+    """Refuse ``BasicTransformerBlock``s (of ``blocks``; those in ``names``, None: all) whose self-attention does
+    not project keys/values with ``to_k``/``to_v`` (fused projections, custom processors), where the ``kv`` point
+    cannot act."""
+    for name, block in blocks:
+        if names is not None and name not in names:
+            continue
+        attn = block.attn1
+        processor = type(getattr(attn, "processor", None)).__name__
+        if (
+            processor not in KV_PROCESSORS
+            or getattr(attn, "fused_projections", False)
+            or block.only_cross_attention
+            or attn.group_norm is not None
+            or attn.spatial_norm is not None
+        ):
+            raise UnsupportedModelError(
+                f"{method}: {name}.attn1 uses {processor} (fused={getattr(attn, 'fused_projections', False)}, "
+                f"only_cross_attention={block.only_cross_attention}, group_norm={attn.group_norm is not None}, "
+                f"spatial_norm={attn.spatial_norm is not None}); it needs self-attention with separate "
+                f"to_k/to_v projections and one of the processors {', '.join(KV_PROCESSORS)} (undo "
+                "fuse_qkv_projections / custom processors first)"
+            )
+
+
 def feed_forward(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The block's feed-forward, chunked over tokens as diffusers' ``set_chunk_feed_forward`` asks, except that a
     reduced token count the chunk size does not divide runs in one piece (the same result: it is token-wise)."""
@@ -330,17 +337,31 @@ def _row(value: Any, i: int, batch: int) -> Any:
     return value
 
 
-def block_forward(patch: Patch, planner: Planner, name: str, index: int, level: int) -> Callable[..., torch.Tensor]:
-    """The forward of one U-Net transformer block (see :func:`planned_forward`), planned per call."""
+def unet_grid(latent_size: tuple[int, int] | None, num_tokens: int, level: int) -> Grid | None:
+    """A U-Net block's token grid at ``level`` (see :func:`~tokred.adapters.base.grid_for`)."""
+    hw = grid_for(latent_size, num_tokens, level)
+    return Grid(hw[0], hw[1], level) if hw is not None else None
+
+
+def block_forward(
+    patch: Patch,
+    planner: Planner,
+    name: str,
+    index: int,
+    level: int,
+    grid: Callable[[tuple[int, int] | None, int, int], Grid | None] = unet_grid,
+) -> Callable[..., torch.Tensor]:
+    """The forward of one ``BasicTransformerBlock`` (see :func:`planned_forward`), planned per call. ``grid(latent_size,
+    num_tokens, level)`` gives the block's token grid: the U-Net's levels by default; the DiT adapter passes its
+    patch grid."""
     state, tokens = patch.state, patch.tokens
 
     def forward(block: torch.nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if state.auxiliary:
             plan: BlockPlan | RowPlans = FULL_BLOCK
         else:
-            hw = grid_for(state.latent_size, hidden_states.shape[1], level)
-            grid = Grid(hw[0], hw[1], level) if hw is not None else None
-            plan = planner(BlockCall(name, index, block, level, grid, state.step), hidden_states)
+            call_grid = grid(state.latent_size, hidden_states.shape[1], level)
+            plan = planner(BlockCall(name, index, block, level, call_grid, state.step), hidden_states)
         if isinstance(plan, BlockPlan):
             return planned_forward(block, plan, hidden_states, *args, _count=(tokens, name), **kwargs)
         # One plan per row: each row through the block on its own, its arguments sliced alike.

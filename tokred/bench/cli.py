@@ -221,14 +221,20 @@ def plan(args: argparse.Namespace) -> list[tuple[Any, list[Any], str]]:
                              "disagree; give one of them")
     out = []
     try:
-        planned = plan_sweeps(tasks, args.size, task_kwargs, args.methods, args.presets, options)
+        # the main job (tokred bench) runs each method's mildest and strongest preset; --sweep (and tokred run)
+        # the whole ladder
+        ladder = "ends" if getattr(args, "ladder_ends", False) and not args.sweep else "all"
+        planned = plan_sweeps(tasks, args.size, task_kwargs, args.methods, args.presets, options, ladder)
     except ValueError as err:
         if isinstance(err, TokredError):
             raise
         raise UsageError(f"tokred: {err}") from None
     for p in planned:
+        presets = parse_list(args.presets)
+        if ladder == "ends" and presets is None and not options:  # `tokred run` would run the whole ladder
+            presets = [f"{c.method}:{c.preset}" for c in p.cases if not c.is_baseline] or None
         command = reproduce_command(
-            p.task, args.size, args.device, args.dtype, parse_list(args.methods), parse_list(args.presets),
+            p.task, args.size, args.device, args.dtype, parse_list(args.methods), presets,
             options, p.task_kwargs, profile, args.rounds, args.processes,
         )  # fmt: skip
         run = TaskRun(p.task, args.size, args.device, args.dtype, p.task_kwargs, profile, args.rounds,
@@ -323,6 +329,29 @@ def _copies_folder(markdown: str) -> str:
     return os.path.join(os.path.dirname(markdown) or ".", RESULTS_FOLDER)
 
 
+def published_results(markdown: str, measured: Sequence[str]) -> list[str]:
+    """The results files that the leaderboard ``markdown`` was built from (its ``tokred-leaderboard`` line),
+    except those this run measured again (a file of the same name: its copy is replaced), so that the main job
+    replaces only the sections it measured and keeps every other section and results file already published."""
+    from ..leaderboard.generate import sources_of
+
+    try:
+        with open(markdown, encoding="utf-8") as fh:
+            recorded = sources_of(fh.read())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []
+    if not recorded:
+        return []
+    folder = os.path.dirname(os.path.abspath(markdown))
+    replaced = {os.path.basename(p) for p in measured}
+    kept = []
+    for source in recorded.get("sources", []):
+        path = os.path.join(folder, source)
+        if os.path.basename(source) not in replaced and os.path.isfile(path):
+            kept.append(path)
+    return kept
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..leaderboard.generate import build
     from .files import OutputLock, check_writable_file
@@ -344,7 +373,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         existing = [p for p in written if os.path.exists(p)]
         if not existing:
             return status
-        sections = build(existing, args.output, published=not args.no_published)
+        sections = build(existing + published_results(args.output, existing), args.output,
+                         published=not args.no_published)
     print(f"wrote {args.output} ({len(sections)} sections; results copied to {_copies_folder(args.output)})")
     return status
 
@@ -376,6 +406,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, default_task: str | None) -> 
                    help="spread each case's timed rounds over N spawned worker processes, each building its own "
                         "model (1: time in this process; default: the workload's, 3 for arch and the embedded ViT)")
     p.add_argument("--quick", action="store_true", help="smaller embedded runs: a smoke test of a few minutes")
+    p.add_argument("--sweep", action="store_true",
+                   help="every preset of each method's ladder, mild to strong (tokred run always does; tokred bench "
+                        "runs the mildest and strongest unless --sweep or --presets is given)")
     p.add_argument("--out", default="results", help="output folder (one file per task) or .json file")
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
@@ -409,7 +442,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_run_arguments(p, default_task="all")
     p.add_argument("-o", "--output", default="leaderboard/README.md", help="leaderboard markdown file")
     p.add_argument("--no-published", action="store_true", help="leave out the published-results table")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, ladder_ends=True)
     return parser
 
 

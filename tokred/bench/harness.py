@@ -17,6 +17,9 @@ rounds are timed in N spawned worker processes, each with its own model, and the
 per-process results (:func:`tokred.bench.stats.process_speedup`); quality, FLOPs and memory are measured once,
 here. ``processes=1`` times in this process.
 
+Paired quality (:mod:`tokred.bench.paired`): the task's per-image values (``Quality.per_image``) of the baseline
+are kept, and each case records its difference from them on the same images (``quality_delta``, schema 4).
+
 Contention (:mod:`tokred.bench.contention`): the case runs at the task's thread count (``threads``), and the load
 average and the process's CPU time around the timed calls decide ``contended``.
 
@@ -59,6 +62,7 @@ CUSTOM_PRESET = "custom"
 TEST_NAME = "test_method"
 TEST_FILE = "benchmarks/test_methods.py"
 
+LADDERS = ("all", "ends")  # plan_cases: every preset of a method's ladder, or its mildest and strongest
 PROFILE_NAMES = ("default", "quick")  # "default": the main job, `tokred bench`; "quick": a smoke test
 # Harness settings and their defaults (threads None: the task's default_threads()).
 TIMING_DEFAULTS: dict[str, Any] = {
@@ -92,6 +96,7 @@ class Case:
     preset: str
     options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     variant: str = ""  # the sweep values of its run (see expand_sweeps), "" when nothing is swept
+    order: int | None = field(default=None, compare=False, hash=False)  # place in the method's preset ladder
 
     @property
     def is_baseline(self) -> bool:
@@ -259,6 +264,7 @@ def plan_cases(
     options: dict[str, Any] | None = None,
     baseline: bool = True,
     family: str | None = None,
+    ladder: str = "all",
 ) -> list[Case]:
     """The baseline and every selected method x preset for ``task``.
 
@@ -267,7 +273,11 @@ def plan_cases(
     ``default`` selects a method's default options. ``options``: run the single selected method once with
     these options (preset ``custom``) instead of its presets. ``family``: the model family of the run (default:
     the task's; a task whose workloads build several families says which with ``Task.family_for``).
+    ``ladder``: without a preset selection, ``"all"`` runs each method's whole ladder of presets (mild to
+    strong, in the order of its ``presets`` table), ``"ends"`` only its mildest and strongest (the main job).
     """
+    if ladder not in LADDERS:
+        raise SelectionError(f"unknown ladder {ladder!r}; valid: {', '.join(LADDERS)}")
     from ..registry import get_method, list_methods
     from .task import get_task
 
@@ -336,7 +346,12 @@ def plan_cases(
                 elif preset == DEFAULT_PRESET:
                     picked[preset] = {}
             table = picked
-        cases.extend(Case(task, method, preset, dict(opts)) for preset, opts in table.items())
+        if wanted is None and ladder == "ends" and len(table) > 2:
+            names = list(table)
+            table = {names[0]: table[names[0]], names[-1]: table[names[-1]]}
+        order = list(available[method])
+        cases.extend(Case(task, method, preset, dict(opts), order=order.index(preset) if preset in order else None)
+                     for preset, opts in table.items())
     return cases
 
 
@@ -370,6 +385,7 @@ def plan_sweeps(
     methods: str | Sequence[str] | None = None,
     presets: str | Sequence[str] | None = None,
     options: dict[str, Any] | None = None,
+    ladder: str = "all",
 ) -> list[PlannedRun]:
     """Every run of ``tasks`` that ``task_kwargs`` asks for (one per combination of swept settings), each with
     the cases :func:`plan_cases` selects for its model family (``Task.family_for``: ``architecture=sd3`` runs
@@ -383,7 +399,7 @@ def plan_sweeps(
         for variant, kwargs in expand_sweeps(task, dict(task_kwargs or {})):
             family = get_task(task).family_for(size, kwargs)
             try:
-                cases = plan_cases(task, methods, presets, options, family=family)
+                cases = plan_cases(task, methods, presets, options, family=family, ladder=ladder)
             except SelectionError as err:
                 if len(tasks) == 1:
                     raise
@@ -647,6 +663,8 @@ class TaskRun:
         self.baseline_quality: dict[str, float] = {}
         self.baseline_quality_ci: dict[str, tuple[float, float]] = {}
         self.baseline_quality_n: dict[str, int] = {}
+        self.baseline_per_image: dict[str, list[float]] = {}  # the baseline's per-image values (paired metrics)
+        self.baseline_binary: set[str] = set()
         self.baseline_speed: dict[str, float] = {}
         self.setup_s = 0.0
 
@@ -743,6 +761,20 @@ class TaskRun:
         self.baseline_quality = {k: v for k, v in dict(quality).items() if k not in drop}
         self.baseline_quality_ci = {k: v for k, v in getattr(quality, "ci", {}).items() if k not in drop}
         self.baseline_quality_n = {k: v for k, v in getattr(quality, "n", {}).items() if k not in drop}
+        self.baseline_per_image = {k: list(v) for k, v in getattr(quality, "per_image", {}).items() if k not in drop}
+        self.baseline_binary = set(getattr(quality, "binary", set())) - drop
+
+    def _paired_baseline(self, quality: Any) -> dict[str, list[float]]:
+        """The baseline's per-image values to pair ``quality``'s with: its own, and for a reference metric
+        (compared with the unreduced model's outputs) with a finite ``self_value``, that value for every image
+        (SSIM 1, agreement 100%: the unreduced model against itself)."""
+        out = dict(self.baseline_per_image)
+        for metric in type(self.task).metrics:
+            values = getattr(quality, "per_image", {}).get(metric.name)
+            if metric.reference and metric.self_value is not None and values is not None:
+                binary = metric.name in getattr(quality, "binary", set())
+                out.setdefault(metric.name, [1.0 if binary else float(metric.self_value)] * len(values))
+        return out
 
     def _measure_speed(self) -> dict[str, float]:
         """The task's measure_speed (GFLOPs, memory and task-specific numbers). A task written for the older
@@ -777,7 +809,9 @@ class TaskRun:
             "versions": versions(),
             "command": self.command,
             "metrics": [
-                {"name": m.name, "better": m.better, "unit": m.unit, "kind": m.kind} for m in type(task).metrics
+                {"name": m.name, "better": m.better, "unit": m.unit, "kind": m.kind,
+                 **({"primary": True} if getattr(m, "primary", False) else {}),
+                 **({"note": m.note} if getattr(m, "note", "") else {})} for m in type(task).metrics
             ],
             "task_info": results_mod.to_jsonable(info),
         }
@@ -813,7 +847,8 @@ class TaskRun:
         workload = task.workload()
         pool = self.pool()
         if case.is_baseline:
-            quality = Quality(self.baseline_quality, self.baseline_quality_ci, self.baseline_quality_n)
+            quality = Quality(self.baseline_quality, self.baseline_quality_ci, self.baseline_quality_n,
+                              self.baseline_per_image, self.baseline_binary)
             speed = self.baseline_speed
             timings, tokens = self.time_case(case, self.timing, threads) if pool is None else (None, None)
         else:
@@ -911,6 +946,26 @@ class TaskRun:
                               use_method=use_method, after_method=after_method)
         return timings, tokens.get("counts")
 
+    def _paired_info(self, case: Case, quality: Any, values: dict[str, Any]) -> dict[str, Any]:
+        """Schema 4: the per-image values of the paired metrics (``quality_per_image``, hits as 0/1) and, for a
+        case other than the baseline, each one's difference from the baseline on the same images with its 95%
+        interval (``quality_delta``) and McNemar's p-value for hits (``quality_delta_p``); see
+        :mod:`tokred.bench.paired`."""
+        from .paired import quality_deltas
+
+        per_image = {k: v for k, v in getattr(quality, "per_image", {}).items() if k in values}
+        if not per_image:
+            return {}
+        binary = set(getattr(quality, "binary", set())) & set(per_image)
+        out: dict[str, Any] = {"quality_per_image": {k: [int(x) if k in binary else float(x) for x in v]
+                                                     for k, v in per_image.items()}}
+        if not case.is_baseline:
+            deltas, pvalues = quality_deltas(per_image, self._paired_baseline(quality), binary)
+            out["quality_delta"] = deltas
+            if pvalues:
+                out["quality_delta_p"] = pvalues
+        return out
+
     def _extra_info(self, case: Case, timings: Timings, quality: Any, speed: dict[str, Any], threads: int,
                     tokens: dict[str, Any] | None, unit: str) -> dict[str, Any]:
         times = timings.method_times
@@ -933,6 +988,8 @@ class TaskRun:
                         if k in values},
             quality_n={k: int(n) for k, n in getattr(quality, "n", {}).items() if k in values},
             baseline_quality=results_mod.to_jsonable(self.baseline_quality),
+            **self._paired_info(case, quality, values),
+            preset_order=case.order,
             speed=results_mod.to_jsonable(speed),
             latency_ms=median * 1000.0,
             baseline_latency_ms=base_median * 1000.0,

@@ -8,12 +8,14 @@ means), so :func:`check_extra_info` checks a file by iterating the fields; what 
 ``_check_*`` methods of :class:`_Validator`, named by the rules.
 
 Schema versions (``extra_info["tokred"]``): 1, the first files; 2 added intervals, rounds, threads, contention,
-FLOPs-ideal speedup, notes (``since=2``); 3 added ``unit``, ``workload``, ``architecture``, ``resolution``; 4 added
-process replication and the timing floor: ``processes`` (worker processes the rounds were timed in),
-``process_speedups`` / ``process_latency_ms`` / ``process_rounds`` (each process's median ratio, median method call
-and rounds, with several processes), ``method_time_s`` (seconds of the method's timed calls) and ``min_time_s``
-(the floor they had to reach). Older files load through :func:`migrate`, which fills what schemas 3 and 4 added
-from what the file has; the keys of
+FLOPs-ideal speedup, notes (``since=2``); 3 added ``unit``, ``workload``, ``architecture``, ``resolution``; 4
+added the paired quality comparisons: ``quality_per_image``, ``quality_delta`` and ``quality_delta_p`` (optional:
+a task without per-image metrics has none; a file of schema 3 or older has none, and its rows are ranked on their
+marginal intervals); 5 added process replication and the timing floor: ``processes`` (worker processes the rounds
+were timed in), ``process_speedups`` / ``process_latency_ms`` / ``process_rounds`` (each process's median ratio,
+median method call and rounds, with several processes), ``method_time_s`` (seconds of the method's timed calls)
+and ``min_time_s`` (the floor they had to reach). Older files load through :func:`migrate`, which fills what
+schemas 3 and 5 added from what the file has; the keys of
 schema 2 stay absent (None) in a schema-1 record, so its rows have no intervals. The record keeps the version
 it was written with: readers use it to tell what an old file could not record.
 """
@@ -26,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Valid ranges of quality metrics, by name: (low, high), None for unbounded. Metrics with the unit "%" are in
 # [0, 100] whatever their name. KID is an unbiased estimate of a squared distance: it falls below 0 when the two
@@ -218,6 +220,20 @@ class CaseRecord:
                                               check="quality_n")
     baseline_quality: dict[str, float] | None = _field("dict", "the baseline's quality (no self-fidelity)",
                                                        check="baseline_quality")
+    quality_per_image: dict[str, list[float]] | None = _field(
+        "dict", "per paired metric, its value on each image, in the task's image order (hits as 0/1): what "
+        "quality_delta is computed from", since=4, check="quality_per_image")
+    quality_delta: dict[str, list[float]] | None = _field(
+        "dict", "per paired metric, [delta, low, high]: this case minus the baseline on the same images, with the "
+        "95% paired interval (bootstrap over images; for hits Bonett-Price's adjusted Wald interval held to "
+        "McNemar's exact test, in percentage points)",
+        since=4, check="quality_delta")
+    quality_delta_p: dict[str, float] | None = _field(
+        "dict", "per hit metric of quality_delta (accuracy, agreement), McNemar's exact two-sided p-value", since=4,
+        check="quality_delta_p")
+    preset_order: int | None = _field("int", "the preset's place in its method's ladder of presets (0: the "
+                                      "mildest); the leaderboard's curves join a method's rows in this order",
+                                      since=4, low=0)
     speed: dict[str, Any] | None = _field("dict", "the task's measure_speed() (GFLOPs, memory...)")
     latency_ms: float = _field("number", "median time of one workload call (this case)", required=True,
                                **POSITIVE)
@@ -237,18 +253,18 @@ class CaseRecord:
                                               **POSITIVE)
     rounds: int | None = _field("int", "timed rounds", low=1)
     processes: int = _field("int", "worker processes the rounds were timed in (1: the run's own process; older "
-                            "files: 1)", required=True, low=1, since=4, check="processes")
+                            "files: 1)", required=True, low=1, since=5, check="processes")
     process_speedups: list[float] | None = _field("numbers", "with several processes: each process's median "
-                                                  "per-round ratio (the interval covers their spread)", since=4,
+                                                  "per-round ratio (the interval covers their spread)", since=5,
                                                   **POSITIVE)
     process_latency_ms: list[float] | None = _field("numbers", "with several processes: each process's median "
-                                                    "method call (ms)", since=4, **POSITIVE)
+                                                    "method call (ms)", since=5, **POSITIVE)
     process_rounds: list[float] | None = _field("numbers", "with several processes: the rounds each timed, in the "
-                                                "order of round_ratios", since=4, check="process_rounds", low=1)
+                                                "order of round_ratios", since=5, check="process_rounds", low=1)
     method_time_s: float | None = _field("number", "seconds of the method's own timed calls (what the timing "
-                                         "floor counts)", since=4, **NON_NEGATIVE)
+                                         "floor counts)", since=5, **NON_NEGATIVE)
     min_time_s: float | None = _field("number", "the timing floor: seconds of method calls a case had to reach",
-                                      since=4, **NON_NEGATIVE)
+                                      since=5, **NON_NEGATIVE)
     warmup_rounds: int | None = _field("int", "rounds run and dropped first", low=0, since=2)
     loadavg_before: list[float] | None = _field("numbers", "os.getloadavg() before the timed rounds", since=2,
                                                 check="loadavg", **NON_NEGATIVE)
@@ -335,8 +351,8 @@ def migrate(extra: Mapping[str, Any]) -> dict[str, Any]:
     Schema 1 -> 2: the keys new in schema 2 (intervals, rounds, contention...) cannot be recovered: they stay
     absent, and the rows have no intervals. Schema 2 -> 3: ``unit`` "" (unknown), ``workload`` the ``size``,
     ``architecture`` and ``resolution`` from ``task_info`` where it has them with the right type. Schema 3 -> 4:
-    ``processes`` 1 (every earlier file timed in one process); the per-process lists, ``method_time_s`` and
-    ``min_time_s`` stay absent (no floor was applied).
+    the paired quality keys stay absent. Schema 4 -> 5: ``processes`` 1 (every earlier file timed in one
+    process); the per-process lists, ``method_time_s`` and ``min_time_s`` stay absent (no floor was applied).
     """
     out = dict(extra)
     version = out.get("tokred", SCHEMA_VERSION)
@@ -345,7 +361,7 @@ def migrate(extra: Mapping[str, Any]) -> dict[str, Any]:
         out.setdefault("workload", out.get("size"))
         for key, value in run_settings(out.get("task_info")).items():
             out.setdefault(key, value)
-    if version < 4:
+    if version < 5:
         out.setdefault("processes", 1)
     return out
 
@@ -426,6 +442,8 @@ class _Validator:
                 c.fail(f"{mwhere}.better", f"expected 'higher' or 'lower', got {better!r}")
             c.get(metric, "unit", mwhere, "str", required=False)
             c.get(metric, "kind", mwhere, "str", required=False)
+            c.get(metric, "primary", mwhere, "bool", required=False)
+            c.get(metric, "note", mwhere, "str", required=False)
             self.metrics[metric_name] = metric
 
     def _check_quality(self, quality: dict[str, Any], name: str, rule: Rule) -> None:
@@ -450,6 +468,30 @@ class _Validator:
     def _check_baseline_quality(self, quality: dict[str, Any], name: str, rule: Rule) -> None:
         for metric, value in quality.items():
             self.c.check_type(value, "number", f"{name}.{metric}")
+
+    def _check_quality_per_image(self, per_image: dict[str, Any], name: str, rule: Rule) -> None:
+        for metric, values in per_image.items():
+            field = f"{name}.{metric}"
+            self.c.check_type(values, "list", field)
+            for j, value in enumerate(values):
+                self.c.check_type(value, "number", f"{field}[{j}]")
+
+    def _check_quality_delta(self, deltas: dict[str, Any], name: str, rule: Rule) -> None:
+        for metric, value in deltas.items():
+            field = f"{name}.{metric}"
+            if not (isinstance(value, list) and len(value) == 3):
+                self.c.fail(field, f"expected [delta, low, high], got {_type_name(value)} {_show(value)}")
+            for j, item in enumerate(value):
+                self.c.check_type(item, "number", f"{field}[{j}]")
+            delta, low, high = value
+            slack = _CI_TOLERANCE * max(1.0, abs(delta))
+            if not low - slack <= delta <= high + slack:
+                self.c.fail(field, f"[{low:g}, {high:g}] does not contain the difference {delta:g}")
+
+    def _check_quality_delta_p(self, pvalues: dict[str, Any], name: str, rule: Rule) -> None:
+        for metric, value in pvalues.items():
+            self.c.check_type(value, "number", f"{name}.{metric}")
+            self.c.in_range(value, f"{name}.{metric}", 0.0, 1.0)
 
     def _check_speedup_ci(self, interval: list[float], name: str, rule: Rule) -> None:
         low, high = interval

@@ -12,7 +12,7 @@
 The ``extra_info`` of a tokred benchmark is a :class:`tokred.bench.record.CaseRecord`, the one definition of a
 case's fields: each field is one key (same name), with its type, range, whether a file must have it, the schema
 version that introduced it and what it means (:attr:`dataclasses.Field.metadata`). The schema version is
-:data:`SCHEMA_VERSION` (``extra_info["tokred"]``); files of schemas 1 to 3 still load
+:data:`SCHEMA_VERSION` (``extra_info["tokred"]``); files of older schemas still load
 (:func:`tokred.bench.record.migrate`): schema-1 rows have no intervals.
 
 :func:`validate` checks the types and ranges of every field of the record (unknown keys are left alone): errors

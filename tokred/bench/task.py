@@ -44,24 +44,43 @@ class Metric:
     unit: str = ""
     kind: str = "quality"  # "quality" | "speed"
     reference: bool = False  # compares with the unreduced model's outputs: not reported for the baseline itself
+    # the section's primary quality axis (Pareto front, plot) when rows report it; the first such metric wins
+    primary: bool = False
+    # a reference metric's value for the unreduced model against itself (SSIM 1, agreement 100%), where finite:
+    # its per-image values are paired with this constant (PSNR has none: identical images have no finite PSNR)
+    self_value: float | None = None
+    note: str = ""  # why the metric is primary (the leaderboard prints it under the section)
 
 
 class Quality(dict):
     """What :meth:`Task.evaluate` returns: ``{metric: point estimate}`` (a plain dict to read), with ``ci``
     ``{metric: (low, high)}``, the 95% interval of each metric, and ``n`` ``{metric: count}``, the number of
-    images (or samples) behind it."""
+    images (or samples) behind it.
 
-    def __init__(self, values: Any = (), ci: dict[str, Any] | None = None, n: dict[str, int] | None = None) -> None:
+    ``per_image`` ``{metric: [value of image 0, 1, ...]}``: the per-image values behind a metric that averages
+    them, in a fixed image order (the same images for every case of a task), so the harness can pair a case
+    with the baseline image by image (:mod:`tokred.bench.paired`); ``binary``: those metrics whose per-image
+    values are hits (0/1: accuracy, agreement), compared with McNemar's test."""
+
+    def __init__(self, values: Any = (), ci: dict[str, Any] | None = None, n: dict[str, int] | None = None,
+                 per_image: dict[str, Any] | None = None, binary: Any = ()) -> None:
         super().__init__(values)
         self.ci: dict[str, tuple[float, float]] = {k: (float(v[0]), float(v[1])) for k, v in (ci or {}).items()}
         self.n: dict[str, int] = {k: int(v) for k, v in (n or {}).items()}
+        self.per_image: dict[str, list[float]] = {k: [float(x) for x in v] for k, v in (per_image or {}).items()}
+        self.binary: set[str] = set(binary)
 
-    def add(self, name: str, value: float, ci: tuple[float, float] | None = None, n: int | None = None) -> None:
+    def add(self, name: str, value: float, ci: tuple[float, float] | None = None, n: int | None = None,
+            per_image: Any = None, binary: bool = False) -> None:
         self[name] = float(value)
         if ci is not None:
             self.ci[name] = (float(ci[0]), float(ci[1]))
         if n is not None:
             self.n[name] = int(n)
+        if per_image is not None:
+            self.per_image[name] = [float(x) for x in per_image]
+            if binary:
+                self.binary.add(name)
 
     def without(self, names: Any) -> Quality:
         """A copy without the given metrics."""
@@ -70,6 +89,8 @@ class Quality(dict):
             {k: v for k, v in self.items() if k not in drop},
             {k: v for k, v in self.ci.items() if k not in drop},
             {k: v for k, v in self.n.items() if k not in drop},
+            {k: v for k, v in self.per_image.items() if k not in drop},
+            self.binary - drop,
         )
 
 

@@ -1,0 +1,429 @@
+"""diffusers' own cache hooks as tokred methods: first-block cache and pyramid attention broadcast (SD3/SD3.5).
+
+Both are thin wrappers: the caching decisions and the reuse are diffusers' hooks (``diffusers.hooks``, 0.42.1),
+registered by diffusers' own ``apply_first_block_cache`` / ``apply_pyramid_attention_broadcast``. tokred adds
+what SD3's ``SD3Transformer2DModel`` does not provide and what a tokred patch promises:
+
+* **The cache context.** The hooks keep their state per *cache context*, which diffusers sets through
+  ``CacheMixin.cache_context`` in the pipelines of models that have it; SD3's transformer has none (without a
+  context the first call raises ``ValueError: No cache context is set``). tokred sets the context before every
+  denoiser call, named after the latent's shape (``"tokred 2x16x32x32"``): the pipeline's CFG-batched call
+  (unconditional and conditional rows in one batch) is one context, as in diffusers' pipelines that batch
+  guidance, and a call of another shape never mixes its residuals with this one's. (A loop that runs guidance as
+  two calls of one shape per step would share the context between them; SD3's pipelines batch guidance, and
+  tokred counts every counted call as a step anyway.)
+* **The reset.** The hooks' state is reset (diffusers' ``reset_state``) at the start of every generation (the
+  run state's rule: new scheduler timesteps, or a rising timestep), so the same seed gives the same image.
+* **Exact removal.** Every forward and ``_diffusers_hook`` registry that diffusers' registration sets is
+  recorded in the patch, so ``remove()`` restores the unpatched model bit-exactly (a registry that was already
+  there, e.g. layerwise casting's, keeps its own hooks and loses only ours).
+* **Pause and auxiliary calls.** Paused calls (``patch.pause()``) and SD3.5's skip-layer-guidance passes
+  (auxiliary calls, not counted as steps) bypass the hooks: they compute the unpatched blocks and leave the
+  hooks' state alone.
+* **Token counts.** A block that a cache skipped records its tokens entering and 0 computed tokens in every
+  sublayer on that call; an attention that pyramid attention broadcast reused records 0 attention and key/value
+  tokens (the MLP ran). Computed calls record their full counts, or a token method's counts where one runs
+  inside (a composition).
+
+The methods apply to ``SD3Transformer2DModel`` (``diffusers_mmdit``: SD3, SD3.5) and refuse the U-Net families:
+diffusers' hooks need transformer blocks in a ``transformer_blocks``-like list with registered block metadata
+(first-block cache) or diffusers attention modules inside such lists (pyramid attention broadcast), which
+``UNet2DConditionModel`` does not have (its caching method in tokred is ``deepcache``).
+
+Composition (a token method in the same patch). The cache must be installed *after* the token method (the
+cache outside, the token reduction inside the blocks it recomputes): ``install`` wraps whatever forward each
+block or attention has at that moment (e.g. the MMDiT adapter's planned forward that ToDo installs) beneath
+diffusers' hooks, so a recomputed block runs the token method and a skipped one runs nothing. Installed before,
+the token method's forward would replace the cache's outer layer and the cache would never act. ``install(patch,
+state)`` takes the state to use (default ``patch.method_state``), so a composite state can hand each member its
+own; ``state.reset()`` must be called at every generation (the run state does so for ``patch.method_state``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokred import Method, register_method
+from tokred.errors import TokredError, UnsupportedModelError
+from tokred.method import MethodState
+from tokred.options import int_at_least, is_number, option
+
+_MISSING = object()
+
+
+class DiffusersHooksState(MethodState):
+    """The diffusers hooks a method registered, as ``(hook, module)`` pairs, each reset with diffusers'
+    ``hook.reset_state(module)`` at the start of every generation; ``ran``: the attention modules (by name) that
+    computed during the current block call (pyramid attention broadcast's token counts)."""
+
+    def __init__(self) -> None:
+        self.hooks: list[tuple[Any, torch.nn.Module]] = []
+        self.ran: set[str] = set()
+
+    def reset(self) -> None:
+        for hook, module in self.hooks:
+            hook.reset_state(module)
+        self.ran.clear()
+
+
+def _hidden_tokens(args: tuple, kwargs: dict) -> int:
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    return int(hidden_states.shape[1])
+
+
+def _bound_forward(module: torch.nn.Module) -> Callable[..., Any]:
+    """The forward a call of ``module`` runs now: an instance forward (another method's, a user's) or the class's."""
+    return vars(module).get("forward") or type(module).forward.__get__(module)
+
+
+def install_diffusers_hooks(
+    patch: Any,
+    targets: list[tuple[str, torch.nn.Module]],
+    hook_names: tuple[str, ...],
+    register: Callable[[], None],
+    inner: Callable[[str, torch.nn.Module, Callable[..., Any]], Callable[..., Any]],
+    outer: Callable[[str, torch.nn.Module, Callable[..., Any], Callable[..., Any]], Callable[..., Any]],
+    state: DiffusersHooksState,
+) -> None:
+    """Register diffusers hooks (``register()``, which must hook only ``targets``) inside ``patch``.
+
+    Each target gets three layers, innermost first: ``inner(name, module, below)``, a tokred forward around the
+    forward the module had (``below``); diffusers' hook chain, which calls it when it computes; and ``outer(name,
+    module, chain, inner_forward)``, a tokred forward that calls the chain (or ``inner_forward`` to bypass it).
+    All three are recorded in the patch; paused calls pass straight through to ``below``. The registered hooks
+    are kept in ``state.hooks`` for the per-generation reset.
+    """
+    from diffusers.hooks import HookRegistry
+
+    root = patch.adapter.root
+    target_ids = {id(m) for _, m in targets}
+    before = {id(m): (vars(m).get("forward", _MISSING), "_diffusers_hook" in vars(m)) for m in root.modules()}
+    existing: list[torch.nn.Module] = []
+    for name, module in targets:
+        if "_diffusers_hook" in vars(module):
+            existing.append(module)
+        else:
+            patch.set_attr(module, "_diffusers_hook", HookRegistry(module))
+        patch.replace_forward(module, inner(name, module, _bound_forward(module)))
+    inners = {id(m): vars(m)["forward"] for _, m in targets}
+
+    def drop_our_hooks(modules: list[torch.nn.Module]) -> None:
+        """A registry that was there before keeps its own hooks and loses ours (the forwards are the patch's)."""
+        for module in modules:
+            registry = module._diffusers_hook
+            saved = vars(module).get("forward", _MISSING)
+            for hook_name in hook_names:
+                if hook_name in registry.hooks:
+                    registry.remove_hook(hook_name, recurse=False)
+            if saved is _MISSING:
+                vars(module).pop("forward", None)
+            else:
+                module.forward = saved
+
+    patch.on_remove(
+        lambda: drop_our_hooks(existing),
+        on_copy=lambda memo: drop_our_hooks([memo[id(m)] for m in existing if memo.get(id(m), m) is not m]),
+    )
+    try:
+        register()
+    finally:
+        strays = [
+            m for m in root.modules()
+            if id(m) not in target_ids and before.get(id(m)) != (vars(m).get("forward", _MISSING),
+                                                              "_diffusers_hook" in vars(m))
+        ]  # fmt: skip
+    if strays:
+        raise TokredError(
+            f"diffusers' registration changed {len(strays)} module(s) tokred did not expect "
+            f"({', '.join(type(m).__name__ for m in strays[:3])}); the patch cannot undo them"
+        )
+    for name, module in targets:
+        registry = module._diffusers_hook
+        state.hooks.extend((registry.hooks[n], module) for n in hook_names if n in registry.hooks)
+        chain = vars(module)["forward"]
+        if chain is inners[id(module)]:
+            continue  # diffusers left this one alone
+        module.forward = inners[id(module)]  # recorded below: the patch sets the outer layer over the inner one
+        patch.replace_forward(module, outer(name, module, chain, inners[id(module)]))
+
+
+# --- first-block cache ---------------------------------------------------------------------------------------------
+@dataclass
+class FirstBlockCacheOptions:
+    threshold: float = option(
+        0.05,
+        valid="number >= 0",
+        check=lambda v: is_number(v) and v >= 0,
+        doc="skip the remaining blocks when the first block's residual changed by less than this (relative "
+        "abs-mean) since the last computed call; diffusers' default 0.05. Higher skips more: 0.05 to 0.2 "
+        "recommended (0.05 diffusers' default, 0.2 its example on CogView4); 0 skips only an unchanged residual",
+    )
+
+
+class FirstBlockCacheState(DiffusersHooksState):
+    """The hooks (:class:`DiffusersHooksState`) and the state manager they share, whose cache context tokred sets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state_manager: Any = None
+
+
+@register_method("first_block_cache")
+class FirstBlockCache(Method):
+    """First-block cache (ParaAttention's dynamic caching, after TeaCache), diffusers' ``apply_first_block_cache``.
+
+    Every call runs the first transformer block; when its residual (output minus input) changed by less than
+    ``threshold`` (relative abs-mean) since the last call that computed everything, the other blocks are skipped
+    and the image stream takes the first block's output plus the residual the other blocks added on that call.
+
+    Options (diffusers' ``FirstBlockCacheConfig``, official name and default): ``threshold`` (0.05).
+
+    Where we differ from calling ``apply_first_block_cache`` on the transformer: tokred sets the cache context
+    (SD3 has no ``cache_context``) and resets the state every generation (module docstring). SD3's last joint
+    block (``context_pre_only=True``) returns ``None`` for the text stream, from which diffusers' tail hook
+    subtracts (``TypeError``); ``tokred:`` beneath the hooks that block returns its text stream unchanged, so the
+    tail hook's text residual is zero-cost bookkeeping, and above the hooks ``None`` again, as the block does.
+    SD3's transformer never reads that stream, so the image is diffusers' algorithm's.
+    """
+
+    summary = "first-block cache: skip the other blocks while the first block's residual barely changes (diffusers)"
+    kind = "cache"
+    options = {"diffusers_mmdit": FirstBlockCacheOptions}
+    presets = {"diffusers_mmdit": {"threshold0.05": {"threshold": 0.05}, "threshold0.2": {"threshold": 0.2}}}
+    State = FirstBlockCacheState
+    random_weights_caveat = (
+        "how many calls first-block caching skips depends on how little the first block's residual changes "
+        "between steps, which random weights do not show as trained ones do"
+    )
+
+    def check(self, adapter) -> None:
+        from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+        from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
+
+        root = adapter.root
+        self.targets = [
+            (f"{name}.{i}", block)
+            for name, child in root.named_children()
+            if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(child, torch.nn.ModuleList)
+            for i, block in enumerate(child)
+        ]  # diffusers' selection in apply_first_block_cache
+        if len(self.targets) < 2:
+            raise UnsupportedModelError(
+                f"first_block_cache: the transformer has {len(self.targets)} block(s) in its block lists; "
+                "first-block caching needs a first block and at least one more to skip"
+            )
+        for name, block in self.targets:
+            try:
+                TransformerBlockRegistry.get(type(block))
+            except ValueError:
+                raise UnsupportedModelError(
+                    f"first_block_cache: {name} is a {type(block).__name__}, which diffusers' first-block cache has "
+                    "no block metadata for; supported: diffusers' own block classes (SD3's JointTransformerBlock)"
+                ) from None
+            registry = vars(block).get("_diffusers_hook")
+            if registry is not None and {_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK} & set(registry.hooks):
+                raise UnsupportedModelError(
+                    f"first_block_cache: {name} already carries diffusers' first-block cache hooks; remove them "
+                    "(HookRegistry.remove_hook) before applying it through tokred"
+                )
+
+    def install(self, patch, state: FirstBlockCacheState | None = None) -> None:
+        from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+        from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
+        from diffusers.hooks.hooks import CacheContext
+
+        state = state if state is not None else patch.method_state
+        run, counter, root = patch.state, patch.tokens, patch.adapter.root
+
+        def inner(name: str, block: torch.nn.Module, below: Callable[..., Any]) -> Callable[..., Any]:
+            def forward(mod: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+                calls = counter.calls(name)
+                out = below(*args, **kwargs)
+                if counter.calls(name) == calls:  # no token method inside recorded it: the full counts
+                    n = _hidden_tokens(args, kwargs)
+                    counter.record(name, n, n, n, n)
+                if isinstance(out, tuple) and out[0] is None:  # tokred: context_pre_only's text stream passes
+                    text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+                    out = (text, *out[1:])
+                return out
+
+            return forward
+
+        def outer(name: str, block: torch.nn.Module, chain: Callable[..., Any], unhooked: Callable[..., Any]):
+            pre_only = bool(getattr(block, "context_pre_only", False))
+
+            def forward(mod: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+                if run.auxiliary:  # SD3.5's skip-layer pass: the blocks as they are, the cache untouched
+                    out = unhooked(*args, **kwargs)
+                else:
+                    calls = counter.calls(name)
+                    out = chain(*args, **kwargs)
+                    if counter.calls(name) == calls:  # the cache skipped this block on this call
+                        counter.record(name, _hidden_tokens(args, kwargs), 0, 0, 0)
+                if pre_only and isinstance(out, tuple):
+                    out = (None, *out[1:])  # tokred: the block's own None text stream again
+                return out
+
+            return forward
+
+        install_diffusers_hooks(
+            patch,
+            self.targets,
+            (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK),
+            lambda: apply_first_block_cache(root, FirstBlockCacheConfig(threshold=float(self.options.threshold))),
+            inner,
+            outer,
+            state,
+        )
+        state.state_manager = state.hooks[0][0].state_manager  # the head's, shared by every block hook
+
+        def set_context(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if run.auxiliary:
+                return
+            sample = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            name = "tokred " + "x".join(str(s) for s in sample.shape)
+            state.state_manager.set_context(CacheContext(name=name, step_index=run.step - 1))
+
+        patch.register_forward_pre_hook(root, set_context, with_kwargs=True)
+
+
+# --- pyramid attention broadcast -----------------------------------------------------------------------------------
+def _timestep_range(v: Any) -> bool:
+    return (
+        isinstance(v, tuple | list) and len(v) == 2 and all(is_number(x) for x in v) and v[0] < v[1]
+    )
+
+
+@dataclass
+class PABOptions:
+    spatial_attention_block_skip_range: int = option(
+        2,
+        valid="int >= 1",
+        check=int_at_least(1),
+        doc="compute each self-attention once every this many calls inside the timestep window and reuse its "
+        "output in between; 1: the unpatched model. 2 is diffusers' fallback when unset and its example's value; "
+        "2 to 4 recommended (larger is faster and drifts more)",
+    )
+    spatial_attention_timestep_skip_range: tuple[float, float] = option(
+        (100, 800),
+        valid="(low, high) numbers, low < high",
+        check=_timestep_range,
+        doc="reuse only at timesteps strictly between low and high (0-1000 scale, diffusers' default (100, "
+        "800)): the first and last steps always compute",
+    )
+
+
+@register_method("pab")
+class PyramidAttentionBroadcast(Method):
+    """Pyramid attention broadcast (Zhao et al., arXiv 2408.12588), diffusers' ``apply_pyramid_attention_broadcast``.
+
+    Inside the timestep window, every self-attention (SD3's joint attention, SD3.5's second one too) is computed
+    once every ``spatial_attention_block_skip_range`` calls and its output reused in between; the MLPs and the
+    rest always run. SD3's blocks have neither temporal nor cross-attention modules, so diffusers' temporal and
+    cross options have nothing to act on and are not offered.
+
+    Options (diffusers' ``PyramidAttentionBroadcastConfig``, official names): ``spatial_attention_block_skip_range``
+    (2: diffusers' fallback when unset), ``spatial_attention_timestep_skip_range`` ((100, 800)).
+
+    Where we differ from calling ``apply_pyramid_attention_broadcast``: diffusers needs a
+    ``current_timestep_callback``; tokred gives the run state's timestep of the current call (the largest in
+    the batch). The state is reset every generation (module docstring); paused and auxiliary calls compute every
+    attention and do not advance the hooks' call counts.
+    """
+
+    summary = "pyramid attention broadcast: reuse each self-attention's output for a few steps (diffusers, 2408.12588)"
+    kind = "cache"
+    options = {"diffusers_mmdit": PABOptions}
+    presets = {
+        "diffusers_mmdit": {
+            "skip2": {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (100, 800)},
+            "skip4": {"spatial_attention_block_skip_range": 4, "spatial_attention_timestep_skip_range": (100, 800)},
+        }
+    }
+    State = DiffusersHooksState
+
+    def check(self, adapter) -> None:
+        from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
+
+        self.blocks = list(adapter.blocks)
+        self.attentions = [
+            (f"{name}.{sub}", getattr(block, sub))
+            for name, block in self.blocks
+            for sub in ("attn", "attn2")
+            if getattr(block, sub, None) is not None
+        ]
+        for name, attn in self.attentions:
+            registry = vars(attn).get("_diffusers_hook")
+            if registry is not None and _PYRAMID_ATTENTION_BROADCAST_HOOK in registry.hooks:
+                raise UnsupportedModelError(
+                    f"pab: {name} already carries diffusers' pyramid attention broadcast hook; remove it "
+                    "(HookRegistry.remove_hook) before applying it through tokred"
+                )
+
+    def install(self, patch, state: DiffusersHooksState | None = None) -> None:
+        from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+        from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
+
+        state = state if state is not None else patch.method_state
+        run, counter, root = patch.state, patch.tokens, patch.adapter.root
+        low, high = self.options.spatial_attention_timestep_skip_range
+        config = PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=self.options.spatial_attention_block_skip_range,
+            spatial_attention_timestep_skip_range=(low, high),
+            current_timestep_callback=lambda: run.last_timestep if run.last_timestep is not None else -1.0,
+        )
+
+        def inner(name: str, attn: torch.nn.Module, below: Callable[..., Any]) -> Callable[..., Any]:
+            def forward(mod: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+                state.ran.add(name)
+                return below(*args, **kwargs)
+
+            return forward
+
+        def outer(name: str, attn: torch.nn.Module, chain: Callable[..., Any], unhooked: Callable[..., Any]):
+            def forward(mod: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+                return unhooked(*args, **kwargs) if run.auxiliary else chain(*args, **kwargs)
+
+            return forward
+
+        # the blocks: count tokens (the attention counts 0 when the broadcast reused it), whatever runs inside
+        for name, block in self.blocks:
+            patch.replace_forward(block, self._counting_forward(name, block, _bound_forward(block), state, counter))
+        install_diffusers_hooks(
+            patch,
+            self.attentions,
+            (_PYRAMID_ATTENTION_BROADCAST_HOOK,),
+            lambda: apply_pyramid_attention_broadcast(root, config),
+            inner,
+            outer,
+            state,
+        )
+        if not state.hooks:
+            raise UnsupportedModelError(
+                "pab: diffusers' pyramid attention broadcast hooked no attention module of this transformer"
+            )
+
+    @staticmethod
+    def _counting_forward(name: str, block: torch.nn.Module, below: Callable[..., Any], state, counter):
+        attn_name = f"{name}.attn"
+
+        def forward(mod: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            state.ran.discard(attn_name)
+            calls = counter.calls(name)
+            out = below(*args, **kwargs)
+            computed = attn_name in state.ran
+            if counter.calls(name) == calls:
+                n = _hidden_tokens(args, kwargs)
+                counter.record(name, n, n if computed else 0, n if computed else 0, n)
+            elif not computed:  # a token method inside counted its attention, which the broadcast reused
+                counter.reused(name, attn=True, kv=True)
+            return out
+
+        return forward
+
+

@@ -1,0 +1,393 @@
+"""diffusers' cache hooks as tokred methods (``first_block_cache``, ``pab``) on SD3/SD3.5 transformers.
+
+They equal diffusers' own hooks applied by hand (with the context, reset and None-text-stream handling tokred
+adds), differ from the baseline, are deterministic over generations, remove exactly, compute fewer blocks or
+attentions (counted by hooks on the sublayers that run only when computed, and by the token counts), refuse
+the U-Net, work inside a CFG pipeline and beside a token method (ToDo) in one patch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import tiny_sd_unet
+from tiny_sd3 import sd3_denoise, tiny_sd3_pipeline, tiny_sd3_transformer, tiny_sd35_transformer
+
+import tokred
+from tokred.adapters import resolve_adapter
+from tokred.errors import InvalidOptionError, UnsupportedModelError
+from tokred.options import parse_options
+from tokred.patch import Patch
+from tokred.state import RunState
+
+TIMESTEPS = (950, 900, 700, 600, 500, 300)
+# Options that make the tiny random models cache: first-block cache's residual change between these calls is
+# 0.3 to 0.5 on random weights; the broadcast's window opened to every timestep.
+OPTIONS = {
+    "first_block_cache": {"threshold": 0.5},
+    "pab": {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (0, 1000)},
+}
+CACHES = list(OPTIONS)
+LAYOUTS = {"SD3": lambda: tiny_sd3_transformer(num_layers=4), "SD3.5": tiny_sd35_transformer}
+
+
+def inputs(batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 16, 16, 16, generator=g), torch.randn(batch, 8, 64, generator=g), torch.randn(
+        batch, 64, generator=g
+    )
+
+
+def generate(model, timesteps=TIMESTEPS, before_step=None):
+    sample, text, pooled = inputs()
+    return torch.stack(sd3_denoise(model, sample, text, pooled, timesteps, before_step))
+
+
+def count_runs(model):
+    """Forward hooks on every block's feed-forward (runs only when the block computes) and on every attention's
+    query projection (runs only when the attention computes): the calls of each, after each generation."""
+    counts = {"ff": 0, "to_q": 0}
+    handles = []
+    for block in model.transformer_blocks:
+        handles.append(block.ff.register_forward_hook(lambda *a: counts.__setitem__("ff", counts["ff"] + 1)))
+        for attn in (block.attn, getattr(block, "attn2", None)):
+            if attn is not None:
+                handles.append(
+                    attn.to_q.register_forward_hook(lambda *a: counts.__setitem__("to_q", counts["to_q"] + 1))
+                )
+    return counts, handles
+
+
+def module_state(model):
+    """What remove() must restore: every module's own attributes (forwards, registries) and the parameters."""
+    return [(name, sorted(vars(m))) for name, m in model.named_modules()], {
+        k: v.clone() for k, v in model.state_dict().items()
+    }
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("method", CACHES)
+def test_cache_differs_is_deterministic_computes_less_and_removes_exactly(method, layout):
+    model = LAYOUTS[layout]()
+    names, params = module_state(model)
+    counts, handles = count_runs(model)
+    base = generate(model)
+    base_counts = dict(counts)
+    patch = tokred.apply(model, method, **OPTIONS[method])
+    assert getattr(type(patch.method), "kind", None) == "cache"
+    counts.update(ff=0, to_q=0)
+    first = generate(model)
+    cached_counts = dict(counts)
+    tokens = patch.token_counts()
+    second = generate(model)  # the rising timestep starts a second generation: the hooks' state is reset
+    patch.remove()
+    for h in handles:
+        h.remove()
+    assert torch.equal(first, second)
+    assert not torch.equal(first, base)
+    assert torch.equal(first[0], base[0])  # the first call of a generation computes everything
+    if method == "first_block_cache":
+        assert cached_counts["ff"] < base_counts["ff"] and cached_counts["to_q"] < base_counts["to_q"]
+        head, *rest = tokens.values()
+        assert head.attn == head.mlp == head.tokens == 64  # the first block always runs
+        skipped = len(TIMESTEPS) - cached_counts["ff"] // len(model.transformer_blocks)
+        assert all(t.tokens == 64 and t.mlp < 64 and t.attn == t.kv == t.mlp for t in rest)
+        assert skipped >= 1
+    else:
+        assert cached_counts["ff"] == base_counts["ff"] and cached_counts["to_q"] < base_counts["to_q"]
+        assert all(t.tokens == t.mlp == 64 and t.attn == t.kv < 64 for t in tokens.values())
+        # skip range 2 over the window: every second call reuses (calls 2, 4, 6 of 6)
+        assert all(t.attn == 64 * 3 / 6 for t in tokens.values())
+    assert torch.equal(generate(model), base)
+    after_names, after_params = module_state(model)
+    assert after_names == names and all(torch.equal(params[k], after_params[k]) for k in params)
+    assert tokred.get_patch(model) is None
+
+
+def test_first_block_cache_equals_diffusers_hooks_applied_by_hand():
+    """diffusers' apply_first_block_cache on a copy, with what tokred adds done by hand: a cache context, the reset
+    per generation, and the last block's text stream returned instead of None (beneath the hooks)."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
+
+    model = tiny_sd3_transformer(num_layers=4)
+    reference = copy.deepcopy(model)
+    last = reference.transformer_blocks[-1]
+    plain = last.forward
+
+    def text_passes(*args, **kwargs):
+        encoder, hidden = plain(*args, **kwargs)
+        return kwargs["encoder_hidden_states"], hidden
+
+    last.forward = text_passes
+    apply_first_block_cache(reference, FirstBlockCacheConfig(threshold=0.5))
+
+    def by_hand():
+        HookRegistry.check_if_exists_or_initialize(reference).reset_stateful_hooks()
+        _set_cache_context(reference, CacheContext("cond"))
+        return generate(reference)
+
+    expected = [by_hand(), by_hand()]
+    with tokred.apply(model, "first_block_cache", threshold=0.5):
+        got = [generate(model), generate(model)]
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_pab_equals_diffusers_hooks_applied_by_hand():
+    from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+    model = tiny_sd35_transformer()
+    reference = copy.deepcopy(model)
+    now = {"t": 0.0}
+    apply_pyramid_attention_broadcast(
+        reference,
+        PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=3,
+            spatial_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=lambda: now["t"],
+        ),
+    )
+
+    def by_hand():
+        for module in reference.modules():
+            if hasattr(module, "_diffusers_hook"):
+                module._diffusers_hook.reset_stateful_hooks(recurse=False)
+        return generate(reference, before_step=lambda i: now.__setitem__("t", TIMESTEPS[i - 1]))
+
+    expected = [by_hand(), by_hand()]
+    base = generate(model)
+    with tokred.apply(model, "pab", spatial_attention_block_skip_range=3):
+        got = [generate(model), generate(model)]
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert not torch.equal(got[0], base)
+
+
+@pytest.mark.parametrize("method", CACHES)
+def test_unet_is_refused_with_the_supported_family(method):
+    unet = tiny_sd_unet()
+    with pytest.raises(UnsupportedModelError, match=f"'{method}' does not support diffusers_unet models; it supports: "
+                       "diffusers_mmdit"):
+        tokred.apply(unet, method)
+    assert tokred.get_patch(unet) is None and not any("forward" in vars(m) for m in unet.modules())
+
+
+def test_bad_options_and_models_are_refused():
+    model = tiny_sd3_transformer()
+    with pytest.raises(InvalidOptionError, match="'threshold'=-0.1 is invalid; valid: number >= 0"):
+        tokred.apply(model, "first_block_cache", threshold=-0.1)
+    with pytest.raises(InvalidOptionError, match=r"spatial_attention_timestep_skip_range'=\(800, 100\) is invalid"):
+        tokred.apply(model, "pab", spatial_attention_timestep_skip_range=(800, 100))
+    with pytest.raises(InvalidOptionError, match="spatial_attention_block_skip_range'=0 is invalid; valid: int >= 1"):
+        tokred.apply(model, "pab", spatial_attention_block_skip_range=0)
+    with pytest.raises(UnsupportedModelError, match="has 1 block.*needs a first block and at least one more"):
+        tokred.apply(tiny_sd3_transformer(num_layers=1), "first_block_cache")
+    assert not any("forward" in vars(m) or "_diffusers_hook" in vars(m) for m in model.modules())
+
+
+def test_pab_at_skip_range_one_is_the_unpatched_model():
+    model = tiny_sd35_transformer()
+    base = generate(model)
+    window = {"spatial_attention_timestep_skip_range": (0, 1000)}
+    with tokred.apply(model, "pab", spatial_attention_block_skip_range=1, **window):
+        assert torch.equal(generate(model), base)
+
+
+@pytest.mark.parametrize("method", CACHES)
+def test_paused_calls_compute_the_unpatched_model_and_leave_the_cache_alone(method):
+    model = tiny_sd3_transformer(num_layers=4)
+    sample, text, pooled = inputs()
+
+    def extra_call():
+        with torch.no_grad():
+            return model(hidden_states=sample * 2, encoder_hidden_states=text, pooled_projections=pooled,
+                         timestep=torch.full((2,), 650.0)).sample
+
+    base, base_extra = generate(model), extra_call()
+    with tokred.apply(model, method, **OPTIONS[method]) as patch:
+        plain = generate(model)
+        extras = []
+
+        def before_step(i):
+            if i == 4:  # an extra call, paused, between calls 3 and 4
+                with patch.paused():
+                    extras.append(extra_call())
+
+        with_pause = generate(model, before_step=before_step)
+    assert torch.equal(with_pause, plain) and not torch.equal(plain, base)
+    assert torch.equal(extras[0], base_extra)
+
+
+@pytest.mark.parametrize("method", CACHES)
+def test_deepcopy_of_a_patched_model_carries_its_own_patch(method):
+    model = tiny_sd3_transformer(num_layers=4)
+    base = generate(model)
+    with tokred.apply(model, method, **OPTIONS[method]):
+        clone = copy.deepcopy(model)
+        expected = generate(model)
+    assert torch.equal(generate(clone), expected) and torch.equal(generate(model), base)
+    tokred.remove(clone)
+    assert torch.equal(generate(clone), base)
+    assert not any("forward" in vars(m) or "_diffusers_hook" in vars(m) for m in clone.modules())
+
+
+def test_a_registry_already_on_a_block_keeps_its_own_hooks():
+    """A diffusers hook the user registered on a block before (here a counting one) still runs while patched
+    (inside ours, as part of the block), and remove() leaves it, and only it, in the block's registry."""
+    from diffusers.hooks.hooks import HookRegistry, ModelHook
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    model = tiny_sd3_transformer(num_layers=4)
+    block = model.transformer_blocks[2]
+    HookRegistry.check_if_exists_or_initialize(block).register_hook(Count(), "user_count")
+    user_forward = vars(block)["forward"]
+    base = generate(model)
+    for method in CACHES:
+        with tokred.apply(model, method, **OPTIONS[method]) as patch:
+            Count.calls = 0
+            generate(model)
+            t = patch.token_counts()["transformer_blocks.2"]
+        # the user's hook is part of the block beneath ours: it runs on the calls that compute the block
+        assert Count.calls == round(t.calls * t.mlp / t.tokens) and Count.calls < len(TIMESTEPS) or method == "pab"
+        assert Count.calls == len(TIMESTEPS) or method == "first_block_cache"  # pab hooks the attentions only
+        assert list(block._diffusers_hook.hooks) == ["user_count"] and vars(block)["forward"] is user_forward
+        assert torch.equal(generate(model), base)
+        with tokred.apply(model, method, **OPTIONS[method]):
+            clone = copy.deepcopy(model)  # its own patch: the copied registry lost our hooks before it was applied
+        assert list(clone.transformer_blocks[2]._diffusers_hook.hooks)[0] == "user_count"
+        tokred.remove(clone)
+        assert list(clone.transformer_blocks[2]._diffusers_hook.hooks) == ["user_count"]
+
+
+# --- beside a token method in one patch (what a composition installs) ---------------------------------------------
+def cache_and_todo(model, cache: str, options: dict):
+    """ToDo's block planner and the cache's hooks installed into one patch, the token method first (the cache
+    outside, recomputed blocks reduced inside), through the pieces tokred.apply uses."""
+    adapter = resolve_adapter(model)
+    todo_cls, cache_cls = tokred.get_method("todo"), tokred.get_method(cache)
+    todo = todo_cls(parse_options(todo_cls.options[adapter.family], {"downsample_factor": 2}, context="todo"))
+    method = cache_cls(parse_options(cache_cls.options[adapter.family], options, context=cache))
+    todo.check(adapter)
+    method.check(adapter)
+    patch = Patch(adapter, method, RunState(method=cache_cls.State()))
+    adapter.attach(patch)
+    todo.install(patch)
+    method.install(patch)
+    return patch
+
+
+@pytest.mark.parametrize("method", CACHES)
+def test_cache_and_todo_in_one_patch(method):
+    model = tiny_sd3_transformer(num_layers=4)
+    names, _ = module_state(model)
+    base = generate(model)
+    with tokred.apply(model, "todo", downsample_factor=2):
+        todo_alone = generate(model)
+    with tokred.apply(model, method, **OPTIONS[method]):
+        cache_alone = generate(model)
+    patch = cache_and_todo(model, method, OPTIONS[method])
+    counts, handles = count_runs(model)
+    both = generate(model)
+    tokens, to_q = patch.token_counts(), counts["to_q"]
+    both_again = generate(model)
+    patch.remove()
+    for h in handles:
+        h.remove()
+    assert torch.equal(both, both_again)
+    assert not torch.equal(both, todo_alone) and not torch.equal(both, cache_alone) and not torch.equal(both, base)
+    assert torch.equal(both[0], todo_alone[0])  # the first call computes every block, with ToDo's keys/values
+    for t in tokens.values():
+        # one record per call; ToDo's 2x2 downsampling of the keys/values where the attention computed, 0 elsewhere
+        assert t.calls == len(TIMESTEPS) and t.tokens == 64 and t.kv == pytest.approx(t.attn / 4)
+    assert min(t.attn for t in tokens.values()) < 64
+    assert to_q < len(TIMESTEPS) * len(model.transformer_blocks)
+    assert torch.equal(generate(model), base) and module_state(model)[0] == names
+
+
+# --- inside pipelines ----------------------------------------------------------------------------------------------
+def pipe_images(pipe, **kwargs):
+    return pipe(
+        ["a red cube"],
+        num_inference_steps=5,
+        guidance_scale=5.0,
+        height=32,
+        width=32,
+        max_sequence_length=8,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        **kwargs,
+    ).images
+
+
+@pytest.mark.parametrize("method", CACHES)
+def test_sd3_pipeline_with_cfg(method):
+    """A CFG-batched StableDiffusion3Pipeline: same seed, same image over two generations; not the baseline's;
+    fewer block (or attention) computations; remove() exact."""
+    pipe = tiny_sd3_pipeline(num_layers=4)
+    counts, handles = count_runs(pipe.transformer)
+    base = pipe_images(pipe)
+    base_counts = dict(counts)
+    patch = tokred.apply(pipe, method, **OPTIONS[method])
+    counts.update(ff=0, to_q=0)
+    first = pipe_images(pipe)
+    cached = dict(counts)
+    second = pipe_images(pipe)
+    steps = patch.state.step
+    patch.remove()
+    for h in handles:
+        h.remove()
+    assert (first == second).all() and not (first == base).all() and steps == 5
+    assert cached["to_q"] < base_counts["to_q"]
+    assert (pipe_images(pipe) == base).all()
+    assert not any("forward" in vars(m) or "_diffusers_hook" in vars(m) for m in pipe.transformer.modules())
+
+
+@pytest.mark.parametrize("method", CACHES)
+def test_sd35_pipeline_skip_layer_passes_compute_every_block(method):
+    """SD3.5's skip-layer guidance adds an auxiliary pass per step (from the second): it bypasses the hooks, so
+    each one computes every block it does not skip by design, and the cache's state is that of the counted calls."""
+    pipe = tiny_sd3_pipeline(num_layers=3, dual_attention_layers=(0,), qk_norm="rms_norm")
+    slg = dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    ff_calls = []
+    patch = tokred.apply(pipe, method, **OPTIONS[method])
+    hooks = [
+        b.ff.register_forward_hook(lambda m, a, o, i=i: ff_calls.append((patch.state.auxiliary, i)))
+        for i, b in enumerate(pipe.transformer.transformer_blocks)
+    ]
+    try:
+        with_slg = pipe_images(pipe, **slg)
+        again = pipe_images(pipe, **slg)
+    finally:
+        for h in hooks:
+            h.remove()
+        patch.remove()
+    auxiliary = [i for aux, i in ff_calls[: len(ff_calls) // 2] if aux]
+    assert auxiliary == [0, 2] * 4  # block 1 skipped by the guidance itself, the others computed in every pass
+    assert (with_slg == again).all()
+
+
+def test_flops_count_what_ran():
+    """FlopCounterMode over a whole generation counts only the computed blocks and attentions: the caches count
+    fewer FLOPs than the baseline, the cache with ToDo fewer than either alone."""
+    from tokred.flops import count_flops
+
+    model = tiny_sd3_transformer(num_layers=4)
+    base = count_flops(lambda: generate(model))
+    with tokred.apply(model, "todo", downsample_factor=2):
+        todo = count_flops(lambda: generate(model))
+    for method in CACHES:
+        with tokred.apply(model, method, **OPTIONS[method]) as patch:
+            cached = count_flops(lambda: generate(model))
+            computed = sum(t.mlp if method == "first_block_cache" else t.attn for t in patch.token_counts().values())
+        patch = cache_and_todo(model, method, OPTIONS[method])
+        both = count_flops(lambda: generate(model))
+        patch.remove()
+        assert both < min(cached, todo) and cached < base
+        assert computed < 64 * len(model.transformer_blocks)  # the token counts show the same skipped work
