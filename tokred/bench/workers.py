@@ -183,14 +183,16 @@ class WorkerPool:
         return payload
 
     def close(self) -> None:
-        """Ask the workers to exit; terminate any that does not within a few seconds."""
+        """Ask the workers to exit; terminate any that has not within 2 seconds (an exiting worker has nothing
+        left to lose, and the next task should not wait on its interpreter's teardown)."""
         for conn in self._conns:
             try:
                 conn.send(("close",))
             except (OSError, ValueError):
                 pass
+        deadline = time.monotonic() + 2.0
         for proc in self._procs:
-            proc.join(timeout=5.0)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=5.0)
