@@ -51,7 +51,8 @@ def test_kinds_of_the_built_in_methods():
     kinds = {name: tokred.get_method(name).kind for name in tokred.list_methods()}
     assert kinds == {"tome": "merge", "ca_tome": "merge", "cat_pruning": "prune", "todo": "downsample",
                      "deepcache": "cache", "deepcache+tome": "composite", "deepcache+todo": "composite",
-                     "first_block_cache": "cache", "pab": "cache", "first_block_cache+todo": "composite"}
+                     "first_block_cache": "cache", "pab": "cache", "first_block_cache+todo": "composite",
+                     "evit": "prune", "tofu": "merge", "pitome": "merge", "mctf": "merge"}
     assert tokred.Method.kind == "other"  # a plugin that does not say
 
 
