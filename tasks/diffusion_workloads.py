@@ -183,17 +183,17 @@ class EmbeddedDigits(DiffusionWorkload):
     note = EMBEDDED_NOTE
     settings = frozenset({"prompts"})
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
-        # About 0.6 s per image (20 DDIM steps, guidance, one thread). Per method: 80 evaluated images
-        # (8 per digit) for FID/KID/accuracy/PSNR with intervals and the paired differences from the baseline,
+        # About 0.6 s per image (20 DDIM steps, guidance, one thread). Per method: 64 evaluated images
+        # (6-7 per digit) for FID/KID/accuracy/PSNR with intervals and the paired differences from the baseline,
         # 1 warm-up + 5-12 paired rounds of a 2-image batch (2.4 s a round), one more batch for FLOPs and memory
         # and one for the U-Net share. The count: what the main job's 15 minutes on 2 cores leave after timing,
-        # with the mildest and strongest preset of each of 5 methods (about 0.6 s for the baseline's image plus
-        # 10 x 0.5 s for the cases', 5.4 s an image index: 80 images are 430 s of the job). The evaluated images
-        # are generated 2 a call, as timed; `--set eval_batch_size=N` generates them N a call (cheaper per image
-        # if a call's fixed cost dominates: to be timed on a quiet machine before the profile takes it).
+        # with the mildest and strongest preset of each of 5 methods and the 2 declared compositions (about 0.6 s
+        # for the baseline's image plus 12 x 0.5 s for the cases', 6.6 s an image index: 64 images are 420 s of the
+        # job). The evaluated images are generated 2 a call, as timed; `--set eval_batch_size=N` generates them N a
+        # call (cheaper per image if a call's fixed cost dominates: to be timed on a quiet machine first).
         # Rounds of about 2 s, 40-60 s per case, reproduced from machine to machine: one process, and a timing
         # floor of 5 s of method calls (the fastest presets stop at 5 rounds of 0.7 s otherwise).
-        "default": {"task": {"num_images": 80, "batch_size": 2}, "budget_s": 25.0, "max_rounds": 20,
+        "default": {"task": {"num_images": 64, "batch_size": 2}, "budget_s": 25.0, "max_rounds": 20,
                     "min_time_s": 5.0},
         "quick": {"task": {"num_images": 10, "batch_size": 2, "num_inference_steps": 10}, "budget_s": 4.0,
                   "max_rounds": 8},

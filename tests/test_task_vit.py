@@ -302,7 +302,7 @@ def test_workloads_table_and_profiles():
     assert cls.profile("embedded", "quick")["task"] == {"num_images": 120}
     assert cls.profile("embedded", "quick")["budget_s"] == 2.0
     assert cls.profile("embedded", "default") == {"budget_s": 10.0, "max_rounds": 100, "processes": 3,
-                                                  "min_time_s": 6.0, "task": {}}
+                                                  "min_time_s": 4.0, "task": {}}
     assert cls.profile("arch", "default")["budget_s"] == 30.0
     assert cls.profile("arch", "quick") == {"budget_s": 5.0, "max_rounds": 10, "task": {}}
     assert cls.profile("full", "default") == {"task": {}} and cls.profile("full", "quick") == {"task": {}}
