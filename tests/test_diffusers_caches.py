@@ -164,13 +164,23 @@ def test_pab_equals_diffusers_hooks_applied_by_hand():
     assert not torch.equal(got[0], base)
 
 
-@pytest.mark.parametrize("method", CACHES)
-def test_unet_is_refused_with_the_supported_family(method):
+@pytest.mark.parametrize("method,reason", [
+    ("first_block_cache", r"\(diffusers' first-block cache hooks the blocks of a transformer's top-level block lists .*"
+     r"a U-Net has none.*deepcache\)\)"),
+    ("pab", r"\(offered for diffusion transformers only.*deepcache\)"),
+])
+def test_unet_and_vit_are_refused_with_the_reason_and_the_supported_families(method, reason):
+    from tiny_models import tiny_timm_vit
+
     unet = tiny_sd_unet()
-    with pytest.raises(UnsupportedModelError, match=f"'{method}' does not support diffusers_unet models; it supports: "
-                       "diffusers_mmdit"):
+    with pytest.raises(UnsupportedModelError, match=f"'{method}' does not support diffusers_unet models {reason}; it "
+                       "supports: diffusers_dit, diffusers_flux, diffusers_mmdit"):
         tokred.apply(unet, method)
     assert tokred.get_patch(unet) is None and not any("forward" in vars(m) for m in unet.modules())
+    vit = tiny_timm_vit("vit_small_patch16_224")
+    with pytest.raises(UnsupportedModelError, match="timm_vit models \\(a cache across denoising steps, and a ViT's "
+                       "forward is one call"):
+        tokred.apply(vit, method)
 
 
 def test_bad_options_and_models_are_refused():
