@@ -287,9 +287,13 @@ def cache_and_todo(model, cache: str, options: dict):
     todo.check(adapter)
     method.check(adapter)
     patch = Patch(adapter, method, RunState(method=cache_cls.State()))
-    adapter.attach(patch)
-    todo.install(patch)
-    method.install(patch)
+    try:
+        adapter.attach(patch)
+        todo.install(patch)
+        method.install(patch)
+    except BaseException:
+        patch.remove()  # as tokred.apply does when an install fails
+        raise
     return patch
 
 
@@ -401,3 +405,248 @@ def test_flops_count_what_ran():
         patch.remove()
         assert both < min(cached, todo) and cached < base
         assert computed < 64 * len(model.transformer_blocks)  # the token counts show the same skipped work
+
+
+# --- the DiT families: PixArt-Σ, DiT-XL/2 (diffusers_dit) and Flux.1 (diffusers_flux) -------------------------------
+def dit_generate(kind: str, model, timesteps=TIMESTEPS, before_step=None) -> torch.Tensor:
+    """One generation of ``kind``'s tiny transformer (batch 2, 64 image tokens): a call per timestep on
+    ``sample + 0.1 * i``; ``before_step(i)`` runs before call i (1-based)."""
+    from tiny_dit import TEXT_WIDTH, pixart_added_cond
+    from tiny_flux import image_ids, smooth_tokens
+
+    g = torch.Generator().manual_seed(0)
+    outs = []
+    with torch.no_grad():
+        if kind == "Flux.1":
+            sample, text = smooth_tokens(2, 8, 8, 16, g), torch.randn(2, 6, 32, generator=g)
+            pooled = torch.randn(2, 32, generator=g)
+            for i, t in enumerate(timesteps):
+                if before_step is not None:
+                    before_step(i + 1)
+                outs.append(model(hidden_states=sample + 0.1 * i, encoder_hidden_states=text, pooled_projections=pooled,
+                                  timestep=torch.full((2,), t / 1000), img_ids=image_ids(8, 8), txt_ids=torch.zeros(6, 3),
+                                  guidance=torch.full((2,), 3.5)).sample)  # fmt: skip
+            return torch.stack(outs)
+        sample = torch.randn(2, 4, 16, 16, generator=g)
+        text = torch.randn(2, 6, TEXT_WIDTH, generator=g)
+        for i, t in enumerate(timesteps):
+            if before_step is not None:
+                before_step(i + 1)
+            if kind == "DiT":
+                out = model(sample + 0.1 * i, timestep=torch.full((2,), t), class_labels=torch.tensor([1, 7]))
+            else:
+                out = model(sample + 0.1 * i, encoder_hidden_states=text, timestep=torch.full((2,), t),
+                            added_cond_kwargs=pixart_added_cond(2, 128, 128))  # fmt: skip
+            outs.append(out.sample)
+    return torch.stack(outs)
+
+
+def dit_model(kind: str):
+    from tiny_dit import tiny_dit_transformer, tiny_pixart_transformer
+    from tiny_flux import tiny_flux_transformer
+
+    if kind == "Flux.1":
+        return tiny_flux_transformer(num_layers=2, num_single_layers=2)
+    return tiny_dit_transformer(num_layers=4) if kind == "DiT" else tiny_pixart_transformer(num_layers=4)
+
+
+KINDS = ["PixArt-Σ", "DiT", "Flux.1"]
+
+
+def block_list(model):
+    return [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", [])]
+
+
+def count_dit_runs(model):
+    """Forward hooks on every block's MLP input layer (``ff``, or a single-stream Flux block's ``proj_mlp``: runs
+    only when the block computes), on every self-attention's query projection (``attn1`` / ``attn``) and on every
+    cross-attention's (PixArt's ``attn2``)."""
+    counts = {"ff": 0, "to_q": 0, "cross_q": 0}
+    handles = []
+
+    def bump(key):
+        return lambda *a: counts.__setitem__(key, counts[key] + 1)
+
+    for block in block_list(model):
+        handles.append((block.ff if hasattr(block, "ff") else block.proj_mlp).register_forward_hook(bump("ff")))
+        handles.append((getattr(block, "attn1", None) or block.attn).to_q.register_forward_hook(bump("to_q")))
+        if getattr(block, "attn2", None) is not None:
+            handles.append(block.attn2.to_q.register_forward_hook(bump("cross_q")))
+    return counts, handles
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", CACHES)
+def test_dit_families_cache_differ_are_deterministic_compute_less_and_remove_exactly(method, kind):
+    model = dit_model(kind)
+    blocks = len(block_list(model))
+    names, params = module_state(model)
+    counts, handles = count_dit_runs(model)
+    base = dit_generate(kind, model)
+    base_counts = dict(counts)
+    patch = tokred.apply(model, method, **OPTIONS[method])
+    counts.update(ff=0, to_q=0, cross_q=0)
+    first = dit_generate(kind, model)
+    cached = dict(counts)
+    tokens = patch.token_counts()
+    second = dit_generate(kind, model)  # the rising timestep starts a second generation: the hooks' state is reset
+    patch.remove()
+    for h in handles:
+        h.remove()
+    assert torch.equal(first, second) and not torch.equal(first, base)
+    assert torch.equal(first[0], base[0])  # the first call of a generation computes everything
+    assert len(tokens) == blocks and all(t.tokens == 64 and t.calls == len(TIMESTEPS) for t in tokens.values())
+    if method == "first_block_cache":
+        assert cached["ff"] < base_counts["ff"] and cached["to_q"] < base_counts["to_q"]
+        head, *rest = tokens.values()
+        assert head.attn == head.mlp == 64  # the first block always runs
+        assert all(t.mlp < 64 and t.attn == t.kv == t.mlp for t in rest)
+        computed_calls = (cached["ff"] - len(TIMESTEPS)) / (blocks - 1)
+        assert all(t.mlp == 64 * computed_calls / len(TIMESTEPS) for t in rest)  # counts = what the hooks saw run
+        if kind == "PixArt-Σ":  # a skipped block computed no cross-attention either
+            assert all(t.cross == t.mlp for t in rest) and cached["cross_q"] < base_counts["cross_q"]
+    else:
+        assert cached["ff"] == base_counts["ff"] and cached["to_q"] == base_counts["to_q"] // 2
+        assert all(t.mlp == 64 and t.attn == t.kv == 64 * 3 / 6 for t in tokens.values())  # calls 2, 4, 6 reused
+        assert cached["cross_q"] == base_counts["cross_q"]  # PixArt's cross-attention: not broadcast by default
+    assert torch.equal(dit_generate(kind, model), base)
+    after_names, after_params = module_state(model)
+    assert after_names == names and all(torch.equal(params[k], after_params[k]) for k in params)
+    assert tokred.get_patch(model) is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dit_families_first_block_cache_equals_diffusers_hooks_applied_by_hand(kind):
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
+
+    model = dit_model(kind)
+    reference = copy.deepcopy(model)
+    apply_first_block_cache(reference, FirstBlockCacheConfig(threshold=0.5))
+
+    def by_hand():
+        HookRegistry.check_if_exists_or_initialize(reference).reset_stateful_hooks()
+        _set_cache_context(reference, CacheContext("cond"))
+        return dit_generate(kind, reference)
+
+    expected = [by_hand(), by_hand()]
+    with tokred.apply(model, "first_block_cache", threshold=0.5):
+        got = [dit_generate(kind, model), dit_generate(kind, model)]
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert not torch.equal(got[0], dit_generate(kind, model))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dit_families_pab_equals_diffusers_hooks_applied_by_hand(kind):
+    from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+    model = dit_model(kind)
+    reference = copy.deepcopy(model)
+    now = {"t": 0.0}
+    cross = {"cross_attention_block_skip_range": 2} if kind == "PixArt-Σ" else {}
+    apply_pyramid_attention_broadcast(
+        reference,
+        PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=3,
+            spatial_attention_timestep_skip_range=(100, 800),
+            current_timestep_callback=lambda: now["t"],
+            **cross,
+        ),
+    )
+
+    def by_hand():
+        for module in reference.modules():
+            if hasattr(module, "_diffusers_hook"):
+                module._diffusers_hook.reset_stateful_hooks(recurse=False)
+        return dit_generate(kind, reference, before_step=lambda i: now.__setitem__("t", TIMESTEPS[i - 1]))
+
+    expected = [by_hand(), by_hand()]
+    base = dit_generate(kind, model)
+    with tokred.apply(model, "pab", spatial_attention_block_skip_range=3, **cross) as patch:
+        got = [dit_generate(kind, model), dit_generate(kind, model)]
+        tokens = patch.token_counts()
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert not torch.equal(got[0], base)
+    # window (100, 800): calls 3-6 (iterations 2-5) inside; skip 3 reuses iterations 2, 4, 5 (calls 3, 5, 6)
+    assert all(t.attn == 64 * 3 / 6 for t in tokens.values())
+    if cross:  # skip 2 on the cross-attention: iterations 3 and 5 (calls 4 and 6) reuse
+        assert all(t.cross == 64 * 4 / 6 for t in tokens.values())
+
+
+def test_pab_cross_attention_option_on_dit_is_refused():
+    from tiny_dit import tiny_dit_transformer
+
+    model = tiny_dit_transformer()
+    with pytest.raises(UnsupportedModelError, match="cross_attention_block_skip_range=2 but this DiTTransformer2DModel "
+                       "has no cross-attention; valid: None"):
+        tokred.apply(model, "pab", cross_attention_block_skip_range=2)
+    assert not any("forward" in vars(m) or "_diffusers_hook" in vars(m) for m in model.modules())
+    with pytest.raises(InvalidOptionError, match="cross_attention_block_skip_range'=0 is invalid; valid: None or int"):
+        tokred.apply(model, "pab", cross_attention_block_skip_range=0)
+    with pytest.raises(InvalidOptionError, match="unknown option.*cross_attention_block_skip_range"):
+        tokred.apply(dit_model("Flux.1"), "pab", cross_attention_block_skip_range=2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", CACHES)
+def test_dit_families_paused_calls_are_unpatched_and_leave_the_cache_alone(method, kind):
+    model = dit_model(kind)
+    base = dit_generate(kind, model)
+    base_extra = dit_generate(kind, model, timesteps=(650,))
+    with tokred.apply(model, method, **OPTIONS[method]) as patch:
+        plain = dit_generate(kind, model)
+        extras = []
+
+        def before_step(i):
+            if i == 4:  # a paused generation of its own between calls 3 and 4
+                with patch.paused():
+                    extras.append(dit_generate(kind, model, timesteps=(650,)))
+
+        with_pause = dit_generate(kind, model, before_step=before_step)
+    assert torch.equal(with_pause, plain) and not torch.equal(plain, base)
+    assert torch.equal(extras[0], base_extra)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dit_families_deepcopy_carries_its_own_patch(kind):
+    model = dit_model(kind)
+    base = dit_generate(kind, model)
+    with tokred.apply(model, "first_block_cache", threshold=0.5):
+        clone = copy.deepcopy(model)
+        expected = dit_generate(kind, model)
+    assert torch.equal(dit_generate(kind, clone), expected) and torch.equal(dit_generate(kind, model), base)
+    tokred.remove(clone)
+    assert torch.equal(dit_generate(kind, clone), base)
+    assert not any("forward" in vars(m) or "_diffusers_hook" in vars(m) for m in clone.modules())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", CACHES)
+def test_dit_families_cache_and_todo_in_one_patch(method, kind):
+    """ToDo installed first, the cache over it: recomputed blocks downsample their keys/values, skipped blocks
+    compute nothing. Flux refuses pab beside a token method, saying why."""
+    model = dit_model(kind)
+    names, _ = module_state(model)
+    base = dit_generate(kind, model)
+    if method == "pab" and kind == "Flux.1":
+        with pytest.raises(UnsupportedModelError, match="pab: beside a token method on Flux, tokred's reduced "
+                           "attention is computed from the attention's projections"):
+            cache_and_todo(model, method, OPTIONS[method])
+        assert module_state(model)[0] == names and torch.equal(dit_generate(kind, model), base)
+        return
+    with tokred.apply(model, "todo", downsample_factor=2):
+        todo_alone = dit_generate(kind, model)
+    with tokred.apply(model, method, **OPTIONS[method]):
+        cache_alone = dit_generate(kind, model)
+    patch = cache_and_todo(model, method, OPTIONS[method])
+    both = dit_generate(kind, model)
+    tokens = patch.token_counts()
+    both_again = dit_generate(kind, model)
+    patch.remove()
+    assert torch.equal(both, both_again)
+    assert not torch.equal(both, todo_alone) and not torch.equal(both, cache_alone) and not torch.equal(both, base)
+    assert torch.equal(both[0], todo_alone[0])  # the first call computes every block, with ToDo's keys/values
+    for t in tokens.values():
+        assert t.calls == len(TIMESTEPS) and t.tokens == 64 and t.kv == pytest.approx(t.attn / 4)
+    assert min(t.attn for t in tokens.values()) < 64
+    assert torch.equal(dit_generate(kind, model), base) and module_state(model)[0] == names
