@@ -423,9 +423,10 @@ def dit_generate(kind: str, model, timesteps=TIMESTEPS, before_step=None) -> tor
             for i, t in enumerate(timesteps):
                 if before_step is not None:
                     before_step(i + 1)
-                outs.append(model(hidden_states=sample + 0.1 * i, encoder_hidden_states=text, pooled_projections=pooled,
-                                  timestep=torch.full((2,), t / 1000), img_ids=image_ids(8, 8), txt_ids=torch.zeros(6, 3),
-                                  guidance=torch.full((2,), 3.5)).sample)  # fmt: skip
+                out = model(hidden_states=sample + 0.1 * i, encoder_hidden_states=text, pooled_projections=pooled,
+                            timestep=torch.full((2,), t / 1000), img_ids=image_ids(8, 8), txt_ids=torch.zeros(6, 3),
+                            guidance=torch.full((2,), 3.5))  # fmt: skip
+                outs.append(out.sample)
             return torch.stack(outs)
         sample = torch.randn(2, 4, 16, 16, generator=g)
         text = torch.randn(2, 6, TEXT_WIDTH, generator=g)
@@ -650,3 +651,132 @@ def test_dit_families_cache_and_todo_in_one_patch(method, kind):
         assert t.calls == len(TIMESTEPS) and t.tokens == 64 and t.kv == pytest.approx(t.attn / 4)
     assert min(t.attn for t in tokens.values()) < 64
     assert torch.equal(dit_generate(kind, model), base) and module_state(model)[0] == names
+
+
+# --- the DiT families inside their pipelines ------------------------------------------------------------------------
+def dit_pipeline(kind: str):
+    from tiny_dit import tiny_dit_pipeline, tiny_pixart_pipeline
+    from tiny_flux import tiny_flux_pipeline
+
+    return {"PixArt-Σ": tiny_pixart_pipeline, "DiT": tiny_dit_pipeline, "Flux.1": tiny_flux_pipeline}[kind]()
+
+
+def flux_inputs(true_cfg: bool = False) -> dict:
+    g = torch.Generator().manual_seed(123)
+    inputs = dict(prompt_embeds=torch.randn(1, 6, 32, generator=g),
+                  pooled_prompt_embeds=torch.randn(1, 32, generator=g))
+    if true_cfg:
+        inputs.update(negative_prompt_embeds=torch.randn(1, 6, 32, generator=g),
+                      negative_pooled_prompt_embeds=torch.randn(1, 32, generator=g), true_cfg_scale=2.0)
+    return inputs
+
+
+def pipeline_image(kind: str, pipe, true_cfg: bool = False) -> torch.Tensor:
+    from tiny_dit import pixart_prompt
+
+    common = dict(num_inference_steps=5, generator=torch.Generator().manual_seed(0))
+    if kind == "DiT":
+        return torch.from_numpy(pipe(class_labels=[3, 7], guidance_scale=4.0, output_type="np", **common).images)
+    if kind == "PixArt-Σ":
+        return pipe(guidance_scale=4.5, height=32, width=32, use_resolution_binning=False, negative_prompt=None,
+                    output_type="pt", **pixart_prompt(), **common).images  # fmt: skip
+    return pipe(height=32, width=32, output_type="pt", **flux_inputs(true_cfg), **common).images
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", CACHES)
+def test_dit_family_pipelines_same_seed_same_image_fewer_computations(method, kind):
+    """PixArtSigmaPipeline and DiTPipeline (CFG batched: one call per step) and FluxPipeline (its own cache
+    context "cond"): same seed, same image over two generations; not the baseline's; fewer block (or attention)
+    computations; remove() exact."""
+    pipe = dit_pipeline(kind)
+    counts, handles = count_dit_runs(pipe.transformer)
+    base = pipeline_image(kind, pipe)  # the baseline first: Flux's cache_context has set up the root's registry
+    base_counts = dict(counts)
+    names, _ = module_state(pipe.transformer)
+    patch = tokred.apply(pipe, method, **OPTIONS[method])
+    counts.update(ff=0, to_q=0, cross_q=0)
+    first = pipeline_image(kind, pipe)
+    cached = dict(counts)
+    tokens = patch.token_counts()
+    second = pipeline_image(kind, pipe)
+    steps, generations = patch.state.step, patch.state.generation
+    patch.remove()
+    for h in handles:
+        h.remove()
+    assert torch.equal(first, second) and not torch.equal(first, base)
+    assert steps == 5 and generations == 2
+    assert cached["to_q"] < base_counts["to_q"]
+    if method == "first_block_cache":
+        assert cached["ff"] < base_counts["ff"]
+        assert min(t.mlp for t in tokens.values()) < max(t.tokens for t in tokens.values())
+    else:
+        assert all(t.attn < t.tokens for t in tokens.values())
+    assert torch.equal(pipeline_image(kind, pipe), base)
+    assert module_state(pipe.transformer)[0] == names
+    assert not any("forward" in vars(m) or "_diffusers_hook" in vars(m) for m in block_list(pipe.transformer))
+
+
+def test_flux_true_cfg_first_block_cache_keeps_the_pipelines_contexts_and_equals_diffusers_enable_cache():
+    """FluxPipeline with true CFG calls the transformer twice per step, in cache contexts "cond" and "uncond":
+    tokred keeps them (one cache state each), so its images are those of diffusers' own enable_cache on a copy."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe = dit_pipeline("Flux.1")
+    reference = copy.deepcopy(pipe)
+    reference.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    expected = pipeline_image("Flux.1", reference, true_cfg=True)
+    base = pipeline_image("Flux.1", pipe, true_cfg=True)
+    with tokred.apply(pipe, "first_block_cache", threshold=0.5) as patch:
+        manager, contexts = patch.method_state.state_manager, []
+        handle = pipe.transformer.register_forward_hook(lambda *a: contexts.append(manager._context.name))
+        got = pipeline_image("Flux.1", pipe, true_cfg=True)
+        handle.remove()
+        again = pipeline_image("Flux.1", pipe, true_cfg=True)
+        tokens = patch.token_counts()
+    assert contexts == ["cond", "uncond"] * 5  # the pipeline's, each call in its own
+    assert torch.equal(got, expected) and torch.equal(got, again) and not torch.equal(got, base)
+    assert min(t.mlp for t in tokens.values()) < 64
+
+
+def test_flux_true_cfg_pab_keeps_one_broadcast_state_per_context():
+    """diffusers' broadcast keeps one state per attention, so under true CFG the "uncond" call of a step would
+    reuse the "cond" call's attention; tokred keeps one per context: each context computes its own first, third
+    and fifth call (window (0, 1000), skip 2), 6 of the 10 calls. Without true CFG, tokred equals diffusers'
+    enable_cache on a copy (the pipeline's current timestep as the callback)."""
+    from diffusers.hooks import PyramidAttentionBroadcastConfig
+
+    pipe = dit_pipeline("Flux.1")
+    with tokred.apply(pipe, "pab", **OPTIONS["pab"]) as patch:
+        managers, contexts = patch.method_state.managers, []
+        handle = pipe.transformer.register_forward_hook(
+            lambda *a: contexts.append({tuple(sorted(m._state_cache)) for m in managers})
+        )
+        with_cfg = pipeline_image("Flux.1", pipe, true_cfg=True)
+        handle.remove()
+        tokens = patch.token_counts()
+        assert with_cfg.isfinite().all()
+        assert all(t.calls == 10 and t.attn == 64 * 6 / 10 for t in tokens.values())
+        assert contexts[-1] == {("cond", "uncond")}  # every attention: a state per context
+        plain = pipeline_image("Flux.1", pipe)
+    reference = copy.deepcopy(pipe)
+    reference.transformer.enable_cache(PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(0, 1000),
+        current_timestep_callback=lambda: reference.current_timestep,
+    ))  # fmt: skip
+    assert torch.equal(plain, pipeline_image("Flux.1", reference))
+
+
+def test_controlnet_residuals_are_refused_by_first_block_cache():
+    from tiny_flux import image_ids
+
+    model = dit_model("Flux.1")
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(hidden_states=torch.randn(1, 64, 16, generator=g), encoder_hidden_states=torch.randn(1, 6, 32),
+                  pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=image_ids(8, 8),
+                  txt_ids=torch.zeros(6, 3), guidance=torch.tensor([3.5]),
+                  controlnet_block_samples=[torch.zeros(1, 64, 32)])  # fmt: skip
+    with tokred.apply(model, "first_block_cache"), pytest.raises(
+        UnsupportedModelError, match=r"ControlNet residuals \(controlnet_block_samples\).*add them twice"
+    ):
+        model(**kwargs)
