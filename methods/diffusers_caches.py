@@ -460,9 +460,9 @@ class PyramidAttentionBroadcast(Method):
     options = {"diffusers_mmdit": PABOptions, "diffusers_dit": PABCrossOptions, "diffusers_flux": PABOptions}
     presets = {family: _pab_presets() for family in ("diffusers_mmdit", "diffusers_dit", "diffusers_flux")}
     refusals = {
-        "diffusers_unet": "offered for diffusion transformers only, as the paper and diffusers' documentation apply it "
-        "(diffusers' hook would also catch the attentions of a U-Net's Transformer2DModels by name, checked against "
-        "no reference there); tokred's U-Net cache is deepcache",
+        "diffusers_unet": "offered for diffusion transformers only, as the paper and diffusers' documentation apply "
+        "it: diffusers' hook would also match a U-Net's attentions by name, a use no reference implementation or "
+        "published result covers (tokred's U-Net cache: deepcache)",
         "timm_vit": "a cache across denoising steps, and a ViT's forward is one call with no earlier step to reuse",
     }
     State = DiffusersHooksState

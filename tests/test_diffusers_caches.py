@@ -167,7 +167,7 @@ def test_pab_equals_diffusers_hooks_applied_by_hand():
 @pytest.mark.parametrize("method,reason", [
     ("first_block_cache", r"\(diffusers' first-block cache hooks the blocks of a transformer's top-level block lists .*"
      r"a U-Net has none.*deepcache\)\)"),
-    ("pab", r"\(offered for diffusion transformers only.*deepcache\)"),
+    ("pab", r"\(offered for diffusion transformers only.*deepcache\)\)"),
 ])
 def test_unet_and_vit_are_refused_with_the_reason_and_the_supported_families(method, reason):
     from tiny_models import tiny_timm_vit
