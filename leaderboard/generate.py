@@ -162,14 +162,15 @@ def table(section: Section) -> str:
         columns.append((m["name"], f"{m['name']}{unit}", m["better"]))
     columns = [c for c in columns if c[0] == "speedup" or any(c[0] in r.values for r in section.rows)]
     with_tokens = any(r.record.tokens for r in section.rows)
-    headers = ["method", "preset", "options", "Pareto"]
+    headers = ["method", "kind", "preset", "options", "Pareto"]
     headers += [f"{title} {ARROWS[d]}" if d else title for _, title, d in columns]
     if with_tokens:
         headers.append("tokens per block")
     body = []
     for row in section.rows:
         flag = CONTENDED_MARK if row.contended else (PARETO_MARK if row.pareto else "")
-        cells = [_escape(row.method), "—" if row.is_baseline else _escape(row.preset), _escape(row.options), flag]
+        cells = [_escape(row.method), row.kind, "—" if row.is_baseline else _escape(row.preset),
+                 _escape(row.options), flag]
         cells += [cell(row, key) for key, _, _ in columns]
         if with_tokens:
             cells.append(tokens_summary(row))
@@ -290,10 +291,10 @@ def published_table(path: str = PUBLISHED_FILE) -> str:
 
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
-    rows = [[r["method"], r["setting"], r["result"], r["source"]] for r in data["rows"]]
+    rows = [[r["method"], r.get("kind", ""), r["setting"], r["result"], r["source"]] for r in data["rows"]]
     return (
         "## Published results (not measured by us)\n\n"
-        f"{data['note']}\n\n" + tabulate(rows, headers=["method", "setting", "published result", "source"],
+        f"{data['note']}\n\n" + tabulate(rows, headers=["method", "kind", "setting", "published result", "source"],
                                          tablefmt="pipe", disable_numparse=True)
     )
 

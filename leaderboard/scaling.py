@@ -18,7 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .plot import save_figure
+from .sections import method_kind
 
+# the unit of a cache timed over its cycle: "cycle of 3 denoiser calls" (group: its per-call unit, "denoiser call")
+CYCLE = re.compile(r"^cycle of \d+ (.+)s$")
 PUBLISHED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "published.json")
 MISSING = "—"
 # How the title names an architecture (the ``architecture`` setting of the arch tasks); others print bare.
@@ -45,6 +48,16 @@ class ScalingGroup:
     def rows(self) -> list[tuple[str, str]]:
         """The (method, preset) rows that have a speedup to show: every one but the baseline, sorted."""
         return sorted(key for key in self.cells if key[0] != "baseline")
+
+    def kind(self, method: str, preset: str) -> str:
+        """The row's method kind (its results' ``method_kind``, else the registry's)."""
+        infos = list(self.cells.get((method, preset), {}).values())
+        return method_kind(method, infos[-1].get("method_kind") if infos else None)
+
+    def cycles(self) -> list[str]:
+        """The cycle units of the group's cells (a cache timed over its cycle of calls), distinct, sorted."""
+        return sorted({str(i["unit"]) for by_res in self.cells.values() for i in by_res.values()
+                       if CYCLE.match(str(i.get("unit") or ""))})
 
     @property
     def title(self) -> str:
@@ -87,10 +100,13 @@ def scaling_groups(benchmarks: list[dict[str, Any]]) -> list[ScalingGroup]:
         if isinstance(resolution, bool) or not isinstance(resolution, int):
             continue
         threads = info.get("threads", info.get("num_threads"))
+        # a cache timed over a cycle of n calls ("cycle of 3 denoiser calls") belongs with the per-call rows
+        unit = info.get("unit")
+        cycle = CYCLE.match(str(unit or ""))
         group = ScalingGroup(info["task"], info.get("size", "?"), _setting(info, "architecture"),
                              info.get("device_name") or info.get("device", "?"), info["dtype"],
                              threads if isinstance(threads, int) and not isinstance(threads, bool) else None,
-                             info.get("unit"))
+                             cycle.group(1) if cycle else unit)
         key = (group.task, group.size, group.architecture or "", group.device_name, group.dtype,
                -1 if group.threads is None else group.threads, group.unit or "")
         group = groups.setdefault(key, group)
@@ -156,7 +172,8 @@ def scaling_markdown(group: ScalingGroup, plot_path: str | None, published_path:
     from tabulate import tabulate
 
     resolutions = group.resolutions
-    table = [[method, preset] + [format_cell(cell_values(group, (method, preset), res)) for res in resolutions]
+    table = [[method, group.kind(method, preset), preset]
+             + [format_cell(cell_values(group, (method, preset), res)) for res in resolutions]
              for method, preset in group.rows]
     parts = [
         f"### {group.title}",
@@ -164,19 +181,22 @@ def scaling_markdown(group: ScalingGroup, plot_path: str | None, published_path:
         "Per resolution (image side, px): speedup × [95% interval] · FLOPs-ideal speedup · efficiency (speedup "
         "over FLOPs-ideal). (contended): the machine was busy while that cell was timed.",
         "",
-        tabulate(table, headers=["method", "preset"] + [f"{r}²" for r in resolutions], tablefmt="pipe",
+        tabulate(table, headers=["method", "kind", "preset"] + [f"{r}²" for r in resolutions], tablefmt="pipe",
                  disable_numparse=True),
     ]
+    if group.cycles():
+        parts += ["", f"Caches are timed over a whole cycle of their calls ({', '.join(group.cycles())}), the "
+                      "baseline's calls alike; their FLOPs are the cycle's mean per call."]
     if plot_path:
         parts += ["", f"![{group.title}]({plot_path})"]
     points = published_scaling(group.architecture, published_path)
     if points:
-        rows = [[p["method"], p.get("setting", ""), p["hardware"], _resolution_text(p["resolution"]),
+        rows = [[p["method"], p.get("kind", ""), p.get("setting", ""), p["hardware"], _resolution_text(p["resolution"]),
                  p.get("speedup_text") or f"{p['speedup']:.2f}×", f"[{p['source']}]({p['url']})", p.get("note", "")]
                 for p in points]
         parts += ["", "#### Published scaling points (not measured by us)", "",
                   "Reported by others on their own hardware and models; not comparable with the measured cells.", "",
-                  tabulate(rows, headers=["method", "setting", "hardware", "resolution", "published speedup",
+                  tabulate(rows, headers=["method", "kind", "setting", "hardware", "resolution", "published speedup",
                                           "source", "note"], tablefmt="pipe", disable_numparse=True)]
     return "\n".join(parts)
 

@@ -53,6 +53,22 @@ EXACT = ("gflops", "peak_mem_mb")
 TIMED = ("speedup",)  # ranked columns that contention invalidates
 
 
+def method_kind(method: str, recorded: str | None = None) -> str:
+    """The kind column of a row: "—" for the baseline, the kind its results recorded (``method_kind``), else the
+    registry's (older results files), else blank (a method this installation does not have)."""
+    if method == "baseline":
+        return "—"
+    if recorded:
+        return recorded
+    from tokred.errors import TokredError
+    from tokred.registry import get_method
+
+    try:
+        return get_method(method).kind
+    except TokredError:
+        return ""
+
+
 @dataclass
 class Row:
     method: str
@@ -69,6 +85,10 @@ class Row:
     @property
     def is_baseline(self) -> bool:
         return self.method == "baseline"
+
+    @property
+    def kind(self) -> str:
+        return method_kind(self.method, self.record.method_kind)
 
     @property
     def label(self) -> str:

@@ -102,7 +102,7 @@ from tokred.layout import GridMergeLayout
 from tokred.merge import AlternateMerge, GridMerge, alternate_matching, grid_destinations, grid_matching
 from tokred.method import MethodState
 from tokred.options import is_bool, is_int, number_in, option
-from tokred.reduction import FULL_BLOCK, BlockCall, BlockPlan, RowPlans
+from tokred.reduction import FULL_BLOCK, BlockCall, BlockPlan, RowPlans, TokenReduce
 
 from .tome import (
     DiTMergeLayout,
@@ -258,6 +258,7 @@ def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_pro
 
 @register_method("ca_tome")
 class CAToMe(Method):
+    kind = "merge"
     summary = "Cached Adaptive ToMe: threshold merging, pairs reused between steps (arXiv 2501.00946)"
     options = {
         "timm_vit": CAToMeViTOptions,
@@ -315,12 +316,15 @@ class CAToMe(Method):
         if isinstance(patch.adapter, TimmViTAdapter):
             threshold, num_protected = self.options.threshold, patch.adapter.num_protected
 
-            def choose(call: BlockCall, metric):
-                return threshold_alternate_matching(metric, threshold, num_protected)
+            point = TokenReduce(lambda scores: threshold_alternate_matching(scores.keys, threshold, num_protected))
 
-            patch.adapter.install_merging(
-                patch, choose, self.options.prop_attn, self.options.trace_source, may_merge=threshold < 1
-            )
+            def plan(call: BlockCall, x: torch.Tensor) -> BlockPlan:
+                return BlockPlan(tokens=point)
+
+            patch.adapter.install_blocks(
+                patch, plan, prop_attn=self.options.prop_attn, trace_source=self.options.trace_source,
+                may_reduce=threshold < 1,
+            )  # fmt: skip
         else:
             patch.adapter.install_blocks(patch, self.planner(patch.state), self.merging_blocks)
 

@@ -430,6 +430,7 @@ class CatPolicy:
 # --- the method ------------------------------------------------------------------------------------------------------
 @register_method("cat_pruning")
 class CatPruning(Method):
+    kind = "prune"
     summary = "CAT pruning: cluster-aware token pruning with cached outputs for diffusion (arXiv 2502.00433)"
     options = {"diffusers_mmdit": CatOptions, "diffusers_unet": CatUNetOptions, "diffusers_flux": CatOptions}
     options["diffusers_dit"] = CatOptions  # PixArt-α/Σ (the paper's second model), DiT-XL/2

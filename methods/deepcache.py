@@ -141,6 +141,7 @@ def skipped(part: UNetPart, block_id: int, layer_id: int) -> bool:
 
 @register_method("deepcache")
 class DeepCache(Method):
+    kind = "cache"
     summary = "DeepCache: reuse the U-Net's deep features across steps, run only the shallow branch (arXiv 2312.00858)"
     options = {"diffusers_unet": DeepCacheOptions}
     # a ladder, mild to strong: a full step every 2, 3 or 5 denoiser calls
@@ -153,6 +154,11 @@ class DeepCache(Method):
 
     def warmup_calls(self) -> int:
         return 0  # the first call is a full one, as every cache_interval-th is: no steady state to reach
+
+    def cycle_calls(self) -> int | None:
+        # uniform: one full call and cache_interval - 1 reusing ones, the same in every window of that many calls;
+        # the non-uniform schedule has no period (its full steps depend on the generation's length)
+        return self.options.cache_interval if self.options.uniform else None
 
     def check(self, adapter: DiffusersUNetAdapter) -> None:
         unet = adapter.root

@@ -269,6 +269,10 @@ class FirstBlockCache(Method):
         "between steps, which random weights do not show as trained ones do"
     )
 
+    def cycle_calls(self) -> int | None:
+        # the threshold decides at run time which calls skip: no period (per-call benchmarks refuse it)
+        return None
+
     def check(self, adapter) -> None:
         from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
         from diffusers.hooks._helpers import TransformerBlockRegistry
@@ -466,6 +470,11 @@ class PyramidAttentionBroadcast(Method):
         "timm_vit": "a cache across denoising steps, and a ViT's forward is one call with no earlier step to reuse",
     }
     State = DiffusersHooksState
+
+    def cycle_calls(self) -> int | None:
+        # computed and reused attentions repeat with a period only inside the timestep window: no period over a
+        # generation, so per-call benchmarks refuse it (time whole generations)
+        return None
 
     def check(self, adapter) -> None:
         from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK

@@ -101,6 +101,7 @@ class ToDoUNetOptions(ToDoOptions):
 
 @register_method("todo")
 class ToDo(Method):
+    kind = "downsample"
     summary = "ToDo: token downsampling of self-attention keys/values for diffusion (arXiv 2402.13573)"
     options = {"diffusers_unet": ToDoUNetOptions, "diffusers_mmdit": ToDoOptions, "diffusers_flux": ToDoOptions}
     options["diffusers_dit"] = ToDoOptions  # PixArt-α/Σ, DiT-XL/2: every block on the patch grid

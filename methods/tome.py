@@ -69,7 +69,7 @@ from tokred.errors import InvalidOptionError, TokredWarning
 from tokred.layout import GridMergeLayout
 from tokred.merge import GridMerge, alternate_matching, grid_destinations, grid_matching
 from tokred.options import int_at_least, is_bool, is_int, is_number, number_in, option
-from tokred.reduction import FULL_BLOCK, KEEP, BlockCall, BlockPlan, Grid, Sublayer
+from tokred.reduction import FULL_BLOCK, KEEP, BlockCall, BlockPlan, Grid, Sublayer, TokenReduce
 
 
 def _is_r_schedule(v: Any) -> bool:
@@ -300,6 +300,7 @@ def finest_merging_level(adapter: Any, names: set[str] | None) -> int:
 
 @register_method("tome")
 class ToMe(Method):
+    kind = "merge"
     summary = "Token Merging: bipartite soft matching (ViT, arXiv 2210.09461; SD, arXiv 2303.17604)"
     options = {
         "timm_vit": ToMeViTOptions,
@@ -340,13 +341,16 @@ class ToMe(Method):
         if isinstance(patch.adapter, TimmViTAdapter):
             schedule, num_protected = self.schedule, patch.adapter.num_protected
 
-            def choose(call: BlockCall, metric):
+            def plan(call: BlockCall, x) -> BlockPlan:
                 r = schedule[call.index]
-                return alternate_matching(metric, r, num_protected) if r > 0 else None
+                if r <= 0:
+                    return FULL_BLOCK
+                return BlockPlan(tokens=TokenReduce(lambda scores: alternate_matching(scores.keys, r, num_protected)))
 
-            patch.adapter.install_merging(
-                patch, choose, self.options.prop_attn, self.options.trace_source, may_merge=any(schedule)
-            )
+            patch.adapter.install_blocks(
+                patch, plan, prop_attn=self.options.prop_attn, trace_source=self.options.trace_source,
+                may_reduce=any(schedule),
+            )  # fmt: skip
         else:
             patch.adapter.install_blocks(patch, self.planner(patch.state), self.merging_blocks)
 

@@ -17,6 +17,7 @@ Adding a denoiser family is a row in the architecture table; the workloads take 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -190,7 +191,10 @@ class EmbeddedDigits(DiffusionWorkload):
         # 10 x 0.5 s for the cases', 5.4 s an image index: 80 images are 430 s of the job). The evaluated images
         # are generated 2 a call, as timed; `--set eval_batch_size=N` generates them N a call (cheaper per image
         # if a call's fixed cost dominates: to be timed on a quiet machine before the profile takes it).
-        "default": {"task": {"num_images": 80, "batch_size": 2}, "budget_s": 25.0, "max_rounds": 20},
+        # Rounds of about 2 s, 40-60 s per case, reproduced from machine to machine: one process, and a timing
+        # floor of 5 s of method calls (the fastest presets stop at 5 rounds of 0.7 s otherwise).
+        "default": {"task": {"num_images": 80, "batch_size": 2}, "budget_s": 25.0, "max_rounds": 20,
+                    "min_time_s": 5.0},
         "quick": {"task": {"num_images": 10, "batch_size": 2, "num_inference_steps": 10}, "budget_s": 4.0,
                   "max_rounds": 8},
     }
@@ -307,7 +311,8 @@ class RandomInitDenoiser(_ArchitectureWorkload):
     profiles: ClassVar[dict[str, dict[str, Any]]] = {
         # Real architectures at random init: a call is a fraction of a second (GPU) to a minute (CPU at 1024²);
         # 5 rounds is the floor, so on a CPU the budget only ever stops them at 5.
-        "default": {"budget_s": 120.0, "max_rounds": 30},
+        # 3 worker processes, each with its own model (memory: 4 copies of the denoiser with the parent's).
+        "default": {"budget_s": 120.0, "max_rounds": 30, "processes": 3, "min_time_s": 10.0},
         "quick": {"task": {"num_inference_steps": 4}, "budget_s": 10.0, "max_rounds": 5},
     }
 
@@ -366,7 +371,14 @@ class DenoiserCall(TimedCall):
     latents and call count of a generation. :meth:`start` begins a generation and runs the method's warm-up
     calls untimed (CAT pruning's ``t0`` full calls); a generation that runs out of steps starts again in
     :meth:`advance`, with its warm-up, so no timed call is ever a warm-up call. The baseline's calls (the patch
-    paused) denoise the same step and do not advance it."""
+    paused) denoise the same step and do not advance it.
+
+    ``start(warmup, cycle=n)`` (a cache's cycle, :meth:`tokred.Method.cycle_calls`) makes each timed call a cycle
+    of ``n`` denoiser calls at the next ``n`` timesteps (``unit`` "cycle of n denoiser calls"), for the baseline
+    and the method alike; the calls of a cycle start from the latents at its start (stepping the sampler between
+    them would change the scheduler's state inside the baseline's timed calls), and :meth:`advance` steps the
+    sampler with their predictions in turn. A generation restarts where fewer than ``n`` steps are left, so every
+    cycle is ``n`` consecutive calls of one generation (DeepCache's: one full call and ``n - 1`` reusing ones)."""
 
     stateful = True
 
@@ -377,37 +389,44 @@ class DenoiserCall(TimedCall):
         self.guidance_scale, self.latent_size, self.torch_device = guidance_scale, latent_size, torch_device
         self.warmup_calls = 0
         self.run: A.DenoisingRun | None = None
-        self.last: torch.Tensor | None = None
+        self.last: list[torch.Tensor] = []  # the predictions of the latest timed call, for advance()
 
     @torch.no_grad()
     def _call(self) -> torch.Tensor:
         if self.run is None:
-            self.start(self.warmup_calls)
-        self.last = self.pipe.call(self.run)
+            self.start(self.warmup_calls, self.calls)
+        run = self.run if self.calls == 1 else dataclasses.replace(self.run)  # a cycle: its own index
+        self.last = []
+        for i in range(self.calls):
+            run.index += 1 if i else 0
+            self.last.append(self.pipe.call(run))
         synchronize(self.torch_device)
-        return self.last
+        return self.last[-1]
 
     @torch.no_grad()
-    def start(self, warmup_calls: int = 0) -> None:
-        if warmup_calls >= self.steps:
+    def start(self, warmup_calls: int = 0, cycle: int = 1) -> None:
+        if warmup_calls + cycle > self.steps:
+            what = "call" if cycle == 1 else f"cycle of {cycle} calls"
             raise ValueError(
-                f"a generation of {self.steps} steps has no call after the method's {warmup_calls} warm-up calls; "
+                f"a generation of {self.steps} steps has no {what} after the method's {warmup_calls} warm-up calls; "
                 "raise num_inference_steps"
             )
-        self.warmup_calls = warmup_calls
+        self.warmup_calls, self.calls = warmup_calls, cycle
+        self.unit = "denoiser call" if cycle == 1 else f"cycle of {cycle} denoiser calls"
         self.run = self.pipe.begin(self.seeds, self.steps, self.guidance_scale, self.latent_size)
         for _ in range(warmup_calls):
             self.pipe.step(self.run, self.pipe.call(self.run))
-        self.last = None
+        self.last = []
 
     @torch.no_grad()
     def advance(self) -> None:
-        if self.run is None or self.last is None:
+        if self.run is None or not self.last:
             return
-        self.pipe.step(self.run, self.last)
-        self.last = None
-        if self.run.done:
-            self.start(self.warmup_calls)
+        for prediction in self.last:
+            self.pipe.step(self.run, prediction)
+        self.last = []
+        if self.run.index + self.calls > len(self.run.timesteps):
+            self.start(self.warmup_calls, self.calls)
 
 
 class PretrainedPipeline(_ArchitectureWorkload):

@@ -533,7 +533,8 @@ class TextToImage(Task):
         return self._timed
 
     def measure_speed(self, flops: bool = True, memory: bool = True, share: bool = True) -> dict[str, float]:
-        """``gflops``/``unet_gflops`` per image and ``peak_mem_mb`` of one timed unit (one call for both),
+        """``gflops``/``unet_gflops`` per image and ``peak_mem_mb`` of one timed unit (one call for both; a cycle of
+        a cache's denoiser calls gives the GFLOPs of one call averaged over the cycle, e.g. (1 full + 2 reusing) / 3),
         ``unet_share`` (another generation with timing hooks; with ``share``, for workloads with images, whose
         generation holds more than the denoiser), ``unet_calls_per_batch`` and ``batch_size``. No latency: the
         harness times the workload."""
@@ -549,7 +550,9 @@ class TextToImage(Task):
                 self.generate(indices)
 
         out: dict[str, float] = {"batch_size": float(n)}
-        measured = flops_and_memory(fn, self.torch_device, n, flops=flops, memory=memory, modules={
+        # per image and per denoiser call: a cycle of a cache's calls (unit.calls > 1) counts their average
+        calls = int(getattr(unit, "calls", 1)) if getattr(unit, "stateful", False) else 1
+        measured = flops_and_memory(fn, self.torch_device, n * calls, flops=flops, memory=memory, modules={
             "unet_gflops": type(self._unet()).__name__})  # fmt: skip
         out.update(measured)
         if getattr(unit, "stateful", False):

@@ -10,6 +10,8 @@ import torch
 torch.set_num_threads(int(os.environ.get("TOKRED_TEST_THREADS", "1")))
 # ... nor on the machine's load: no start-up warning of a loaded machine in the CLI's output (tested on its own)
 os.environ["TOKRED_LOAD_WARNING"] = "0"
+# ... and cases time in the test's own process unless a test asks for worker processes (each spawn costs seconds)
+os.environ["TOKRED_PROCESSES"] = "1"
 sys.path.insert(0, os.path.dirname(__file__))
 # Import the core's modules now: pytester's in-process runs (tests/test_pytest_plugin.py) restore sys.modules
 # afterwards, which drops modules first imported inside them, and a later re-import would make a second Patch

@@ -12,7 +12,7 @@ from tokred.errors import InvalidOptionError, UnknownMethodError, UnsupportedMod
 def test_list_and_get_methods():
     names = tokred.list_methods()
     assert "tome" in names
-    assert tokred.list_methods("to*") == ["todo", "tome"]
+    assert tokred.list_methods("to*") == ["todo", "tofu", "tome"]
     assert tokred.get_method("tome").name == "tome"
 
 

@@ -46,7 +46,7 @@ def test_core_on_a_timm_vit_without_the_suite_or_diffusers():
         x = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
             baseline = model(x)
-            for method in ("tome", "ca_tome"):
+            for method in [m for m in tokred.list_methods() if "timm_vit" in tokred.get_method(m).options]:
                 patch = tokred.apply(model, method)
                 model(x)
                 assert patch.token_counts()
@@ -71,7 +71,7 @@ def test_core_on_a_diffusers_unet_without_the_suite_or_timm():
             baseline = [unet(s, t, ctx).sample for s, t in calls]
             for method in tokred.list_methods():
                 if "diffusers_unet" not in tokred.get_method(method).options:
-                    continue  # the MMDiT-only caches
+                    continue  # the ViT-only methods and the transformer-only caches
                 patch = tokred.apply(unet, method, **({"t0": 2} if method == "cat_pruning" else {}))
                 [unet(s, t, ctx) for s, t in calls]
                 patch.remove()

@@ -191,8 +191,11 @@ FAMILIES: list[Family] = [
 
 
 def builtin_methods() -> list[str]:
-    """Every method that ships with tokred (plugins installed beside it are not part of the README)."""
-    return [n for n in tokred.list_methods() if tokred.get_method(n).__module__.startswith("tokred.methods")]
+    """Every method that ships with tokred, and the declared compositions of those (plugins installed beside it are
+    not part of the README)."""
+    return [n for n in tokred.list_methods()
+            if all(m.__module__.startswith("tokred.methods") for m in getattr(tokred.get_method(n), "members", ())
+                   or (tokred.get_method(n),))]
 
 
 # --- one cell ------------------------------------------------------------------------------------------------------

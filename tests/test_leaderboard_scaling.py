@@ -57,8 +57,9 @@ def test_one_group_with_rows_and_resolution_columns():
     assert text.splitlines()[0] == ("### Speedup against resolution: sd15 (SD1.5 U-Net) on Test CPU 9000, float32, "
                                     "2 threads, unit: denoiser call")
     headers, rows = table(text)
-    assert headers == ["method", "preset", "512²", "1024²", "2048²"]
+    assert headers == ["method", "kind", "preset", "512²", "1024²", "2048²"]
     assert [(r["method"], r["preset"]) for r in rows] == [("todo", "factor2"), ("tome", "ratio0.5")]  # no baseline
+    assert [r["kind"] for r in rows] == ["downsample", "merge"]  # no method_kind recorded: the registry's
     tome = rows[1]
     assert tome["1024²"] == "1.39× [1.31, 1.45] · ideal 1.52× · 91%"
     assert tome["512²"] == "1.05× [1.01, 1.10] · ideal 1.20× · 88%"
@@ -68,6 +69,21 @@ def test_one_group_with_rows_and_resolution_columns():
     assert todo["2048²"] == "2.50× [2.40, 2.60] · ideal 3.00× · 83%"
     assert "(contended)" not in todo["512²"]
     assert "![" not in text
+
+
+def test_a_cache_timed_over_its_cycle_joins_the_per_call_rows():
+    cached = []
+    for resolution, speedup in ((512, 2.0), (1024, 2.2)):
+        e = entry("deepcache+tome", "interval3+ratio0.5", resolution, speedup, [1.9, 2.4], 2.5, 0.8)
+        e["extra_info"].update(unit="cycle of 3 denoiser calls", method_kind="composite")
+        cached.append(e)
+    groups = scaling_groups(benchmarks() + cached)
+    assert len(groups) == 1 and groups[0].unit == "denoiser call"
+    text = scaling_markdown(groups[0], None)
+    rows = {r["method"]: r for r in table(text)[1]}
+    assert rows["deepcache+tome"]["kind"] == "composite" and rows["deepcache+tome"]["2048²"] == "—"
+    assert "timed over a whole cycle of their calls (cycle of 3 denoiser calls)" in text
+    assert "cycle of" not in scaling_markdown(scaling_groups(benchmarks())[0], None)
 
 
 def test_later_entry_wins_and_derived_values():

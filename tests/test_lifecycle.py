@@ -193,7 +193,8 @@ def test_list_methods_patterns():
     with pytest.raises(TypeError, match="pattern must be a glob string"):
         tokred.list_methods(5)
     with pytest.raises(tokred.UnknownMethodError, match="names are strings"):
-        tokred.get_method(["tome"])
+        tokred.get_method(5)
+    assert tokred.get_method(["tome"]) is tokred.get_method("tome")  # a list names a composition (of one here)
 
 
 def test_registry_loads_once_for_concurrent_first_use():

@@ -139,7 +139,7 @@ def test_harness_records_quality_delta_against_the_baseline():
     assert info["quality_delta"]["top1"][0] == pytest.approx(expected)
     # agreement is paired with the unreduced model's agreement with itself, 100%
     assert info["quality_delta"]["agreement"][0] == pytest.approx(info["quality"]["agreement"] - 100.0)
-    assert info["preset_order"] == 2 and info["tokred"] == 4
+    assert info["preset_order"] == 2 and info["tokred"] >= 4
     record = CaseRecord.from_extra_info(info)  # the schema checks it
     assert record.quality_delta == info["quality_delta"]
     bad = copy.deepcopy(info)

@@ -23,8 +23,18 @@ def test_parametrized_over_registry_and_presets(bench_dir):
     assert ids[0] == "fake_vit-baseline"
     # the out-of-tree method and the built-in ones with each of their timm_vit presets; nothing for other families
     assert {"fake_vit-fake_merge-k2", "fake_vit-fake_merge-k8", "fake_vit-tome-r8", "fake_vit-tome-r13",
-            "fake_vit-tome-r16-decreasing", "fake_vit-ca_tome-threshold0.9"} <= set(ids)
+            "fake_vit-tome-r16-decreasing", "fake_vit-ca_tome-threshold0.9", "fake_vit-evit-keep0.7",
+            "fake_vit-tofu-r13", "fake_vit-pitome-r13", "fake_vit-mctf-r16"} <= set(ids)
     assert not [i for i in ids if "cat_pruning" in i]
+
+
+def test_a_composition_is_collected_by_its_name(bench_dir):
+    """--tokred-methods takes a composition by name, in any order of its members (issue 17)."""
+    result = bench_dir.runpytest_inprocess("--collect-only", "-q", "--tokred-task=text_to_image",
+                                           "--tokred-methods=tome+deepcache,todo")
+    ids = [line.split("[", 1)[1].rstrip("]") for line in result.outlines if line.startswith("test_methods.py::")]
+    assert "text_to_image-deepcache+tome-interval3+ratio0.5" in ids and "text_to_image-todo-factor2" in ids
+    assert not [i for i in ids if "tome+deepcache" in i]
 
 
 def test_benchmark_json_and_extra_info(bench_dir):

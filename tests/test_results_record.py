@@ -26,10 +26,10 @@ def benchmarks(path: Path) -> list[dict]:
 
 
 def current_extra_info() -> dict:
-    """A schema-3 extra_info: the fixtures' tome r4 row with the schema-3 fields and an unknown key."""
+    """A current-schema extra_info: the fixtures' tome r4 row with the schema-3 and 4 fields and an unknown key."""
     extra = copy.deepcopy(benchmarks(EMBEDDED)[1]["extra_info"])
     extra.update(tokred=SCHEMA_VERSION, unit="batch of 64 images", workload="embedded", architecture="deit_s",
-                 resolution=224, future_key={"kept": [1, 2]})
+                 resolution=224, processes=1, future_key={"kept": [1, 2]})
     return extra
 
 

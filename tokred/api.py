@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 from .adapters import resolve_adapter
 from .errors import InvalidOptionError, UnsupportedModelError
-from .options import is_int, parse_options
+from .options import is_int
 from .patch import PATCH_ATTR, Patch
 from .registry import get_method
 from .state import RunState
@@ -15,12 +16,14 @@ from .state import RunState
 SEED_RANGE = "None or an int in [0, 2**64)"
 
 
-def apply(model: Any, method: str, *, seed: int | None = None, **options: Any) -> Patch:
+def apply(model: Any, method: str | Sequence[str], *, seed: int | None = None, **options: Any) -> Patch:
     """Patch ``model`` in place with ``method`` and return the :class:`~tokred.patch.Patch`.
 
     ``model`` is a timm VisionTransformer, a diffusers UNet2DConditionModel or SD3Transformer2DModel, or a
     diffusers pipeline with a ``.unet`` / ``.transformer``. Options are the method's own (see ``tokred list``
-    or the method's docstring). ``seed`` fixes the patch's private random stream; by default it is forked from
+    or the method's docstring). ``method`` may be a composition, ``"deepcache+tome"`` or ``["deepcache", "tome"]``
+    (one patch; each member's options as ``tome={"ratio": 0.5}`` or ``**{"tome.ratio": 0.5}``, see
+    :mod:`tokred.compose`). ``seed`` fixes the patch's private random stream; by default it is forked from
     torch's global RNG at the start of each generation. A previous patch on the same model is removed first:
     patches never stack.
 
@@ -31,13 +34,8 @@ def apply(model: Any, method: str, *, seed: int | None = None, **options: Any) -
         raise InvalidOptionError(f"{method_cls.name}: seed={seed!r} is invalid; valid: {SEED_RANGE}")
     adapter = resolve_adapter(model)
     if adapter.family not in method_cls.options:
-        reason = method_cls.refusals.get(adapter.family)
-        raise UnsupportedModelError(
-            f"method {method_cls.name!r} does not support {adapter.family} models"
-            + (f" ({reason})" if reason else "")
-            + f"; it supports: {', '.join(method_cls.families())}"
-        )
-    parsed = parse_options(method_cls.options[adapter.family], options, context=f"{method_cls.name} ({adapter.family})")
+        raise UnsupportedModelError(method_cls.unsupported_reason(adapter.family))
+    parsed = method_cls.parse_options(adapter.family, options)
     instance = method_cls(parsed)
     instance.check(adapter)
 

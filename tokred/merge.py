@@ -11,6 +11,10 @@ destinations are merged into them. The rest of A stays ("unmerged").
 * :class:`GridMerge` - ToMe-for-SD split: one destination per ``sy x sx`` window of the token grid
   (:func:`grid_destinations`), with ``unmerge`` to give every original token its value back.
 * :func:`merge_wavg` / :func:`merge_source` - size-weighted averaging and source tracing.
+* :class:`TokenReduction` - what a ViT's after-attention point applies (:class:`tokred.reduction.TokenReduce`):
+  a :class:`BipartiteMerge` (size-weighted mean), :class:`PruneSources` (the sources dropped instead of merged),
+  :class:`NormMerge` (mean rescaled to the largest norm merged: MLERP), :class:`TokenSelect` (keep some tokens,
+  optionally fuse the rest into one weighted token).
 """
 
 from __future__ import annotations
@@ -22,14 +26,16 @@ import torch
 
 
 def best_destinations(
-    a: torch.Tensor, b: torch.Tensor, protect_a: int = 0, protect_b: int = 0
+    a: torch.Tensor, b: torch.Tensor, protect_a: int = 0, protect_b: int = 0, normalized: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each source row of ``a`` [B, Na, C]: the best cosine similarity to ``b`` and its index.
 
-    The first ``protect_a`` sources and ``protect_b`` destinations never take part (score -inf).
+    The first ``protect_a`` sources and ``protect_b`` destinations never take part (score -inf). ``normalized``:
+    the rows of ``a`` and ``b`` already have unit norm (split from one normalized metric).
     """
-    a = a / a.norm(dim=-1, keepdim=True)
-    b = b / b.norm(dim=-1, keepdim=True)
+    if not normalized:
+        a = a / a.norm(dim=-1, keepdim=True)
+        b = b / b.norm(dim=-1, keepdim=True)
     scores = a @ b.transpose(-1, -2)
     if protect_a:
         scores[..., :protect_a, :] = -math.inf
@@ -55,7 +61,23 @@ def select_pairs(
     return unm_idx, src_idx, dst_idx
 
 
-class BipartiteMerge:
+class TokenReduction:
+    """Tokens reduced for the rest of a ViT: ``reduce(x [B, N, C], size [B, N, 1] | None) -> (x', size')`` and
+    ``reduce_source(source [B, N, N_input]) -> source'`` (which input tokens each token covers, 0/1)."""
+
+    def reduce(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def reduce_source(self, source: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reduce_attention(self, probs: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities [B, H, N, N] of the tokens before :meth:`reduce`, for the reduced tokens
+        (only reductions made *before* attention need it: ``TokenReduce(before_attention=True)``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot reduce an attention matrix")
+
+
+class BipartiteMerge(TokenReduction):
     """Merges sources into destinations given fixed pairs; reusable on any tensor with the same tokens.
 
     Because it holds only indices it can be cached and applied again at a later step (CA-ToMe) with no
@@ -96,6 +118,10 @@ class BipartiteMerge:
         src, dst = self.split(x)
         n, na, c = src.shape
         nu, nd, r = na - self.r, dst.shape[1], self.r
+        if torch.compiler.is_compiling():
+            # torch.compile: the same arithmetic without ``out=`` and in-place writes into views, which dynamo's
+            # fake tensors cannot trace on the strided split (issue 20); inductor fuses the temporaries anyway
+            return self._weighted_mean_functional(src, dst, size)
         src_idx, dst_idx, unm_idx = (i.expand(n, -1, -1) for i in (self.src_idx, self.dst_idx, self.unm_idx))
         merged = src.gather(1, src_idx.expand(n, r, c))
         if size is None:
@@ -118,6 +144,33 @@ class BipartiteMerge:
         dst_out.scatter_add_(1, dst_idx.expand(n, r, c), merged).div_(new_size)
         sizes = self.join(unm_size, new_size)
         return (out if self.joins_in_order else self.join(unm, dst_out)), sizes
+
+    def reduce(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.weighted_mean(x, size)
+
+    def reduce_source(self, source: torch.Tensor) -> torch.Tensor:
+        return self(source, mode="amax")
+
+    def _weighted_mean_functional(
+        self, src: torch.Tensor, dst: torch.Tensor, size: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`weighted_mean`'s arithmetic, op for op, with out-of-place ops only (for torch.compile)."""
+        n, na, c = src.shape
+        nu, nd, r = na - self.r, dst.shape[1], self.r
+        src_idx, dst_idx, unm_idx = (i.expand(n, -1, -1) for i in (self.src_idx, self.dst_idx, self.unm_idx))
+        merged = src.gather(1, src_idx.expand(n, r, c))
+        if size is None:
+            unm_size, src_size, dst_size = src.new_ones(n, nu, 1), src.new_ones(n, r, 1), src.new_ones(n, nd, 1)
+            weighted_dst = dst
+        else:
+            size_src, dst_size = self.split(size)
+            unm_size, src_size = size_src.gather(1, unm_idx), size_src.gather(1, src_idx)
+            merged = merged * src_size
+            weighted_dst = dst * dst_size
+        new_size = dst_size.scatter_add(1, dst_idx, src_size)
+        dst_out = weighted_dst.scatter_add(1, dst_idx.expand(n, r, c), merged) / new_size
+        unm = src.gather(1, unm_idx.expand(n, nu, c))
+        return self.join(unm, dst_out), self.join(unm_size, new_size)
 
     def __call__(self, x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
         """Merge ``x`` [B, N, C] to [B, N - r, C]; ``mode`` is a ``scatter_reduce`` reduction."""
@@ -153,6 +206,141 @@ class AlternateMerge(BipartiteMerge):
         return torch.cat([*front, unm[:, (p + 1) // 2 :], dst[:, p // 2 :]], dim=1)
 
 
+class PruneSources(TokenReduction):
+    """A bipartite ``merge``'s sources pruned instead of merged: the ``r`` chosen sources are dropped, the
+    destinations stay as they are (ToFu's early layers). Sizes of the kept tokens are kept."""
+
+    def __init__(self, merge: BipartiteMerge) -> None:
+        self.merge = merge
+
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.merge
+        src, dst = m.split(x)
+        n, na, c = src.shape
+        unm = src.gather(1, m.unm_idx.expand(n, na - m.r, c))
+        return m.join(unm, dst)
+
+    def reduce(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._keep(x), (None if size is None else self._keep(size))
+
+    def reduce_source(self, source: torch.Tensor) -> torch.Tensor:
+        return self._keep(source)
+
+
+class NormMerge(TokenReduction):
+    """A bipartite ``merge`` whose merged destinations are the plain mean of the destination and its sources,
+    rescaled to the largest norm among them (ToFu's MLERP, "norm-preserving" merge). Destinations that took no
+    source and the unmerged sources pass unchanged; sizes are summed (for source tracing and prop. attention);
+    ``size_weighted=True`` averages by size instead of plainly."""
+
+    def __init__(self, merge: BipartiteMerge, size_weighted: bool = False) -> None:
+        self.merge = merge
+        self.size_weighted = size_weighted
+
+    def reduce(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        m, r = self.merge, self.merge.r
+        ones = torch.ones_like(x[..., :1]) if size is None else size
+        weight = ones if self.size_weighted else torch.ones_like(ones)
+        src, dst = m.split(x)
+        (w_src, w_dst), (s_src, s_dst) = m.split(weight), m.split(ones)
+        n, na, c = src.shape
+        src_idx, dst_idx, unm_idx = m.src_idx.expand(n, r, 1), m.dst_idx.expand(n, r, 1), m.unm_idx.expand(n, -1, 1)
+        merged = src.gather(1, src_idx.expand(n, r, c))
+        w_merged = w_src.gather(1, src_idx)
+        total = (dst * w_dst).scatter_add(1, dst_idx.expand(n, r, c), merged * w_merged)
+        mean = total / w_dst.scatter_add(1, dst_idx, w_merged)
+        largest = dst.norm(dim=-1, keepdim=True).scatter_reduce(
+            1, dst_idx, merged.norm(dim=-1, keepdim=True), reduce="amax"
+        )
+        received = torch.zeros_like(w_dst, dtype=torch.bool).scatter(1, dst_idx, True)
+        new_dst = torch.where(received, mean * (largest / mean.norm(dim=-1, keepdim=True)), dst)
+        unm = src.gather(1, unm_idx.expand(n, na - r, c))
+        new_size = m.join(s_src.gather(1, unm_idx), s_dst.scatter_add(1, dst_idx, s_src.gather(1, src_idx)))
+        return m.join(unm, new_dst), new_size
+
+    def reduce_source(self, source: torch.Tensor) -> torch.Tensor:
+        return self.merge(source, mode="amax")
+
+
+class TwoWayMerge(TokenReduction):
+    """MCTF's bidirectional bipartite merge with attention-weighted pooling.
+
+    Stage 1: sources ``src1`` [B, r1, 1] of set A (even positions) merge into their destinations ``dst1`` in set B
+    (odd positions); ``unm1`` are the A tokens left. Stage 2: tokens ``src2`` of the resulting B merge into
+    ``dst2`` among the left A tokens; ``unm2`` are the B tokens left. Output: ``[A left, B left]``. Tokens are
+    averaged with the weights ``weight * size / max(size)`` (``weight`` [B, N, 1], MCTF: the attention each token
+    receives); :meth:`reduce_attention` sums the merged keys' probabilities and averages the merged queries' rows
+    with the same weights (it uses the sizes of the last :meth:`reduce`, which it must follow)."""
+
+    def __init__(self, unm1, src1, dst1, unm2, src2, dst2, weight: torch.Tensor) -> None:
+        self.unm1, self.src1, self.dst1 = unm1, src1, dst1
+        self.unm2, self.src2, self.dst2 = unm2, src2, dst2
+        self.weight = weight
+        self._pool: torch.Tensor | None = None
+
+    def merge(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """Both stages on ``x`` [B, N, C] with the ``scatter_reduce`` reduction ``mode``."""
+        a, b = x[:, ::2], x[:, 1::2]
+        n, _, c = a.shape
+        unm = a.gather(1, self.unm1.expand(n, -1, c))
+        b = b.scatter_reduce(1, self.dst1.expand(n, -1, c), a.gather(1, self.src1.expand(n, -1, c)), reduce=mode)
+        unm = unm.scatter_reduce(1, self.dst2.expand(n, -1, c), b.gather(1, self.src2.expand(n, -1, c)), reduce=mode)
+        return torch.cat([unm, b.gather(1, self.unm2.expand(n, -1, c))], dim=1)
+
+    def reduce(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        size = torch.ones_like(x[..., :1]) if size is None else size
+        pool = self.weight.to(x.dtype) * (size / size.amax(dim=1, keepdim=True))
+        self._pool = pool
+        return self.merge(x * pool, "sum") / self.merge(pool, "sum"), self.merge(size, "sum")
+
+    def reduce_source(self, source: torch.Tensor) -> torch.Tensor:
+        return self.merge(source, "amax")
+
+    def reduce_attention(self, probs: torch.Tensor) -> torch.Tensor:
+        if self._pool is None:
+            raise RuntimeError("TwoWayMerge.reduce_attention before reduce: the pooling weights are not known yet")
+        b, h, tq, tk = probs.shape
+        keys = self.merge(probs.permute(0, 3, 1, 2).reshape(b, tk, h * tq), "sum")  # merged keys: summed
+        tk = keys.shape[1]
+        rows = keys.reshape(b, tk, h, tq).permute(0, 3, 2, 1).reshape(b, tq, h * tk)
+        rows = self.merge(rows * self._pool, "sum") / self.merge(self._pool, "sum")  # merged queries: pooled
+        return rows.reshape(b, -1, h, tk).permute(0, 2, 1, 3)
+
+
+class TokenSelect(TokenReduction):
+    """Keep the tokens ``keep`` [B, n] (in that order) and drop the rest; with ``fuse_index`` [B, m] and
+    ``fuse_weight`` [B, m], append one token ``sum_j fuse_weight[j] * x[fuse_index[j]]`` (EViT's fused token;
+    its size is the sum of the fused tokens' sizes, its source their union)."""
+
+    def __init__(
+        self, keep: torch.Tensor, fuse_index: torch.Tensor | None = None, fuse_weight: torch.Tensor | None = None
+    ) -> None:
+        self.keep = keep
+        self.fuse_index = fuse_index
+        self.fuse_weight = fuse_weight
+
+    def _fused(self, x: torch.Tensor, weight: torch.Tensor | None, mode: str) -> torch.Tensor:
+        rows = x.gather(1, self.fuse_index[..., None].expand(-1, -1, x.shape[-1]))
+        if mode == "weighted":
+            return (rows * weight[..., None]).sum(dim=1, keepdim=True)
+        return rows.sum(dim=1, keepdim=True) if mode == "sum" else rows.amax(dim=1, keepdim=True)
+
+    def _select(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        kept = x.gather(1, self.keep[..., None].expand(-1, -1, x.shape[-1]))
+        if self.fuse_index is None or self.fuse_index.shape[1] == 0:
+            return kept
+        return torch.cat([kept, self._fused(x, self.fuse_weight.to(x.dtype), mode)], dim=1)
+
+    def reduce(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        fused = self.fuse_index is not None and self.fuse_index.shape[1] > 0
+        if size is None and fused:
+            size = torch.ones_like(x[..., :1])
+        return self._select(x, "weighted"), (None if size is None else self._select(size, "sum"))
+
+    def reduce_source(self, source: torch.Tensor) -> torch.Tensor:
+        return self._select(source, "amax")
+
+
 def alternate_matching(
     metric: torch.Tensor, r: int | None = None, num_protected: int = 0, threshold: float | None = None
 ) -> AlternateMerge | None:
@@ -166,8 +354,11 @@ def alternate_matching(
     if threshold is None and min(int(r or 0), limit) <= 0:
         return None  # nothing to merge: skip the similarity work
     with torch.no_grad():
+        # one norm and one division of the whole metric, then the split (as the official ToMe): each row is
+        # normalized by the same reduction as after the split, in half the small ops per block
+        metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[..., ::2, :], metric[..., 1::2, :]
-        node_max, node_idx = best_destinations(a, b, (num_protected + 1) // 2, num_protected // 2)
+        node_max, node_idx = best_destinations(a, b, (num_protected + 1) // 2, num_protected // 2, normalized=True)
         if threshold is not None:
             r = int((node_max >= threshold).sum(dim=-1).max().item())
         r = min(int(r or 0), limit)

@@ -8,6 +8,9 @@ if TYPE_CHECKING:
     from .adapters.base import Adapter
     from .patch import Patch
 
+# The kinds a method declares (Method.kind); "other" for a method that declares none.
+KINDS = ("merge", "prune", "downsample", "cache", "composite", "other")
+
 
 class MethodState:
     """What a method remembers while it runs (caches, counters, per-call diagnostics).
@@ -42,6 +45,13 @@ class Method:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    # What the method does to the computation, one of KINDS (shown by `tokred list` and in the leaderboard's kind
+    # column): "merge" (tokens merged and unmerged: ToMe, CA-ToMe), "prune" (tokens dropped or their outputs
+    # reused: CAT pruning), "downsample" (attention's keys/values from fewer tokens: ToDo), "cache" (whole block
+    # outputs reused across denoiser calls: DeepCache), "composite" (several methods as one patch, see
+    # tokred.compose). A method that does not say is "other"; only "cache" changes how methods compose (a cache
+    # is the outer member of a composition).
+    kind: ClassVar[str] = "other"
     options: ClassVar[dict[str, type]] = {}
     presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
     State: ClassVar[type[MethodState]] = MethodState
@@ -63,6 +73,45 @@ class Method:
         (0: every call alike). Benchmarks that time single denoiser calls run these first, untimed, so that the
         timed calls are the ones that make up most of a generation. CAT pruning: its ``t0`` full calls."""
         return 0
+
+    def cycle_calls(self) -> int | None:
+        """How many consecutive denoiser calls (after :meth:`warmup_calls`) make one period of this method's work.
+
+        1 (the default): every call does the same work, so one call is a fair timed unit. A cache whose calls
+        differ (DeepCache: one full call, then ``cache_interval - 1`` reusing ones) returns its period, and the
+        benchmarks time and count a whole cycle of that many calls, the baseline's alike. None: the calls are not
+        periodic (a non-uniform schedule, a threshold decided at run time); then only a whole generation is a
+        fair unit, and the per-call benchmarks refuse the method with that reason."""
+        return 1
+
+    @classmethod
+    def parse_options(cls, family: str, values: dict[str, Any]) -> Any:
+        """The options of ``family`` from ``tokred.apply``'s keyword arguments (the family's options dataclass;
+        composites override this to take their members' options)."""
+        from .options import parse_options
+
+        return parse_options(cls.options[family], values, context=f"{cls.name} ({family})")
+
+    @classmethod
+    def describe_options(cls, family: str) -> list[dict[str, Any]]:
+        """Name, default, valid range and doc of each option of ``family`` (``tokred list``)."""
+        from .options import describe
+
+        return describe(cls.options[family])
+
+    @classmethod
+    def unsupported_reason(cls, family: str) -> str:
+        """Why this method does not apply to ``family`` models (a family without options; ``refusals`` may say
+        why)."""
+        reason = cls.refusals.get(family)
+        return (f"method {cls.name!r} does not support {family} models" + (f" ({reason})" if reason else "")
+                + f"; it supports: {', '.join(cls.families())}")
+
+    def option_values(self) -> dict[str, Any]:
+        """The parsed options as keyword arguments for :func:`tokred.apply` (they give the same options again)."""
+        import dataclasses
+
+        return {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)}
 
     def check(self, adapter: Adapter) -> None:
         """Raise :class:`~tokred.errors.TokredError` if this model cannot take these options."""

@@ -280,8 +280,8 @@ class Patch:
             change.undo_on_copy(memo)
 
     def option_values(self) -> dict[str, Any]:
-        """The options as keyword arguments for :func:`tokred.apply`."""
-        return {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)}
+        """The options as keyword arguments for :func:`tokred.apply` (a composite's as ``member.option``)."""
+        return self.method.option_values()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Patch:
         # The patch is not part of a model's copy (the copy gets a fresh one, see the module docstring).

@@ -15,6 +15,12 @@ point                  what the method supplies                                 
                        and/or a hook on the projected keys and values
 cached output          a :class:`Sublayer` whose ``restore`` writes the fresh    CAT
                        rows into a :class:`RowCache` (:func:`recompute_rows`)
+:class:`TokenReduce`   (timm ViTs) after attention, ``choose(scores) ->          ToMe, CA-ToMe, EViT,
+                       TokenReduction``: tokens merged, pruned or fused for the  ToFu, PiToMe; MCTF
+                       rest of the network, chosen from :class:`AttentionScores`  (before attention)
+                       (keys, the class token's attention row, the attention
+                       matrix: only what the method asks for is computed); or
+                       before attention, reusing the block's attention matrix
 =====================  ========================================================  =======================
 
 A plan holds no state of its own: anything a method remembers between calls lives in its typed state class
@@ -27,9 +33,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .merge import TokenReduction
 
 Tokens = Callable[[torch.Tensor], torch.Tensor]
 
@@ -84,6 +93,52 @@ SAME_TOKENS = KeyValue()
 
 
 @dataclass(frozen=True)
+class AttentionScores:
+    """What a ViT block's attention computed besides its output, for :class:`TokenReduce`'s ``choose``.
+
+    ``tokens`` [B, N, C]: the tokens after attention's residual (what is reduced; the MLP runs on the result);
+    ``keys`` [B, N, Ch]: the attention keys averaged over heads (ToMe's metric), always there;
+    ``size`` [B, N, 1]: how many input tokens each token stands for (None while nothing was merged or fused);
+    ``cls_attention`` [B, N]: the class token's (query 0) attention over all keys, averaged over heads, when
+    the plan asked for it (``TokenReduce(cls_attention=True)``), else None;
+    ``attention`` [B, H, N, N]: the attention probabilities, when asked for (``attention=True``), else None;
+    ``num_protected``: the prefix tokens (cls, distillation, registers) a method must keep in front;
+    ``call``: the block call.
+
+    Both attention scores include proportional attention's ``log(size)`` bias when the block uses it. With
+    fused attention they are computed next to it (one extra query row, or the explicit matrix) and their
+    matmuls show up in FLOP counts; with ``fused_attn=False`` the explicit matrix is reused.
+    """
+
+    tokens: torch.Tensor
+    keys: torch.Tensor
+    size: torch.Tensor | None
+    num_protected: int
+    call: BlockCall
+    cls_attention: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TokenReduce:
+    """The ViT reduction point: between attention and the MLP, ``choose(scores: AttentionScores)`` returns a
+    :class:`~tokred.merge.TokenReduction` (a merge, a pruning, a fused token; tokens removed for the rest of
+    the network) or None (keep every token). ``cls_attention`` / ``attention`` ask attention to compute the
+    class token's attention row / the full attention matrix for ``choose``.
+
+    ``before_attention=True`` (MCTF's one-step-ahead attention) moves the point before attention: the block's
+    attention probabilities are computed explicitly from its input (``scores.tokens`` is then the block input and
+    ``scores.attention`` is always given), the reduction is applied to the input, and attention runs on the reduced
+    tokens with the reduction's :meth:`~tokred.merge.TokenReduction.reduce_attention` of those probabilities (the
+    values are projected from the reduced tokens; queries and keys are not recomputed)."""
+
+    choose: Callable[[AttentionScores], TokenReduction | None]
+    cls_attention: bool = False
+    attention: bool = False
+    before_attention: bool = False
+
+
+@dataclass(frozen=True)
 class BlockPlan:
     """What one call of one transformer block does. Fields an adapter's block lacks are ignored (a U-Net block
     has no ``attn2``-style second self-attention; an MMDiT block has no cross-attention)."""
@@ -94,10 +149,12 @@ class BlockPlan:
     attn2: Sublayer = KEEP  # second image self-attention (SD3.5 dual-attention blocks)
     kv2: KeyValue = SAME_TOKENS
     mlp: Sublayer = KEEP
+    tokens: TokenReduce | None = None  # after attention, for the rest of the network (timm ViTs)
 
     @property
     def is_full(self) -> bool:
-        return all(p.is_identity for p in (self.attn, self.kv, self.cross, self.attn2, self.kv2, self.mlp))
+        points = (self.attn, self.kv, self.cross, self.attn2, self.kv2, self.mlp)
+        return self.tokens is None and all(p.is_identity for p in points)
 
 
 FULL_BLOCK = BlockPlan()

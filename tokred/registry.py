@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -98,10 +98,19 @@ def register_method(name: str | None = None) -> Callable[[type], type]:
 
 
 def list_methods(pattern: str | None = "*") -> list[str]:
-    """Names of the registered methods matching a glob ``pattern`` (None: all), sorted."""
-    return methods.names(pattern)
+    """Names of the registered methods and of the declared compositions (:func:`tokred.compose.declare_composition`)
+    matching a glob ``pattern`` (None: all), sorted."""
+    from .compose import declared_names
+
+    names = methods.names(pattern)
+    return sorted(names + [n for n in declared_names() if fnmatch.fnmatch(n, pattern or "*") and n not in names])
 
 
-def get_method(name: str) -> type[Method]:
-    """The method class registered as ``name``; the error lists the valid names."""
+def get_method(name: str | Sequence[str]) -> type[Method]:
+    """The method class registered as ``name``; the error lists the valid names. A composition (``"deepcache+tome"``
+    or a list of names, see :mod:`tokred.compose`) gives its composite class, built on first use."""
+    from .compose import SEPARATOR, composite_method
+
+    if isinstance(name, list | tuple) or (isinstance(name, str) and SEPARATOR in name):
+        return composite_method(name)
     return methods.get(name)

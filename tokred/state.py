@@ -13,6 +13,8 @@ held here as :attr:`RunState.method` and reset with every generation.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,6 +46,20 @@ class RunState:
         self.last_timestep: float | None = None
         self._timesteps: Any = None  # the scheduler timesteps object of the current generation
         self._generators: dict[torch.device, torch.Generator] = {}
+        # tokred 0.2's ``state.call`` dict, now a deprecated view the adapter provides (timm ViTs: merged tokens)
+        self.legacy_call: Callable[[], dict[str, Any]] | None = None
+
+    @property
+    def call(self) -> dict[str, Any]:
+        """Deprecated (tokred 0.2; removed in 0.4): a dict with the ViT's ``"size"`` (and ``"source"``). Use
+        ``patch.adapter.merged_tokens.size`` / ``.source``."""
+        warnings.warn(
+            "patch.state.call is deprecated and will be removed in tokred 0.4; use patch.adapter.merged_tokens "
+            "(.size, .source) on timm ViTs",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.legacy_call() if self.legacy_call is not None else {}
 
     def reset(self) -> None:
         """Start a new generation: forget steps, the method's state and random streams."""

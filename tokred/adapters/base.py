@@ -71,7 +71,8 @@ class Adapter:
 
     def install_blocks(self, patch: Patch, planner: Planner, names: set[str] | None = None) -> None:
         """Run every block (or those in ``names``) through the adapter's forward, asking ``planner`` for the plan
-        of each call. Families whose reduction points are not plans (timm ViTs) document their own installer."""
+        of each call. Every family takes plans; each documents the points its blocks offer (diffusion denoisers:
+        ``attn``/``kv``/``cross``/``attn2``/``kv2``/``mlp``; timm ViTs: ``tokens``, and keyword options)."""
         raise UnsupportedModelError(f"the {self.family} adapter has no planned block forward")
 
 

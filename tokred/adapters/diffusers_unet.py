@@ -19,7 +19,9 @@ blocks (1 on SD 1.x/2.x, 2 on SDXL); methods reduce the blocks at levels up to t
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -116,6 +118,8 @@ class DiffusersUNetAdapter(Adapter):
         num_levels = len(getattr(unet, "down_blocks", ())) or 1
         self.blocks = [(n, m) for n, m in unet.named_modules() if has_class_named(m, "BasicTransformerBlock")]
         self.level: dict[str, int] = {name: block_level(name, num_levels) for name, _ in self.blocks}
+        # the blocks install_blocks runs through block_forward (which records their token counts itself)
+        self.planned: set[str] = set()
 
     @classmethod
     def match(cls, obj: Any) -> DiffusersUNetAdapter | None:
@@ -172,6 +176,39 @@ class DiffusersUNetAdapter(Adapter):
         for index, (name, block) in enumerate(self.blocks):
             if names is None or name in names:
                 patch.replace_forward(block, block_forward(patch, planner, name, index, self.level[name]))
+                self.planned.add(name)
+
+    # --- deprecated (tokred 0.2's interface; removed in 0.4) --------------------------------------------------
+    @staticmethod
+    def grid(latent_size: tuple[int, int], num_tokens: int) -> tuple[int, int, int] | None:
+        """Deprecated: ``(h, w, downsample)`` of a block with ``num_tokens`` tokens for a latent of
+        ``latent_size``, or None, with tokred 0.2's rule (downsample ``ceil(sqrt(latent tokens // block
+        tokens))``, sides rounded up). Use the planner's ``call.grid`` (a :class:`~tokred.reduction.Grid`;
+        ``call.level`` is the block's downsampling)."""
+        warnings.warn(
+            "DiffusersUNetAdapter.grid(latent_size, n) is deprecated and will be removed in tokred 0.4; use the "
+            "planner's call.grid (tokred.reduction.Grid: h, w, downsample) and call.level instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        lh, lw = latent_size
+        if num_tokens <= 0:
+            return None
+        downsample = int(math.ceil(math.sqrt((lh * lw) // num_tokens))) or 1
+        hw = grid_for(latent_size, num_tokens, downsample)
+        return None if hw is None else (hw[0], hw[1], downsample)
+
+    def install_planned_blocks(self, patch: Patch, planner: Callable[[torch.nn.Module, torch.Tensor], Any]) -> None:
+        """Deprecated (tokred 0.2): ``planner(block, hidden_states) -> BlockPlan`` for every block. Use
+        :meth:`install_blocks` with ``planner(call, hidden_states)`` (``call.module`` is the block)."""
+        warnings.warn(
+            "DiffusersUNetAdapter.install_planned_blocks(patch, planner) is deprecated and will be removed in tokred "
+            "0.4; use install_blocks(patch, planner, names=None) with planner(call, hidden_states), where "
+            "call.module is the block",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        self.install_blocks(patch, lambda call, x: planner(call.module, x))
 
     def install_output(self, patch: Patch, fn: Callable[[torch.Tensor, Grid], torch.Tensor]) -> None:
         """``fn(tokens [B, H*W, C], grid)`` rewrites the U-Net's noise prediction (``conv_out``'s output) as
@@ -239,7 +276,8 @@ class DiffusersUNetAdapter(Adapter):
         in and out, so that in-place consumers such as FreeU's scaling cannot change it) and the others' shapes.
 
         Token counts: every transformer block records its tokens when it runs, and 0 computed tokens in each
-        sublayer when a skipped module holds it.
+        sublayer when a skipped module holds it. A block that also runs a planner (:meth:`install_blocks`, the token
+        method of a composition) records what its planned forward computed instead, so no call is counted twice.
         """
         from torch.utils._pytree import tree_map_only
 
@@ -259,7 +297,8 @@ class DiffusersUNetAdapter(Adapter):
             def before_block(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
                 hidden_states = args[0] if args else kwargs["hidden_states"]
                 n = cache.block_tokens[name] = int(hidden_states.shape[1])
-                counter.record(name, n, n, n, n, n if block.attn2 is not None else None)
+                if name not in self.planned:  # a planned forward records its own (reduced) counts
+                    counter.record(name, n, n, n, n, n if block.attn2 is not None else None)
 
             return before_block
 
@@ -501,3 +540,26 @@ def planned_forward(
         kv_tokens = seen_kv[0] if seen_kv else (kv_input.shape[1] if kv_input is not None else attn_input.shape[1])
         _count[0].record(_count[1], num_tokens, attn_input.shape[1], kv_tokens, mlp_input.shape[1], cross_tokens)
     return hidden_states
+
+
+# tokred 0.2 defined these here; they live in tokred.reduction / tokred.layout now (deprecated aliases, until 0.4).
+_MOVED = {
+    "SublayerPlan": ("tokred.reduction", "Sublayer"),
+    "KEEP": ("tokred.reduction", "KEEP"),
+    "GridMergeLayout": ("tokred.layout", "GridMergeLayout"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    moved = _MOVED.get(name)
+    if moved is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    module, new = moved
+    warnings.warn(
+        f"tokred.adapters.diffusers_unet.{name} is deprecated and will be removed in tokred 0.4; use {module}.{new}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(module), new)

@@ -5,7 +5,7 @@
     tokred list [--json]                          methods (options, defaults, valid ranges, presets) and tasks
     tokred run --task NAME|all [--methods A,B] [--presets P,M:P] [--options K=V ...]
                [--size embedded|arch|full] [--device cpu] [--dtype float32] [--set K=V ...]
-               [--rounds N] [--quick] [--out results/] [--resume | --force]
+               [--rounds N] [--processes N] [--quick] [--out results/] [--resume | --force]
     tokred leaderboard RESULTS.json ... [-o leaderboard/README.md] [--no-published]
     tokred bench [run options] [--out results/] [-o leaderboard/README.md]     run every task, then the leaderboard
 
@@ -32,6 +32,12 @@ error, only ``all`` (the default) selects everything; ``--options`` and ``--pres
 
 ``tokred leaderboard`` / ``tokred bench`` write the markdown, its plots and a copy of every results file they
 read (``results/`` beside the markdown), so the leaderboard can be rebuilt from what sits next to it.
+
+Timing: paired rounds of the baseline and each method, warm-up dropped, adaptive rounds (at least 5, and at least
+the workload's timing floor of method-call seconds, ``--set min_time_s=S``). ``--processes N`` spreads each case's
+rounds over N spawned worker processes (the workload's profile decides when it is not given: 3 for the arch
+workloads and the embedded ViT; 1 times in the run's own process), and the speedup's interval covers the
+process-to-process spread.
 
 Exit codes: 0 success; 1 some benchmarks failed (the others are kept); 2 bad input or an output that cannot be
 written (one line on stderr, the valid choices listed); 130 interrupted.
@@ -74,7 +80,6 @@ def _fmt_value(value: Any) -> str:
 def listing(jsonable: bool = False) -> dict[str, Any]:
     """Methods (families, options with defaults and valid ranges, presets) and tasks, as plain data (JSON types
     only with ``jsonable``: tuples become lists)."""
-    from ..options import describe
     from ..registry import get_method, list_methods
     from .results import to_jsonable
     from .task import get_task, list_tasks
@@ -84,9 +89,11 @@ def listing(jsonable: bool = False) -> dict[str, Any]:
         cls = get_method(name)
         families = {}
         for family in cls.families():
-            spec = {"options": describe(cls.options[family]), "presets": (cls.presets or {}).get(family, {})}
+            spec = {"options": cls.describe_options(family), "presets": (cls.presets or {}).get(family, {})}
             families[family] = to_jsonable(spec) if jsonable else spec
-        methods.append({"name": name, "summary": cls.summary, "module": cls.__module__, "families": families})
+        members = [m.name for m in getattr(cls, "members", ())]
+        methods.append({"name": name, "kind": cls.kind, "summary": cls.summary, "module": cls.__module__,
+                        "families": families, **({"members": members} if members else {})})
     tasks = []
     for name in list_tasks():
         cls = get_task(name)
@@ -122,6 +129,9 @@ def print_listing(data: dict[str, Any]) -> None:
     print("METHODS")
     for m in data["methods"]:
         print(f"\n{m['name']}: {m['summary']}")
+        print(f"  kind {m['kind']}")
+        if m.get("members"):
+            print(f"  composition of {', '.join(m['members'])} (the cache outside; options as member.option)")
         for family, spec in m["families"].items():
             print(f"  family {family}")
             rows = [
@@ -202,6 +212,17 @@ def plan(args: argparse.Namespace) -> list[tuple[Any, list[Any], str]]:
     if task_kwargs and len(tasks) > 1:
         raise UsageError("--set applies to one task; choose it with --task NAME")
     check_device(str(args.device), "--device")
+    timing: dict[str, Any] = {}
+    if args.processes is not None:
+        from .workers import check_processes
+
+        try:
+            timing["processes"] = check_processes(args.processes, "--processes")
+        except ValueError as err:
+            raise UsageError(f"tokred: {err}") from None
+        if "processes" in task_kwargs and task_kwargs["processes"] != args.processes:
+            raise UsageError(f"tokred: --processes {args.processes} and --set processes={task_kwargs['processes']!r} "
+                             "disagree; give one of them")
     out = []
     try:
         # the main job (tokred bench) runs each method's mildest and strongest preset; --sweep (and tokred run)
@@ -218,10 +239,10 @@ def plan(args: argparse.Namespace) -> list[tuple[Any, list[Any], str]]:
             presets = [f"{c.method}:{c.preset}" for c in p.cases if not c.is_baseline] or None
         command = reproduce_command(
             p.task, args.size, args.device, args.dtype, parse_list(args.methods), presets,
-            options, p.task_kwargs, profile, args.rounds,
+            options, p.task_kwargs, profile, args.rounds, args.processes,
         )  # fmt: skip
         run = TaskRun(p.task, args.size, args.device, args.dtype, p.task_kwargs, profile, args.rounds,
-                      command=command)
+                      command=command, **timing)
         run.build()  # bad task arguments fail here, before anything runs
         # another architecture of the arch workload (--set architecture=sdxl) gets a file of its own; the
         # resolutions of a sweep share one
@@ -385,6 +406,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, default_task: str | None) -> 
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="task argument, e.g. --set num_images=100 --set model=deit_tiny_patch16_224 (repeatable)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per benchmark (default: calibrated)")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="spread each case's timed rounds over N spawned worker processes, each building its own "
+                        "model (1: time in this process; default: the workload's, 3 for arch and the embedded ViT)")
     p.add_argument("--quick", action="store_true", help="smaller embedded runs: a smoke test of a few minutes")
     p.add_argument("--sweep", action="store_true",
                    help="every preset of each method's ladder, mild to strong (tokred run always does; tokred bench "

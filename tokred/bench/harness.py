@@ -8,8 +8,14 @@ in pytest-benchmark's JSON layout (:mod:`tokred.bench.results`), with the ``extr
 Timing (:mod:`tokred.bench.timing`, :mod:`tokred.bench.stats`): each round times one baseline call (patch
 removed) and one method call (patch applied again), warm-up rounds first and dropped; the speedup is the median
 of the per-round ratios with a 95% bootstrap interval; rounds go on from 5 until that interval is within +-5% or
-the case's budget (``budget_s``) is spent. The baseline row times the baseline alone, by the same rule on its call
-times. ``--rounds N`` fixes the number of rounds.
+the case's budget (``budget_s``) is spent, but never before the timing floor, ``min_time_s`` seconds of the
+method's own timed calls. The baseline row times the baseline alone, by the same rule on its call times.
+``--rounds N`` fixes the number of rounds.
+
+Processes (:mod:`tokred.bench.workers`): with ``processes`` N > 1 (the workload profile's, ``--processes N``) the
+rounds are timed in N spawned worker processes, each with its own model, and the interval comes from the
+per-process results (:func:`tokred.bench.stats.process_speedup`); quality, FLOPs and memory are measured once,
+here. ``processes=1`` times in this process.
 
 Paired quality (:mod:`tokred.bench.paired`): the task's per-image values (``Quality.per_image``) of the baseline
 are kept, and each case records its difference from them on the same images (``quality_delta``, schema 4).
@@ -32,6 +38,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -65,8 +72,13 @@ TIMING_DEFAULTS: dict[str, Any] = {
     "budget_s": 60.0,
     "target_rel_half_width": stats_mod.TARGET_REL_HALF_WIDTH,
     "threads": None,
+    "min_time_s": stats_mod.MIN_TIME_S,  # the timing floor: seconds of the method's own timed calls
+    "processes": 1,  # worker processes the rounds are spread over (1: this process)
 }
 HARNESS_SETTINGS = tuple(TIMING_DEFAULTS)
+# The process count where neither the command line nor --set gives one, over the workload profile's: "1" keeps a
+# test suite or a CI smoke run in one process (a worker's start is a few seconds of imports and model build).
+PROCESSES_ENV = "TOKRED_PROCESSES"
 
 class SelectionError(TokredError, ValueError):
     """A task, method or preset selection that does not exist; the message lists the valid names."""
@@ -276,7 +288,8 @@ def plan_cases(
     if chosen is None:
         chosen = supported
     else:
-        chosen = [m for m in chosen if m != BASELINE]
+        # a composition by its canonical name (tome+deepcache is deepcache+tome), each method once
+        chosen = list(dict.fromkeys(get_method(m).name for m in chosen if m != BASELINE))
         for name in chosen:
             cls = get_method(name)  # UnknownMethodError lists the valid methods
             if not method_presets(cls, family):
@@ -296,11 +309,8 @@ def plan_cases(
             raise SelectionError(
                 f"custom options need exactly one method (--methods NAME), got {len(chosen)}: {', '.join(chosen)}"
             )
-        from ..options import parse_options
-
-        method_cls = get_method(chosen[0])
         # checked here, before anything runs (model-dependent checks still happen at apply time)
-        parse_options(method_cls.options[family], options, context=f"{chosen[0]} ({family})")
+        get_method(chosen[0]).parse_options(family, options)
         return cases + [Case(task, chosen[0], CUSTOM_PRESET, dict(options))]
 
     wanted = parse_list(presets)
@@ -469,6 +479,7 @@ def timing_settings(settings: dict[str, Any], rounds: int | None) -> TimingSetti
             budget_s=settings["budget_s"],
             target_rel_half_width=settings["target_rel_half_width"],
             rounds=rounds,
+            min_time_s=settings["min_time_s"],
         )
     except (TypeError, ValueError) as err:
         raise SelectionError(f"timing settings: {err}") from None
@@ -485,6 +496,7 @@ def reproduce_command(
     task_kwargs: dict[str, Any] | None = None,
     profile: str = "default",
     rounds: int | None = None,
+    processes: int | None = None,
 ) -> str:
     """The ``tokred run`` command line that repeats a run."""
     parts = ["tokred", "run", "--task", task, "--size", size, "--device", str(device)]
@@ -502,6 +514,8 @@ def reproduce_command(
         parts.append("--quick")
     if rounds:
         parts += ["--rounds", str(rounds)]
+    if processes:
+        parts += ["--processes", str(processes)]
     return shlex.join(parts)
 
 
@@ -558,6 +572,27 @@ def reset_token_counts(patch: Any) -> None:
         patch.reset_token_counts()
 
 
+def start_sequence(workload: Any, method: Any, name: str) -> None:
+    """Begin a stateful workload's sequence for ``method``: its warm-up calls untimed, and, for a method whose calls
+    differ in a period (:meth:`tokred.Method.cycle_calls`, a cache), a whole cycle per timed call, the baseline's
+    alike. A method without a period, or a workload that cannot time cycles, is refused (CaseSkipped) with the
+    reason: no run of single calls would be a fair unit."""
+    warmup, cycle = int(method.warmup_calls()), method.cycle_calls()
+    if cycle is None:
+        raise CaseSkipped(
+            f"{name}: its denoiser calls are not periodic (it decides per generation or per call which calls reuse), "
+            f"so no run of single calls ({unit_of(workload)}) is a fair timed unit; time it by whole generations "
+            "(text_to_image: --set unit=generation)"
+        )
+    if cycle == 1:
+        workload.start(warmup)
+    elif "cycle" in inspect.signature(workload.start).parameters:
+        workload.start(warmup, cycle=int(cycle))
+    else:
+        raise CaseSkipped(f"{name}: its calls repeat in cycles of {cycle}, and this workload's timed call "
+                          f"({unit_of(workload)}) cannot time a cycle; time it by whole generations")
+
+
 def _ratio(a: Any, b: Any) -> float | None:
     ok = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in (a, b))
     return float(a) / float(b) if ok else None
@@ -582,9 +617,16 @@ class TaskRun:
         **timing: Any,
     ) -> None:
         """``task_kwargs``: task constructor arguments and harness settings (:data:`HARNESS_SETTINGS`: ``threads``,
-        ``budget_s``, ``min_rounds``, ``max_rounds``, ``warmup_rounds``, ``target_rel_half_width``), as ``--set``
-        gives them; ``timing``: harness settings given in code. ``rounds`` fixes the number of timed rounds."""
+        ``budget_s``, ``min_rounds``, ``max_rounds``, ``warmup_rounds``, ``target_rel_half_width``,
+        ``min_time_s``, ``processes``), as ``--set`` gives them; ``timing``: harness settings given in code (over
+        the profile's; ``--set`` over both). ``rounds`` fixes the number of timed rounds."""
         from .task import get_task
+        from .workers import check_processes
+
+        # what a timing worker process builds its own run from (one process each: no pools of pools)
+        self._worker_spec = {"task": task, "size": size, "device": device, "dtype": dtype,
+                             "task_kwargs": {k: v for k, v in (task_kwargs or {}).items() if k != "processes"},
+                             "profile": profile, "rounds": rounds, "command": "-", **timing, "processes": 1}
 
         self.task_name = task
         self.task_cls = get_task(task)
@@ -600,6 +642,12 @@ class TaskRun:
                 f"unknown timing settings: {', '.join(sorted(unknown))}; valid: {', '.join(HARNESS_SETTINGS)}"
             )
         user_harness = {k: v for k, v in self.user_kwargs.items() if k in HARNESS_SETTINGS}
+        env = os.environ.get(PROCESSES_ENV, "").strip()
+        if env and "processes" not in timing and "processes" not in user_harness:
+            try:
+                settings["processes"] = int(env)
+            except ValueError:
+                raise SelectionError(f"{PROCESSES_ENV}={env!r}: expected a process count, an int >= 1") from None
         settings.update(timing)
         settings.update(user_harness)
         kwargs = settings.pop("task")
@@ -616,6 +664,11 @@ class TaskRun:
                 check_threads(self.settings["threads"])
             except ValueError as err:
                 raise SelectionError(str(err)) from None
+        try:
+            self.processes = check_processes(self.settings["processes"])
+        except ValueError as err:
+            raise SelectionError(str(err)) from None
+        self._pool: Any = None
         self.fixed_rounds = rounds
         # what the runner reports; with adaptive rounds, the minimum
         self.rounds = rounds if rounds is not None else self.timing.min_rounds
@@ -661,9 +714,33 @@ class TaskRun:
         return self.task_cls.family_for(self.size, self.task_kwargs)
 
     def release(self) -> None:
-        """Drop the set-up task and its model (a sweep's next run builds its own)."""
+        """Drop the set-up task and its model (a sweep's next run builds its own), and end the timing workers."""
         self.task = None
         self._built = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def pool(self) -> Any:
+        """The timing workers (:class:`tokred.bench.workers.WorkerPool`, started on first use), or None with
+        ``processes=1``."""
+        if self.processes <= 1:
+            return None
+        if self._pool is None:
+            from .workers import WorkerPool
+
+            self._pool = WorkerPool(self._worker_spec, self.processes).start()
+        return self._pool
+
+    def setup_timing(self) -> TaskRun:
+        """Set up only what timing needs: the task's model and inputs (``task.setup()``), no reference outputs, no
+        quality, no baseline measurement. What a timing worker process does."""
+        if self.task is None:
+            task = self._built or self.build()
+            with torch_threads(self.threads):
+                task.setup()
+            self.task = task
+        return self
 
     def setup(self) -> TaskRun:
         """Build the task, record its reference and the baseline's quality and speed (GFLOPs, memory)."""
@@ -685,6 +762,7 @@ class TaskRun:
     def _setup(self) -> None:
         start = time.perf_counter()
         task = self._built or self.build()
+        self.pool()  # the workers build their models while this process records the reference
         with torch_threads(self.threads):
             task.setup()
             quality = task.record_reference()  # also warms the model up
@@ -786,59 +864,106 @@ class TaskRun:
 
         task = self.task
         workload = task.workload()
-        stateful = getattr(workload, "stateful", False)
-        monitor = Monitor(threads=threads, check_cpu=self._on_cpu())
-        tokens: dict[str, Any] = {}
+        pool = self.pool()
         if case.is_baseline:
-            tokred.remove(task.model)
-            if stateful:
-                workload.start(0)
-            timings = time_paired(workload, self.timing, monitor)
             quality = Quality(self.baseline_quality, self.baseline_quality_ci, self.baseline_quality_n,
                               self.baseline_per_image, self.baseline_binary)
             speed = self.baseline_speed
+            timings, tokens = self.time_case(case, self.timing, threads) if pool is None else (None, None)
         else:
             holder: dict[str, Any] = {}
             try:
                 holder["patch"] = tokred.apply(task.model, case.method, **case.options)
             except UnsupportedModelError as err:
                 raise CaseSkipped(str(err)) from err
-
-            def use_baseline() -> None:
-                if stateful:  # the method's state from its earlier calls must survive the baseline's call
-                    holder["patch"].pause()
-                else:
-                    holder.pop("patch").remove()
-
-            def use_method() -> None:
-                if stateful:
-                    holder["patch"].resume()
-                else:
-                    holder["patch"] = tokred.apply(task.model, case.method, **case.options)
-
-            def after_method() -> None:  # the token counts of the latest method call
-                counts = token_counts(holder.get("patch"))
-                if counts is not None:
-                    tokens["counts"] = counts
-                reset_token_counts(holder.get("patch"))
-                if stateful:
-                    workload.advance()
-
-            if stateful:  # a fresh sequence, the method's warm-up calls run untimed
-                workload.start(int(holder["patch"].method.warmup_calls()))
-
             try:
                 quality = task.evaluate()
-                timings = time_paired(workload, self.timing, monitor, baseline=workload, use_baseline=use_baseline,
-                                      use_method=use_method, after_method=after_method)
+                if pool is None:
+                    timings, tokens = self._time_applied(case, holder, self.timing, threads, workload)
+                else:  # timed in the workers; FLOPs and memory here, from the method's steady state
+                    timings, tokens = None, None
+                    if getattr(workload, "stateful", False):  # a cache's FLOPs over its cycle
+                        start_sequence(workload, holder["patch"].method, case.method)
                 speed = self._measure_speed()
             finally:
                 patch = holder.pop("patch", None)
                 if patch is not None:
                     patch.remove()
                 tokred.remove(task.model)
-        info = self._extra_info(case, timings, quality, speed, threads, tokens.get("counts"), unit_of(workload))
+        if pool is not None:  # quality, FLOPs and memory are measured once, here; the rounds in the workers
+            from .workers import time_replicated
+
+            timings, tokens = time_replicated(pool, case, self.timing, threads, self._on_cpu(),
+                                              paired=not case.is_baseline)
+        info = self._extra_info(case, timings, quality, speed, threads, tokens, unit_of(workload))
         return CaseResult(case, timings.method_times, info, timings.warmup_rounds)
+
+    def time_case(self, case: Case, settings: TimingSettings,
+                  threads: int | None = None) -> tuple[Timings, dict[str, Any] | None]:
+        """Time ``case`` here (:func:`time_paired`: the baseline row alone, a method paired with the baseline):
+        the patch is applied for it and removed afterwards, whatever happens (what a timing worker does for each
+        pass). Its timings and the token counts of its latest method call."""
+        import tokred
+
+        if threads is None:
+            with torch_threads(self.threads) as threads:
+                return self.time_case(case, settings, threads)
+        task = self.task
+        workload = task.workload()
+        if case.is_baseline:
+            tokred.remove(task.model)
+            if getattr(workload, "stateful", False):
+                workload.start(0)
+            return time_paired(workload, settings, Monitor(threads=threads, check_cpu=self._on_cpu())), None
+        holder: dict[str, Any] = {}
+        try:
+            holder["patch"] = tokred.apply(task.model, case.method, **case.options)
+        except UnsupportedModelError as err:
+            raise CaseSkipped(str(err)) from err
+        try:
+            return self._time_applied(case, holder, settings, threads, workload)
+        finally:
+            patch = holder.pop("patch", None)
+            if patch is not None:
+                patch.remove()
+            tokred.remove(task.model)
+
+    def _time_applied(self, case: Case, holder: dict[str, Any], settings: TimingSettings, threads: int,
+                      workload: Any) -> tuple[Timings, dict[str, Any] | None]:
+        """Paired rounds of ``case``, whose patch ``holder["patch"]`` is applied (and may be replaced: the
+        caller removes ``holder["patch"]`` afterwards, whatever happens)."""
+        import tokred
+
+        task = self.task
+        stateful = getattr(workload, "stateful", False)
+        monitor = Monitor(threads=threads, check_cpu=self._on_cpu())
+        tokens: dict[str, Any] = {}
+
+        def use_baseline() -> None:
+            if stateful:  # the method's state from its earlier calls must survive the baseline's call
+                holder["patch"].pause()
+            else:
+                holder.pop("patch").remove()
+
+        def use_method() -> None:
+            if stateful:
+                holder["patch"].resume()
+            else:
+                holder["patch"] = tokred.apply(task.model, case.method, **case.options)
+
+        def after_method() -> None:  # the token counts of the latest method call
+            counts = token_counts(holder.get("patch"))
+            if counts is not None:
+                tokens["counts"] = counts
+            reset_token_counts(holder.get("patch"))
+            if stateful:
+                workload.advance()
+
+        if stateful:  # a fresh sequence, the method's warm-up calls run untimed; a cache's cycle is the unit
+            start_sequence(workload, holder["patch"].method, case.method)
+        timings = time_paired(workload, settings, monitor, baseline=workload, use_baseline=use_baseline,
+                              use_method=use_method, after_method=after_method)
+        return timings, tokens.get("counts")
 
     def _paired_info(self, case: Case, quality: Any, values: dict[str, Any]) -> dict[str, Any]:
         """Schema 4: the per-image values of the paired metrics (``quality_per_image``, hits as 0/1) and, for a
@@ -894,6 +1019,13 @@ class TaskRun:
             speedup_ci=[estimate.ci[0], estimate.ci[1]],
             round_ratios=list(estimate.ratios),
             rounds=timings.rounds,
+            processes=timings.processes,
+            process_speedups=list(estimate.process_medians) if timings.process_rounds and timings.paired else None,
+            process_rounds=list(timings.process_rounds) if timings.process_rounds else None,
+            process_latency_ms=([statistics.median(t) * 1000.0 for t in timings.split(times)]
+                                if timings.process_rounds else None),
+            method_time_s=timings.method_time_s,
+            min_time_s=self.timing.min_time_s,
             warmup_rounds=timings.warmup_rounds,
             threads=threads,
             num_threads=threads,
@@ -905,6 +1037,10 @@ class TaskRun:
             notes=self.notes(case),
         )
         info.update(timings.monitor.info())
+        if not case.is_baseline:
+            from ..registry import get_method
+
+            info["method_kind"] = get_method(case.method).kind
         if tokens is not None:
             info["tokens"] = tokens
         # schema 3: what one timed call is, the workload kind, architecture and resolution (where they apply)

@@ -22,6 +22,8 @@ Options (group ``tokred``)::
     --tokred-set=KEY=VALUE      a task argument or harness setting (threads, budget_s, min_rounds, max_rounds,
                                 warmup_rounds; repeatable)
     --tokred-rounds=N           fixed timed rounds (default: adaptive)  --tokred-quick  smaller embedded runs
+    --tokred-processes=N        spread each case's rounds over N spawned worker processes (1: in-process;
+                                default: the workload's profile)
 
 Usage: ``pytest benchmarks/ --benchmark-only --benchmark-json=out.json`` (also ``--benchmark-autosave``,
 ``pytest-benchmark compare``; ``--benchmark-skip`` and ``--benchmark-disable`` skip them: nothing is measured).
@@ -49,7 +51,7 @@ _BACKED_UP_KEY = pytest.StashKey[bool]()
 # the options that make the plugin check its selection at start-up (their defaults select everything)
 _DEFAULTS = {"tokred_task": "all", "tokred_methods": "all", "tokred_presets": "all", "tokred_set": [],
              "tokred_device": "cpu", "tokred_dtype": None, "tokred_size": "embedded", "tokred_rounds": None,
-             "tokred_quick": False}
+             "tokred_quick": False, "tokred_processes": None}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -80,6 +82,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--tokred-rounds", type=int, default=None, help="fixed timed rounds per benchmark (default: adaptive, >= 5)"
     )
     group.addoption("--tokred-quick", action="store_true", help="smaller embedded runs (a smoke test)")
+    group.addoption(
+        "--tokred-processes", type=int, default=None, metavar="N",
+        help="spread each case's timed rounds over N spawned worker processes (1: in this process; default: the "
+        "workload's, 3 for arch and the embedded ViT)",
+    )  # fmt: skip
 
 
 def _settings(config: pytest.Config) -> dict[str, Any]:
@@ -95,7 +102,27 @@ def _settings(config: pytest.Config) -> dict[str, Any]:
         "task_kwargs": parse_assignments(config.getoption("tokred_set"), "--tokred-set"),
         "rounds": config.getoption("tokred_rounds"),
         "profile": "quick" if config.getoption("tokred_quick") else "default",
+        "processes": config.getoption("tokred_processes"),
     }
+
+
+def _timing(s: dict[str, Any]) -> dict[str, Any]:
+    """The harness settings the plugin's own options give (``--tokred-processes``), checked: a usage error names
+    the option."""
+    processes = s["processes"]
+    if processes is None:
+        return {}
+    from tokred.bench.workers import check_processes
+
+    try:
+        check_processes(processes, "--tokred-processes")
+    except ValueError as err:
+        raise pytest.UsageError(str(err)) from None
+    given = s["task_kwargs"].get("processes", processes)
+    if given != processes:
+        raise pytest.UsageError(f"--tokred-processes={processes} and --tokred-set processes={given!r} disagree; "
+                                "give one of them")
+    return {"processes": processes}
 
 
 def _plan(config: pytest.Config, check: bool = False) -> list[Any]:
@@ -119,9 +146,10 @@ def _plan(config: pytest.Config, check: bool = False) -> list[Any]:
                 raise pytest.UsageError(f"--tokred-rounds={rounds}: the timed rounds per benchmark must be >= 1 "
                                         "(leave it out for adaptive rounds)")
             check_device(str(s["device"]), "--tokred-device")
+            timing = _timing(s)
             for run in planned:
                 TaskRun(run.task, size=s["size"], device=s["device"], dtype=s["dtype"], task_kwargs=run.task_kwargs,
-                        profile=s["profile"], rounds=s["rounds"], command="-").build()
+                        profile=s["profile"], rounds=s["rounds"], command="-", **timing).build()
     except (TokredError, ValueError) as err:  # (ValueError: an unknown --tokred-size names the valid ones)
         raise pytest.UsageError(str(err)) from None
     cases = [c for run in planned for c in run.cases]
@@ -256,6 +284,12 @@ def record_rounds(benchmark: Any, times: list[float]) -> None:
     benchmark._mode = "tokred paired rounds"  # marks the fixture as used (pytest-benchmark warns otherwise)
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """End the session's timing worker processes (``--tokred-processes``) with their runs."""
+    for run in session.config.stash.get(_RUNS_KEY, {}).values():
+        run.release()
+
+
 @pytest.fixture(scope="session")
 def tokred_runs(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Per-task harness runs of this session (each task set up once, its baseline measured once)."""
@@ -290,12 +324,12 @@ def tokred_case(request: pytest.FixtureRequest, tokred_runs: dict[str, Any]) -> 
     if task_part not in tokred_runs:
         command = reproduce_command(
             task, s["size"], s["device"], s["dtype"], parse_list(s["methods"]), parse_list(s["presets"]),
-            task_kwargs=kwargs, profile=s["profile"], rounds=s["rounds"],
+            task_kwargs=kwargs, profile=s["profile"], rounds=s["rounds"], processes=s["processes"],
         )
         for other in list(tokred_runs):  # one set-up model at a time: a sweep's runs can be large
             tokred_runs.pop(other).release()
         tokred_runs[task_part] = TaskRun(
             task, size=s["size"], device=s["device"], dtype=s["dtype"], task_kwargs=kwargs,
-            profile=s["profile"], rounds=s["rounds"], command=command,
+            profile=s["profile"], rounds=s["rounds"], command=command, **_timing(s),
         )  # fmt: skip
     return BoundCase(case, tokred_runs[task_part], request.config)

@@ -11,8 +11,11 @@ Schema versions (``extra_info["tokred"]``): 1, the first files; 2 added interval
 FLOPs-ideal speedup, notes (``since=2``); 3 added ``unit``, ``workload``, ``architecture``, ``resolution``; 4
 added the paired quality comparisons: ``quality_per_image``, ``quality_delta`` and ``quality_delta_p`` (optional:
 a task without per-image metrics has none; a file of schema 3 or older has none, and its rows are ranked on their
-marginal intervals). Older files load through :func:`migrate`, which fills what schema 3 added from what the
-file has; the keys of
+marginal intervals); 5 added process replication and the timing floor: ``processes`` (worker processes the rounds
+were timed in), ``process_speedups`` / ``process_latency_ms`` / ``process_rounds`` (each process's median ratio,
+median method call and rounds, with several processes), ``method_time_s`` (seconds of the method's timed calls)
+and ``min_time_s`` (the floor they had to reach). Older files load through :func:`migrate`, which fills what
+schemas 3 and 5 added from what the file has; the keys of
 schema 2 stay absent (None) in a schema-1 record, so its rows have no intervals. The record keeps the version
 it was written with: readers use it to tell what an old file could not record.
 """
@@ -25,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Valid ranges of quality metrics, by name: (low, high), None for unbounded. Metrics with the unit "%" are in
 # [0, 100] whatever their name. KID is an unbiased estimate of a squared distance: it falls below 0 when the two
@@ -185,6 +188,8 @@ class CaseRecord:
     family: str | None = _field("str", "the task's model family")
     method: str = _field("str", "method name (\"baseline\" for the unreduced model)", required=True)
     preset: str = _field("str", "preset name (\"baseline\" for the unreduced model)", required=True)
+    method_kind: str | None = _field("str", "the method's kind (Method.kind: merge, prune, downsample, cache, "
+                                     "composite, other); absent for the baseline and in older files")
     options: dict[str, Any] = _field("dict", "the method options applied (JSON: tuples become lists)",
                                      required=True)
     options_repr: str | None = _field("str", "the method options applied, as Python")
@@ -249,6 +254,19 @@ class CaseRecord:
     round_ratios: list[float] | None = _field("numbers", "the per-round ratios behind speedup", since=2,
                                               **POSITIVE)
     rounds: int | None = _field("int", "timed rounds", low=1)
+    processes: int = _field("int", "worker processes the rounds were timed in (1: the run's own process; older "
+                            "files: 1)", required=True, low=1, since=5, check="processes")
+    process_speedups: list[float] | None = _field("numbers", "with several processes: each process's median "
+                                                  "per-round ratio (the interval covers their spread)", since=5,
+                                                  **POSITIVE)
+    process_latency_ms: list[float] | None = _field("numbers", "with several processes: each process's median "
+                                                    "method call (ms)", since=5, **POSITIVE)
+    process_rounds: list[float] | None = _field("numbers", "with several processes: the rounds each timed, in the "
+                                                "order of round_ratios", since=5, check="process_rounds", low=1)
+    method_time_s: float | None = _field("number", "seconds of the method's own timed calls (what the timing "
+                                         "floor counts)", since=5, **NON_NEGATIVE)
+    min_time_s: float | None = _field("number", "the timing floor: seconds of method calls a case had to reach",
+                                      since=5, **NON_NEGATIVE)
     warmup_rounds: int | None = _field("int", "rounds run and dropped first", low=0, since=2)
     loadavg_before: list[float] | None = _field("numbers", "os.getloadavg() before the timed rounds", since=2,
                                                 check="loadavg", **NON_NEGATIVE)
@@ -334,14 +352,19 @@ def migrate(extra: Mapping[str, Any]) -> dict[str, Any]:
 
     Schema 1 -> 2: the keys new in schema 2 (intervals, rounds, contention...) cannot be recovered: they stay
     absent, and the rows have no intervals. Schema 2 -> 3: ``unit`` "" (unknown), ``workload`` the ``size``,
-    ``architecture`` and ``resolution`` from ``task_info`` where it has them with the right type.
+    ``architecture`` and ``resolution`` from ``task_info`` where it has them with the right type. Schema 3 -> 4:
+    the paired quality keys stay absent. Schema 4 -> 5: ``processes`` 1 (every earlier file timed in one
+    process); the per-process lists, ``method_time_s`` and ``min_time_s`` stay absent (no floor was applied).
     """
     out = dict(extra)
-    if out.get("tokred", SCHEMA_VERSION) < 3:
+    version = out.get("tokred", SCHEMA_VERSION)
+    if version < 3:
         out.setdefault("unit", "")
         out.setdefault("workload", out.get("size"))
         for key, value in run_settings(out.get("task_info")).items():
             out.setdefault(key, value)
+    if version < 5:
+        out.setdefault("processes", 1)
     return out
 
 
@@ -478,6 +501,19 @@ class _Validator:
         slack = _CI_TOLERANCE * speedup
         if not low - slack <= speedup <= high + slack:
             self.c.fail(name, f"[{low:g}, {high:g}] does not contain the speedup {speedup:g}")
+
+    def _check_processes(self, processes: int, name: str, rule: Rule) -> None:
+        for key in ("process_speedups", "process_latency_ms", "process_rounds"):
+            value = self.extra.get(key)
+            if isinstance(value, list) and len(value) != processes:
+                self.c.fail(f"{self.where}.{key}", f"{len(value)} values for {processes} processes")
+
+    def _check_process_rounds(self, counts: list[float], name: str, rule: Rule) -> None:
+        for j, n in enumerate(counts):
+            self.c.check_type(n, "int", f"{name}[{j}]")
+        rounds = self.extra.get("rounds")
+        if isinstance(rounds, int) and sum(counts) != rounds:
+            self.c.fail(name, f"the processes' rounds add up to {sum(counts)}, not rounds {rounds}")
 
     def _check_loadavg(self, load: list[float], name: str, rule: Rule) -> None:
         if len(load) != 3:

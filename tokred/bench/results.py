@@ -7,7 +7,7 @@
      "benchmarks": [{"group", "name", "fullname", "params", "param", "options",
                      "stats": {"min", "max", "mean", "stddev", "rounds", "median", "iqr", "q1", "q3", ...,
                                "ops", "total", "data", "iterations"},
-                     "extra_info": {"tokred": 3, "task", "method", "preset", "options", "speedup", ...}}]}
+                     "extra_info": {"tokred": 4, "task", "method", "preset", "options", "speedup", ...}}]}
 
 The ``extra_info`` of a tokred benchmark is a :class:`tokred.bench.record.CaseRecord`, the one definition of a
 case's fields: each field is one key (same name), with its type, range, whether a file must have it, the schema

@@ -303,6 +303,8 @@ def summary_line(info: results_mod.CaseRecord | dict[str, Any]) -> str:
     ci = record.speedup_ci
     if ci and not record.is_baseline:
         speedup += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    if (record.processes or 1) > 1:
+        speedup += f" ({record.processes} processes)"
     parts = [speedup] + ([] if record.throughput_per_s is None else [f"{record.throughput_per_s:.4g} img/s"])
     for metric in record.metrics:
         if metric.get("kind") == "quality" and metric["name"] in record.quality:

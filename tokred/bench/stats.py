@@ -7,9 +7,25 @@ round together, so it cancels in the ratio and not in a ratio of two medians tak
 speedup is the **median of the per-round ratios**; its 95% interval is a percentile bootstrap of that median over
 rounds (:data:`RESAMPLES` resamples, fixed seed, so the same timings always give the same interval).
 
-Stopping. At least :data:`MIN_ROUNDS` rounds; then more until the interval's half-width is at most
-:data:`TARGET_REL_HALF_WIDTH` of the speedup, or the case's time budget is spent, or ``max_rounds`` is reached
-(:func:`stop_reason`, a pure function of the ratios and the elapsed time).
+Processes. A process's memory layout, allocator state and thread placement shift all its timings together: the
+rounds of one process agree to within a few percent while fresh processes disagree by up to 15%. So a case's
+rounds may be spread over several worker processes (:mod:`tokred.bench.workers`) and its interval computed from
+per-process results (:func:`process_speedup`): the speedup is the geometric mean of the processes' median ratios,
+and its interval the wider of (a) a Student-t interval of the mean of the processes' log median ratios, which
+measures the process-to-process spread (each process's median carries its own rounds' noise too, so the spread
+of the medians is the whole variance of one process's estimate), and (b) the percentile bootstrap of the median
+of all rounds pooled (the rounds' own noise, so that a few processes agreeing by chance never give an interval
+narrower than their rounds allow). With one process it is the single-process speedup above. Why not a
+hierarchical bootstrap (resample processes, then rounds): with 3 processes it cannot reach beyond the outermost
+of the 3 medians, which covers the next process's mean only about 75% of the time; the t quantile (4.30 for 3
+processes) accounts for how little 3 processes say.
+
+Stopping. At least :data:`MIN_ROUNDS` rounds and at least ``min_time_s`` seconds of the method's own timed calls
+(the timing floor: sub-second cases would otherwise stop after a second of rounds that share one moment of the
+machine); then more until the interval's half-width is at most :data:`TARGET_REL_HALF_WIDTH` of the speedup, or
+the case's time budget is spent, or ``max_rounds`` is reached (:func:`stop_reason`, a pure function of the ratios,
+the method's timed seconds and the elapsed time). The floor comes first: ``max_rounds`` and ``budget_s`` only
+bound the rounds beyond it.
 
 Quality. Metrics that average a per-image score (PSNR, SSIM, CLIP score) get a percentile bootstrap of the mean
 over images. Distribution distances (FID, KID) get a bootstrap over the generated images whose percentile
@@ -34,6 +50,7 @@ QUALITY_RESAMPLES = 200  # FID/KID bootstrap: each resample recomputes a distanc
 SEED = 0
 MIN_ROUNDS = 5
 TARGET_REL_HALF_WIDTH = 0.05
+MIN_TIME_S = 0.0  # the timing floor's default (no floor); workload profiles set theirs
 
 # stop_reason results
 CONVERGED, BUDGET, MAX_ROUNDS = "converged", "budget", "max_rounds"
@@ -147,6 +164,11 @@ class Speedup:
     value: float
     ci: tuple[float, float]
     ratios: tuple[float, ...]
+    process_medians: tuple[float, ...] = ()  # per worker process (several processes only)
+
+    @property
+    def processes(self) -> int:
+        return max(1, len(self.process_medians))
 
     @property
     def rounds(self) -> int:
@@ -176,6 +198,41 @@ def speedup(ratios: Sequence[float], confidence: float = CONFIDENCE, resamples: 
     return Speedup(float(np.median(values)), median_ci(values, confidence, resamples, seed), tuple(values))
 
 
+def process_speedup(per_process: Sequence[Sequence[float]], confidence: float = CONFIDENCE,
+                    resamples: int = RESAMPLES, seed: int = SEED) -> Speedup:
+    """The speedup of rounds timed in several processes (``per_process``: each process's per-round ratios), with
+    an interval that covers the process-to-process spread (see the module docstring). One process (or one
+    process with rounds): exactly :func:`speedup` of its ratios."""
+    groups = [[float(r) for r in g] for g in per_process if len(g)]
+    if not groups:
+        raise ValueError("no timed rounds")
+    pooled = [r for g in groups for r in g]
+    if len(groups) == 1:
+        return speedup(pooled, confidence, resamples, seed)
+    if any(r <= 0 or not math.isfinite(r) for r in pooled):
+        raise ValueError("ratios must be positive and finite")
+    medians = [float(np.median(g)) for g in groups]
+    logs = np.log(medians)
+    k = len(logs)
+    centre = float(np.mean(logs))
+    se = float(np.std(logs, ddof=1)) / math.sqrt(k)
+    t = _t_quantile(0.5 + confidence / 2.0, k - 1)
+    value = math.exp(centre)
+    lo, hi = math.exp(centre - t * se), math.exp(centre + t * se)
+    blo, bhi = median_ci(pooled, confidence, resamples, seed)
+    return Speedup(value, (min(lo, blo, value), max(hi, bhi, value)), tuple(pooled), tuple(medians))
+
+
+def _t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (scipy: a dependency of scikit-learn,
+    which the bench extra installs)."""
+    from scipy.stats import t as student_t
+
+    if df < 1:
+        raise ValueError(f"need df >= 1, got {df}")
+    return float(student_t.ppf(p, df))
+
+
 # --- adaptive rounds -------------------------------------------------------------------------------------------
 
 
@@ -187,8 +244,12 @@ class StopRule:
     max_rounds: int = 50
     budget_s: float = 60.0
     target_rel_half_width: float = TARGET_REL_HALF_WIDTH
+    min_time_s: float = MIN_TIME_S
 
     def __post_init__(self) -> None:
+        ok = isinstance(self.min_time_s, int | float) and not isinstance(self.min_time_s, bool)
+        if not ok or not math.isfinite(self.min_time_s) or self.min_time_s < 0:
+            raise ValueError(f"min_time_s must be a finite number of seconds >= 0, got {self.min_time_s!r}")
         if not isinstance(self.min_rounds, int) or self.min_rounds < 1:
             raise ValueError(f"min_rounds must be an int >= 1, got {self.min_rounds!r}")
         if not isinstance(self.max_rounds, int) or self.max_rounds < self.min_rounds:
@@ -199,18 +260,24 @@ class StopRule:
             raise ValueError(f"target_rel_half_width must be > 0, got {self.target_rel_half_width!r}")
 
 
-def stop_reason(values: Sequence[float], elapsed_s: float, rule: StopRule, seed: int = SEED) -> str | None:
+def stop_reason(values: Sequence[float], elapsed_s: float, rule: StopRule, seed: int = SEED,
+                method_time_s: float | None = None, per_process: Sequence[Sequence[float]] | None = None) -> str | None:
     """Why timing should stop after these rounds, or None to run another round.
 
-    ``values``: the rounds' ratios (or, for the baseline row, its call times). Never before ``rule.min_rounds``;
-    :data:`CONVERGED` when the bootstrap interval of their median has a half-width of at most
-    ``rule.target_rel_half_width`` of the median; :data:`MAX_ROUNDS` at ``rule.max_rounds``; :data:`BUDGET` when
-    ``elapsed_s`` (the case's timing so far) has reached ``rule.budget_s``.
+    ``values``: the rounds' ratios (or, for the baseline row, its call times); ``per_process``: the same split by
+    worker process (the interval is then :func:`process_speedup`'s). Never before ``rule.min_rounds``, nor before
+    ``method_time_s`` (the method's timed calls so far, in seconds; None: not counted) reaches
+    ``rule.min_time_s`` (the timing floor); :data:`CONVERGED` when the interval of their median has a
+    half-width of at most ``rule.target_rel_half_width`` of the median; :data:`MAX_ROUNDS` at
+    ``rule.max_rounds``; :data:`BUDGET` when ``elapsed_s`` (the case's timing so far) has reached
+    ``rule.budget_s``.
     """
     n = len(values)
     if n < rule.min_rounds:
         return None
-    estimate = speedup(values, seed=seed)
+    if method_time_s is not None and method_time_s < rule.min_time_s:
+        return None
+    estimate = process_speedup(per_process, seed=seed) if per_process else speedup(values, seed=seed)
     if estimate.rel_half_width <= rule.target_rel_half_width:
         return CONVERGED
     if n >= rule.max_rounds:

@@ -9,6 +9,11 @@ A round times one baseline call and one method call. Switching between them is t
 within a round alternates (baseline first in even rounds, method first in odd ones), so a systematic advantage of
 the second call of a pair (warm caches, a clock that has ramped up) falls on each variant equally. CUDA work is
 synchronized by the workloads themselves.
+
+The timing floor: rounds go on until both ``min_rounds`` and ``min_time_s`` seconds of the method's own timed calls
+are reached (then the adaptive rule of :func:`stats.stop_reason`). Several worker processes
+(:mod:`tokred.bench.workers`) each run :func:`time_paired` with a fixed number of rounds; the parent pools their
+rounds into one :class:`Timings` with ``process_rounds`` set.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class TimingSettings:
     budget_s: float = 60.0
     target_rel_half_width: float = stats.TARGET_REL_HALF_WIDTH
     rounds: int | None = None
+    min_time_s: float = stats.MIN_TIME_S
 
     def __post_init__(self) -> None:
         if isinstance(self.warmup_rounds, bool) or not isinstance(self.warmup_rounds, int) or self.warmup_rounds < 0:
@@ -46,12 +52,15 @@ class TimingSettings:
 
     @property
     def rule(self) -> stats.StopRule:
-        return stats.StopRule(self.min_rounds, self.max_rounds, self.budget_s, self.target_rel_half_width)
+        return stats.StopRule(self.min_rounds, self.max_rounds, self.budget_s, self.target_rel_half_width,
+                              self.min_time_s)
 
 
 @dataclass
 class Timings:
-    """What :func:`time_paired` measured. ``baseline_times`` is empty for an unpaired (baseline-only) run."""
+    """What :func:`time_paired` measured. ``baseline_times`` is empty for an unpaired (baseline-only) run.
+    ``process_rounds``: with several worker processes, how many of the rounds (in order) each one timed; empty
+    for one process."""
 
     method_times: list[float]
     baseline_times: list[float]
@@ -60,10 +69,35 @@ class Timings:
     elapsed_s: float
     monitor: Monitor
     extra: dict[str, Any] = field(default_factory=dict)
+    process_rounds: list[int] = field(default_factory=list)
 
     @property
     def rounds(self) -> int:
         return len(self.method_times)
+
+    @property
+    def processes(self) -> int:
+        return max(1, len(self.process_rounds))
+
+    @property
+    def method_time_s(self) -> float:
+        """Seconds of the method's own timed calls (what the timing floor counts)."""
+        return float(sum(self.method_times))
+
+    def split(self, values: list[float]) -> list[list[float]]:
+        """``values`` (one per round) split by process (one list for one process)."""
+        if not self.process_rounds:
+            return [list(values)]
+        out, start = [], 0
+        for n in self.process_rounds:
+            out.append(list(values[start:start + n]))
+            start += n
+        return out
+
+    def per_process_values(self) -> list[list[float]]:
+        """Each process's per-round ratios (paired) or method call times (unpaired)."""
+        values = stats.paired_ratios(self.baseline_times, self.method_times) if self.paired else self.method_times
+        return self.split(list(values))
 
     @property
     def paired(self) -> bool:
@@ -72,8 +106,9 @@ class Timings:
     def speedup(self) -> stats.Speedup:
         """The paired speedup (1.0, [1.0, 1.0] for an unpaired run: the baseline against itself)."""
         if not self.paired:
-            return stats.Speedup(1.0, (1.0, 1.0), tuple(1.0 for _ in self.method_times))
-        return stats.speedup(stats.paired_ratios(self.baseline_times, self.method_times))
+            ones = tuple(1.0 for _ in self.method_times)
+            return stats.Speedup(1.0, (1.0, 1.0), ones, tuple(1.0 for _ in self.process_rounds))
+        return stats.process_speedup(self.per_process_values())
 
 
 def _call(fn: Callable[[], Any]) -> float:
@@ -99,7 +134,8 @@ def time_paired(
     variant differs from the current one; the model starts and ends in the method's state). ``after_method()``
     runs untimed after every timed method call (e.g. to read the patch's token counts). Without ``baseline``
     the method's call times alone decide when to stop (the baseline row). ``clock`` is the budget's clock and
-    ``call_timer(fn)`` calls ``fn`` once and returns its duration (tests script both).
+    ``call_timer(fn)`` calls ``fn`` once and returns its duration (tests script both). Adaptive rounds stop no
+    earlier than ``settings.min_rounds`` rounds and ``settings.min_time_s`` seconds of the method's timed calls.
     """
     call_timer = call_timer or _call
     paired = baseline is not None
@@ -146,7 +182,7 @@ def time_paired(
             stop = FIXED if len(method_times) >= settings.rounds else None
         else:
             values = stats.paired_ratios(baseline_times, method_times) if paired else method_times
-            stop = stats.stop_reason(values, clock() - start, settings.rule)
+            stop = stats.stop_reason(values, clock() - start, settings.rule, method_time_s=sum(method_times))
     elapsed = clock() - start
     monitor.stop()
     return Timings(method_times, baseline_times, settings.warmup_rounds, stop, elapsed, monitor)

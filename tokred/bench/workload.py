@@ -83,6 +83,13 @@ class TimedCall:
     applies the method once per case, calls :meth:`start` with the number of untimed calls the method needs to
     reach its steady state (:meth:`tokred.Method.warmup_calls`), times the method's calls with the patch active
     and the baseline's with it paused, and calls :meth:`advance` (untimed) after each of the method's calls.
+
+    A method whose calls differ in a period (a cache: :meth:`tokred.Method.cycle_calls`, DeepCache's full and
+    reusing calls) is timed a whole cycle at a time: the harness passes ``cycle=n`` to :meth:`start`, and each
+    timed call then runs ``n`` consecutive steps of the sequence, the baseline's as the method's. ``calls`` is
+    how many steps one timed call runs (1 unless a cycle was asked for): per-step figures (FLOPs) are the unit's
+    divided by it, the average over the cycle. A stateful call that cannot time cycles keeps the ``start``
+    signature without ``cycle``; the harness then refuses cached methods on it, with the reason.
     """
 
     stateful: ClassVar[bool] = False
@@ -90,12 +97,14 @@ class TimedCall:
     def __init__(self, fn: Callable[[], Any], unit: str) -> None:
         self._fn = fn
         self.unit = unit
+        self.calls = 1
 
     def __call__(self) -> Any:
         return self._fn()
 
     def start(self, warmup_calls: int = 0) -> None:
-        """Begin a sequence (stateful calls only): run ``warmup_calls`` calls, untimed."""
+        """Begin a sequence (stateful calls only): run ``warmup_calls`` calls, untimed. Stateful calls that time
+        cycles take ``cycle: int = 1`` too (see the class docstring)."""
 
     def advance(self) -> None:
         """Move on to the next call of the sequence (stateful calls only; untimed)."""
