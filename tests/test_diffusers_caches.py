@@ -780,3 +780,36 @@ def test_controlnet_residuals_are_refused_by_first_block_cache():
         UnsupportedModelError, match=r"ControlNet residuals \(controlnet_block_samples\).*add them twice"
     ):
         model(**kwargs)
+
+
+def test_pab_beside_a_method_that_reduces_the_queries_is_refused_at_the_first_such_call():
+    """ToMe merges the queries of PixArt's self-attention: a broadcast output would belong to another call's merged
+    tokens, so pab+tome stops with the reason at its first call and the model is left as it was after remove()."""
+    model = dit_model("PixArt-Σ")
+    base = dit_generate("PixArt-Σ", model)
+    with tokred.apply(model, "pab+tome", **{"pab.spatial_attention_timestep_skip_range": (0, 1000)}):
+        with pytest.raises(UnsupportedModelError, match=r"pab: a token method reduces the queries of "
+                           r"transformer_blocks.0.attn1 \(64 -> \d+ tokens\)"):
+            dit_generate("PixArt-Σ", model)
+    assert torch.equal(dit_generate("PixArt-Σ", model), base)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dit_families_flops_count_what_ran(kind):
+    """FlopCounterMode over a whole generation: each cache counts fewer FLOPs than the baseline, first-block cache
+    with ToDo fewer than either alone."""
+    from tokred.flops import count_flops
+
+    model = dit_model(kind)
+    base = count_flops(lambda: dit_generate(kind, model))
+    with tokred.apply(model, "todo", downsample_factor=2):
+        todo = count_flops(lambda: dit_generate(kind, model))
+    counted = {}
+    for method in CACHES:
+        with tokred.apply(model, method, **OPTIONS[method]):
+            counted[method] = count_flops(lambda: dit_generate(kind, model))
+    patch = cache_and_todo(model, "first_block_cache", OPTIONS["first_block_cache"])
+    both = count_flops(lambda: dit_generate(kind, model))
+    patch.remove()
+    assert all(c < base for c in counted.values())
+    assert both < min(counted["first_block_cache"], todo)
