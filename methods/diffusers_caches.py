@@ -36,9 +36,10 @@ registered in diffusers' block metadata, output index 0, no text stream) and ``F
 (``diffusers_flux``: the 19 dual-stream ``FluxTransformerBlock`` then the 38 single-stream
 ``FluxSingleTransformerBlock``, both registered with ``(text, image)`` outputs; first-block caching runs the first
 dual block, and the tail residuals are those of the last single block). Refused, each with its reason in
-``Method.refusals``: the U-Net (its transformer blocks sit inside down/mid/up blocks between resnets, not in a
-top-level block list the hooks select; tokred's cache for it is ``deepcache``) and the timm ViTs (one forward,
-no denoising steps to reuse across).
+``Method.refusals``: the U-Net (first-block cache: its transformer blocks sit inside down/mid/up blocks between
+resnets, not in a top-level block list the hooks select; pyramid attention broadcast: offered for diffusion
+transformers only, as the paper and diffusers apply it; tokred's cache for the U-Net is ``deepcache``) and the timm
+ViTs (one forward, no denoising steps to reuse across).
 
 Composition (a token method in the same patch). The cache must be installed *after* the token method (the
 cache outside, the token reduction inside the blocks it recomputes): ``install`` wraps whatever forward each
