@@ -8,4 +8,4 @@ from . import ca_tome, cat_pruning, deepcache, diffusers_caches, evit, mctf, pit
 # A cache outside, a token method in the blocks it recomputes: one preset each, the members' main presets.
 declare_composition(deepcache="interval3", tome="ratio0.5")
 declare_composition(deepcache="interval3", todo="factor2")
-declare_composition(first_block_cache="threshold0.05", todo="factor2")  # SD3/SD3.5
+declare_composition(first_block_cache="threshold0.05", todo="factor2")  # SD3/SD3.5, PixArt, DiT, Flux

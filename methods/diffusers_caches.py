@@ -1,17 +1,22 @@
-"""diffusers' own cache hooks as tokred methods: first-block cache and pyramid attention broadcast (SD3/SD3.5).
+"""diffusers' own cache hooks as tokred methods: first-block cache and pyramid attention broadcast (SD3/SD3.5,
+PixArt-α/Σ and DiT-XL/2, Flux.1).
 
 Both are thin wrappers: the caching decisions and the reuse are diffusers' hooks (``diffusers.hooks``, 0.42.1),
 registered by diffusers' own ``apply_first_block_cache`` / ``apply_pyramid_attention_broadcast``. tokred adds
 what SD3's ``SD3Transformer2DModel`` does not provide and what a tokred patch promises:
 
 * **The cache context.** The hooks keep their state per *cache context*, which diffusers sets through
-  ``CacheMixin.cache_context`` in the pipelines of models that have it; SD3's transformer has none (without a
-  context the first call raises ``ValueError: No cache context is set``). tokred sets the context before every
-  denoiser call, named after the latent's shape (``"tokred 2x16x32x32"``): the pipeline's CFG-batched call
-  (unconditional and conditional rows in one batch) is one context, as in diffusers' pipelines that batch
-  guidance, and a call of another shape never mixes its residuals with this one's. (A loop that runs guidance as
-  two calls of one shape per step would share the context between them; SD3's pipelines batch guidance, and
-  tokred counts every counted call as a step anyway.)
+  ``CacheMixin.cache_context`` in the pipelines of models that have it (``FluxPipeline``: ``"cond"`` and, with
+  true CFG, ``"uncond"``); SD3's, PixArt's and DiT's transformers have none (without a context the first call
+  raises ``ValueError: No cache context is set``). Where the pipeline set a context for the call, tokred keeps
+  it; otherwise it sets one before every denoiser call, named after the latent's shape (``"tokred
+  2x16x32x32"``): the pipeline's CFG-batched call (unconditional and conditional rows in one batch) is one
+  context, as in diffusers' pipelines that batch guidance, and a call of another shape never mixes its residuals
+  with this one's. (A loop that runs guidance as two calls of one shape per step without naming contexts would
+  share the context between them; the SD3, PixArt and DiT pipelines batch guidance, Flux's names its calls.)
+  Pyramid attention broadcast keeps one state per attention in diffusers; ``tokred:`` it keeps one per cache
+  context the pipeline names, so Flux's true-CFG ``"uncond"`` call never reuses the ``"cond"`` call's
+  attention (with no named context, one state per attention, as diffusers).
 * **The reset.** The hooks' state is reset (diffusers' ``reset_state``) at the start of every generation (the
   run state's rule: new scheduler timesteps, or a rising timestep), so the same seed gives the same image.
 * **Exact removal.** Every forward and ``_diffusers_hook`` registry that diffusers' registration sets is
@@ -25,10 +30,16 @@ what SD3's ``SD3Transformer2DModel`` does not provide and what a tokred patch pr
   tokens (the MLP ran). Computed calls record their full counts, or a token method's counts where one runs
   inside (a composition).
 
-The methods apply to ``SD3Transformer2DModel`` (``diffusers_mmdit``: SD3, SD3.5) and refuse the U-Net families:
-diffusers' hooks need transformer blocks in a ``transformer_blocks``-like list with registered block metadata
-(first-block cache) or diffusers attention modules inside such lists (pyramid attention broadcast), which
-``UNet2DConditionModel`` does not have (its caching method in tokred is ``deepcache``).
+Families. The methods apply to ``SD3Transformer2DModel`` (``diffusers_mmdit``: SD3, SD3.5),
+``PixArtTransformer2DModel`` / ``DiTTransformer2DModel`` (``diffusers_dit``: their ``BasicTransformerBlock`` is
+registered in diffusers' block metadata, output index 0, no text stream) and ``FluxTransformer2DModel``
+(``diffusers_flux``: the 19 dual-stream ``FluxTransformerBlock`` then the 38 single-stream
+``FluxSingleTransformerBlock``, both registered with ``(text, image)`` outputs; first-block caching runs the first
+dual block, and the tail residuals are those of the last single block). Refused, each with its reason in
+``Method.refusals``: the U-Net (first-block cache: its transformer blocks sit inside down/mid/up blocks between
+resnets, not in a top-level block list the hooks select; pyramid attention broadcast: offered for diffusion
+transformers only, as the paper and diffusers apply it; tokred's cache for the U-Net is ``deepcache``) and the timm
+ViTs (one forward, no denoising steps to reuse across).
 
 Composition (a token method in the same patch). The cache must be installed *after* the token method (the
 cache outside, the token reduction inside the blocks it recomputes): ``install`` wraps whatever forward each
@@ -50,7 +61,7 @@ import torch
 from tokred import Method, register_method
 from tokred.errors import TokredError, UnsupportedModelError
 from tokred.method import MethodState
-from tokred.options import int_at_least, is_number, option
+from tokred.options import int_at_least, is_number, option, optional
 
 _MISSING = object()
 
@@ -58,15 +69,25 @@ _MISSING = object()
 class DiffusersHooksState(MethodState):
     """The diffusers hooks a method registered, as ``(hook, module)`` pairs, each reset with diffusers'
     ``hook.reset_state(module)`` at the start of every generation; ``ran``: the attention modules (by name) that
-    computed during the current block call (pyramid attention broadcast's token counts)."""
+    computed during the current block call (pyramid attention broadcast's token counts); ``managers``: diffusers
+    ``StateManager``s whose per-context states are dropped at every generation, keeping the context the pipeline
+    set for the call under way (the reset happens inside that call); ``states``: other hook states to reset."""
 
     def __init__(self) -> None:
         self.hooks: list[tuple[Any, torch.nn.Module]] = []
         self.ran: set[str] = set()
+        self.managers: list[Any] = []
+        self.states: list[Any] = []  # hooks' own states set aside while a per-context one is in use
 
     def reset(self) -> None:
+        contexts = [manager._context for manager in self.managers]
         for hook, module in self.hooks:
             hook.reset_state(module)
+        for own in self.states:
+            own.reset()
+        for manager, context in zip(self.managers, contexts, strict=True):
+            manager.reset()
+            manager.set_context(context)  # tokred: a pipeline's cache_context for this call survives the reset
         self.ran.clear()
 
 
@@ -78,6 +99,35 @@ def _hidden_tokens(args: tuple, kwargs: dict) -> int:
 def _bound_forward(module: torch.nn.Module) -> Callable[..., Any]:
     """The forward a call of ``module`` runs now: an instance forward (another method's, a user's) or the class's."""
     return vars(module).get("forward") or type(module).forward.__get__(module)
+
+
+def _full_counts(block: torch.nn.Module, n: int, family: str) -> tuple[int, int, int, int, int | None]:
+    """A block call that computed everything on ``n`` image tokens: (tokens, attn, kv, mlp, cross); ``cross`` is
+    None where the block has no cross-attention (PixArt's ``attn2`` is one; SD3.5's ``attn2`` is a second
+    self-attention)."""
+    return n, n, n, n, (n if family == "diffusers_dit" and getattr(block, "attn2", None) is not None else None)
+
+
+def _invalidate_context_fanout(root: torch.nn.Module) -> None:
+    """diffusers' ``cache_context`` reaches the hooks through a cached list of the child registries on the root's
+    registry; adding or removing ours stales it (``CacheMixin.enable_cache`` invalidates it the same way)."""
+    registry = vars(root).get("_diffusers_hook")
+    if registry is not None:
+        registry.invalidate_child_registries_cache()
+
+
+def _refuse_controlnet(method: str, kwargs: dict) -> None:
+    """The transformers add ControlNet residuals after the blocks: on a call the first-block cache skips, the
+    cached tail residual (which already holds them) and the residuals added again after each skipped block would
+    count them twice."""
+    names = ("block_controlnet_hidden_states", "controlnet_block_samples", "controlnet_single_block_samples")
+    given = [n for n in names if kwargs.get(n) is not None]
+    if given:
+        raise UnsupportedModelError(
+            f"{method}: the call passes ControlNet residuals ({', '.join(given)}), which the transformer adds after "
+            "each block; on a skipped call diffusers' first-block cache would add them twice (once in the cached "
+            "tail residual, once after each skipped block). Remove the cache or the ControlNet"
+        )
 
 
 def install_diffusers_hooks(
@@ -128,6 +178,10 @@ def install_diffusers_hooks(
         lambda: drop_our_hooks(existing),
         on_copy=lambda memo: drop_our_hooks([memo[id(m)] for m in existing if memo.get(id(m), m) is not m]),
     )
+    patch.on_remove(  # the fan-out is rebuilt at the next cache_context, without our registries
+        lambda: _invalidate_context_fanout(root),
+        on_copy=lambda memo: _invalidate_context_fanout(memo.get(id(root), root)),
+    )
     try:
         register()
     finally:
@@ -149,6 +203,7 @@ def install_diffusers_hooks(
             continue  # diffusers left this one alone
         module.forward = inners[id(module)]  # recorded below: the patch sets the outer layer over the inner one
         patch.replace_forward(module, outer(name, module, chain, inners[id(module)]))
+    _invalidate_context_fanout(root)  # a pipeline's cache_context reaches our hooks from now on
 
 
 # --- first-block cache ---------------------------------------------------------------------------------------------
@@ -183,17 +238,32 @@ class FirstBlockCache(Method):
     Options (diffusers' ``FirstBlockCacheConfig``, official name and default): ``threshold`` (0.05).
 
     Where we differ from calling ``apply_first_block_cache`` on the transformer: tokred sets the cache context
-    (SD3 has no ``cache_context``) and resets the state every generation (module docstring). SD3's last joint
+    where the pipeline does not (SD3, PixArt, DiT have no ``cache_context``; Flux's pipeline sets ``"cond"`` /
+    ``"uncond"``, which tokred keeps) and resets the state every generation (module docstring). SD3's last joint
     block (``context_pre_only=True``) returns ``None`` for the text stream, from which diffusers' tail hook
     subtracts (``TypeError``); ``tokred:`` beneath the hooks that block returns its text stream unchanged, so the
     tail hook's text residual is zero-cost bookkeeping, and above the hooks ``None`` again, as the block does.
-    SD3's transformer never reads that stream, so the image is diffusers' algorithm's.
+    SD3's transformer never reads that stream, so the image is diffusers' algorithm's. PixArt's and DiT's blocks
+    return the image stream alone (diffusers' metadata: no text stream), Flux's ``(text, image)`` from both block
+    types, which diffusers' hooks handle as they are. ``tokred:`` a call with ControlNet residuals (SD3's
+    ``block_controlnet_hidden_states``, Flux's ``controlnet_block_samples``) is refused: the transformers add them
+    after each block, so a skipped call would add them twice.
     """
 
     summary = "first-block cache: skip the other blocks while the first block's residual barely changes (diffusers)"
     kind = "cache"
-    options = {"diffusers_mmdit": FirstBlockCacheOptions}
-    presets = {"diffusers_mmdit": {"threshold0.05": {"threshold": 0.05}, "threshold0.2": {"threshold": 0.2}}}
+    options = {family: FirstBlockCacheOptions for family in ("diffusers_mmdit", "diffusers_dit", "diffusers_flux")}
+    presets = {
+        family: {"threshold0.05": {"threshold": 0.05}, "threshold0.2": {"threshold": 0.2}}
+        for family in ("diffusers_mmdit", "diffusers_dit", "diffusers_flux")
+    }
+    refusals = {
+        "diffusers_unet": "diffusers' first-block cache hooks the blocks of a transformer's top-level block lists "
+        "(transformer_blocks, single_transformer_blocks, ...), and a U-Net has none: its transformer blocks sit "
+        "inside down/mid/up blocks between resnets, so no first block's residual stands for the rest (tokred's "
+        "U-Net cache: deepcache)",
+        "timm_vit": "a cache across denoising steps, and a ViT's forward is one call with no earlier step to reuse",
+    }
     State = FirstBlockCacheState
     random_weights_caveat = (
         "how many calls first-block caching skips depends on how little the first block's residual changes "
@@ -227,7 +297,8 @@ class FirstBlockCache(Method):
             except ValueError:
                 raise UnsupportedModelError(
                     f"first_block_cache: {name} is a {type(block).__name__}, which diffusers' first-block cache has "
-                    "no block metadata for; supported: diffusers' own block classes (SD3's JointTransformerBlock)"
+                    "no block metadata for; supported: diffusers' own block classes (JointTransformerBlock, "
+                    "BasicTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock)"
                 ) from None
             registry = vars(block).get("_diffusers_hook")
             if registry is not None and {_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK} & set(registry.hooks):
@@ -242,15 +313,14 @@ class FirstBlockCache(Method):
         from diffusers.hooks.hooks import CacheContext
 
         state = state if state is not None else patch.method_state
-        run, counter, root = patch.state, patch.tokens, patch.adapter.root
+        run, counter, root, family = patch.state, patch.tokens, patch.adapter.root, patch.adapter.family
 
         def inner(name: str, block: torch.nn.Module, below: Callable[..., Any]) -> Callable[..., Any]:
             def forward(mod: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
                 calls = counter.calls(name)
                 out = below(*args, **kwargs)
                 if counter.calls(name) == calls:  # no token method inside recorded it: the full counts
-                    n = _hidden_tokens(args, kwargs)
-                    counter.record(name, n, n, n, n)
+                    counter.record(name, *_full_counts(block, _hidden_tokens(args, kwargs), family))
                 if isinstance(out, tuple) and out[0] is None:  # tokred: context_pre_only's text stream passes
                     text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
                     out = (text, *out[1:])
@@ -268,7 +338,8 @@ class FirstBlockCache(Method):
                     calls = counter.calls(name)
                     out = chain(*args, **kwargs)
                     if counter.calls(name) == calls:  # the cache skipped this block on this call
-                        counter.record(name, _hidden_tokens(args, kwargs), 0, 0, 0)
+                        n, *_, cross = _full_counts(block, _hidden_tokens(args, kwargs), family)
+                        counter.record(name, n, 0, 0, 0, None if cross is None else 0)
                 if pre_only and isinstance(out, tuple):
                     out = (None, *out[1:])  # tokred: the block's own None text stream again
                 return out
@@ -284,14 +355,20 @@ class FirstBlockCache(Method):
             outer,
             state,
         )
-        state.state_manager = state.hooks[0][0].state_manager  # the head's, shared by every block hook
+        state.state_manager = manager = state.hooks[0][0].state_manager  # the head's, shared by every block hook
+        state.managers.append(manager)
+        ours: list[Any] = [None]  # the context tokred set last (any other one is the pipeline's)
 
         def set_context(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             if run.auxiliary:
                 return
+            _refuse_controlnet("first_block_cache", kwargs)
+            if manager._context is not None and manager._context is not ours[0]:
+                return  # tokred: the pipeline named this call (FluxPipeline's cache_context "cond" / "uncond")
             sample = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             name = "tokred " + "x".join(str(s) for s in sample.shape)
-            state.state_manager.set_context(CacheContext(name=name, step_index=run.step - 1))
+            ours[0] = CacheContext(name=name, step_index=run.step - 1)
+            manager.set_context(ours[0])
 
         patch.register_forward_pre_hook(root, set_context, with_kwargs=True)
 
@@ -322,32 +399,76 @@ class PABOptions:
     )
 
 
+@dataclass
+class PABCrossOptions(PABOptions):
+    """PixArt's blocks also have a cross-attention (``attn2``, to the T5 caption tokens)."""
+
+    cross_attention_block_skip_range: int | None = option(
+        None,
+        valid="None or int >= 1",
+        check=optional(int_at_least(1)),
+        doc="compute each cross-attention once every this many calls inside its window and reuse its output in "
+        "between; None (diffusers' default): cross-attention always computes. The paper broadcasts cross-attention "
+        "the longest (its outputs change least between steps); PixArt only (DiT has no cross-attention)",
+    )
+    cross_attention_timestep_skip_range: tuple[float, float] = option(
+        (100, 800),
+        valid="(low, high) numbers, low < high",
+        check=_timestep_range,
+        doc="the cross-attention's window (0-1000 scale, diffusers' default (100, 800))",
+    )
+
+
+# the attentions diffusers' hook treats as spatial self-attention in each family's blocks, and the cross-attention
+SELF_ATTENTIONS = {"diffusers_mmdit": ("attn", "attn2"), "diffusers_dit": ("attn1",), "diffusers_flux": ("attn",)}
+CROSS_ATTENTION = {"diffusers_dit": "attn2"}
+
+
+def _pab_presets() -> dict[str, dict[str, Any]]:
+    return {
+        f"skip{k}": {"spatial_attention_block_skip_range": k, "spatial_attention_timestep_skip_range": (100, 800)}
+        for k in (2, 4)
+    }
+
+
 @register_method("pab")
 class PyramidAttentionBroadcast(Method):
     """Pyramid attention broadcast (Zhao et al., arXiv 2408.12588), diffusers' ``apply_pyramid_attention_broadcast``.
 
-    Inside the timestep window, every self-attention (SD3's joint attention, SD3.5's second one too) is computed
-    once every ``spatial_attention_block_skip_range`` calls and its output reused in between; the MLPs and the
-    rest always run. SD3's blocks have neither temporal nor cross-attention modules, so diffusers' temporal and
-    cross options have nothing to act on and are not offered.
+    Inside the timestep window, every self-attention (SD3's joint attention, SD3.5's second one too; PixArt's and
+    DiT's ``attn1``; Flux's joint attention in both block types) is computed once every
+    ``spatial_attention_block_skip_range`` calls and its output reused in between; the MLPs and the rest always
+    run. On PixArt, the cross-attention to the caption can be broadcast too (``cross_attention_block_skip_range``,
+    off by default as in diffusers). The blocks have no temporal attention, so diffusers' temporal options have
+    nothing to act on and are not offered.
 
     Options (diffusers' ``PyramidAttentionBroadcastConfig``, official names): ``spatial_attention_block_skip_range``
-    (2: diffusers' fallback when unset), ``spatial_attention_timestep_skip_range`` ((100, 800)).
+    (2: diffusers' fallback when unset), ``spatial_attention_timestep_skip_range`` ((100, 800)); on
+    ``diffusers_dit`` also ``cross_attention_block_skip_range`` (None) and ``cross_attention_timestep_skip_range``
+    ((100, 800)).
 
     Where we differ from calling ``apply_pyramid_attention_broadcast``: diffusers needs a
     ``current_timestep_callback``; tokred gives the run state's timestep of the current call (the largest in
-    the batch). The state is reset every generation (module docstring); paused and auxiliary calls compute every
-    attention and do not advance the hooks' call counts.
+    the batch; Flux's ``t / 1000`` brought back to 0-1000, as ``FluxPipeline.current_timestep``). The state is
+    reset every generation (module docstring); paused and auxiliary calls compute every attention and do not
+    advance the hooks' call counts. ``tokred:`` one broadcast state per cache context the pipeline names (Flux's
+    true CFG calls ``"cond"`` then ``"uncond"`` every step; diffusers' one state per attention would hand the
+    conditional call's attention to the unconditional one). Beside a token method (a composition): refused on
+    Flux (tokred's reduced Flux attention is computed from the attention's projections, not through the module
+    diffusers hooks, so the broadcast would see only unreduced calls), and on the other families refused at the
+    first call whose attention queries a token method reduced (a reused output would belong to another call's
+    reduced tokens); a key/value method (ToDo) works.
     """
 
     summary = "pyramid attention broadcast: reuse each self-attention's output for a few steps (diffusers, 2408.12588)"
     kind = "cache"
-    options = {"diffusers_mmdit": PABOptions}
-    presets = {
-        "diffusers_mmdit": {
-            "skip2": {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": (100, 800)},
-            "skip4": {"spatial_attention_block_skip_range": 4, "spatial_attention_timestep_skip_range": (100, 800)},
-        }
+    options = {"diffusers_mmdit": PABOptions, "diffusers_dit": PABCrossOptions, "diffusers_flux": PABOptions}
+    presets = {family: _pab_presets() for family in ("diffusers_mmdit", "diffusers_dit", "diffusers_flux")}
+    refusals = {
+        "diffusers_unet": "offered for diffusion transformers only, as the paper and diffusers' documentation apply "
+        "it: diffusers' hook would also match a U-Net's attentions by name, a use no reference implementation or "
+        "published result covers (tokred's U-Net cache: deepcache)",
+        "timm_vit": "a cache across denoising steps, and a ViT's forward is one call with no earlier step to reuse",
     }
     State = DiffusersHooksState
 
@@ -359,13 +480,22 @@ class PyramidAttentionBroadcast(Method):
     def check(self, adapter) -> None:
         from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
 
+        family = adapter.family
+        cross = CROSS_ATTENTION.get(family) if getattr(self.options, "cross_attention_block_skip_range", None) else None
         self.blocks = list(adapter.blocks)
+        self.self_names = SELF_ATTENTIONS[family]
+        self.cross_name = cross
         self.attentions = [
             (f"{name}.{sub}", getattr(block, sub))
             for name, block in self.blocks
-            for sub in ("attn", "attn2")
+            for sub in (*self.self_names, *((cross,) if cross else ()))
             if getattr(block, sub, None) is not None
         ]
+        if cross and not any(getattr(block, cross, None) is not None for _, block in self.blocks):
+            raise UnsupportedModelError(
+                f"pab: cross_attention_block_skip_range={self.options.cross_attention_block_skip_range} but this "
+                f"{type(adapter.root).__name__} has no cross-attention; valid: None (DiT is class-conditional)"
+            )
         for name, attn in self.attentions:
             registry = vars(attn).get("_diffusers_hook")
             if registry is not None and _PYRAMID_ATTENTION_BROADCAST_HOOK in registry.hooks:
@@ -376,16 +506,37 @@ class PyramidAttentionBroadcast(Method):
 
     def install(self, patch, state: DiffusersHooksState | None = None) -> None:
         from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
-        from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
+        from diffusers.hooks.hooks import StateManager
+        from diffusers.hooks.pyramid_attention_broadcast import (
+            _PYRAMID_ATTENTION_BROADCAST_HOOK,
+            PyramidAttentionBroadcastState,
+        )
 
         state = state if state is not None else patch.method_state
-        run, counter, root = patch.state, patch.tokens, patch.adapter.root
+        run, counter, root, family = patch.state, patch.tokens, patch.adapter.root, patch.adapter.family
+        # a token method installed before us into this patch: its forwards are on the blocks (composition)
+        inside = any("forward" in vars(block) for _, block in self.blocks)
+        if inside and family == "diffusers_flux":
+            raise UnsupportedModelError(
+                "pab: beside a token method on Flux, tokred's reduced attention is computed from the attention's "
+                "projections (flux_attention), not through the attention module diffusers' hook wraps, so the "
+                "broadcast would see only the unreduced calls; use pab alone on Flux"
+            )
         low, high = self.options.spatial_attention_timestep_skip_range
+        extra = {}
+        if self.cross_name:
+            extra = dict(
+                cross_attention_block_skip_range=self.options.cross_attention_block_skip_range,
+                cross_attention_timestep_skip_range=tuple(self.options.cross_attention_timestep_skip_range),
+            )
         config = PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=self.options.spatial_attention_block_skip_range,
             spatial_attention_timestep_skip_range=(low, high),
             current_timestep_callback=lambda: run.last_timestep if run.last_timestep is not None else -1.0,
+            **extra,
         )
+        contexts: dict[str, tuple[Any, Any, Any]] = {}  # attention name -> (hook, its own state, per-context states)
+        entering: dict[str, int] = {}  # block name -> image tokens entering its current call
 
         def inner(name: str, attn: torch.nn.Module, below: Callable[..., Any]) -> Callable[..., Any]:
             def forward(mod: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -395,14 +546,31 @@ class PyramidAttentionBroadcast(Method):
             return forward
 
         def outer(name: str, attn: torch.nn.Module, chain: Callable[..., Any], unhooked: Callable[..., Any]):
+            block_name = name.rsplit(".", 1)[0]
+
             def forward(mod: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-                return unhooked(*args, **kwargs) if run.auxiliary else chain(*args, **kwargs)
+                if run.auxiliary:
+                    return unhooked(*args, **kwargs)
+                if inside:
+                    queries = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                    if queries.shape[1] != entering.get(block_name, queries.shape[1]):
+                        raise UnsupportedModelError(
+                            f"pab: a token method reduces the queries of {name} ({entering[block_name]} -> "
+                            f"{queries.shape[1]} tokens); the broadcast would reuse an earlier call's outputs for "
+                            "other reduced tokens. Combine pab with a key/value method (todo) or use it alone"
+                        )
+                hook, own, manager = contexts[name]
+                # tokred: the broadcast state of the pipeline's named cache context, else the hook's own
+                hook.state = manager.get_state() if manager._context is not None else own
+                return chain(*args, **kwargs)
 
             return forward
 
         # the blocks: count tokens (the attention counts 0 when the broadcast reused it), whatever runs inside
         for name, block in self.blocks:
-            patch.replace_forward(block, self._counting_forward(name, block, _bound_forward(block), state, counter))
+            patch.replace_forward(
+                block, self._counting_forward(name, block, _bound_forward(block), state, counter, family, entering)
+            )
         install_diffusers_hooks(
             patch,
             self.attentions,
@@ -416,23 +584,39 @@ class PyramidAttentionBroadcast(Method):
             raise UnsupportedModelError(
                 "pab: diffusers' pyramid attention broadcast hooked no attention module of this transformer"
             )
+        for name, attn in self.attentions:
+            hook = attn._diffusers_hook.hooks.get(_PYRAMID_ATTENTION_BROADCAST_HOOK)
+            if hook is None:
+                continue  # diffusers left it alone (a cross-attention with no cross range)
+            # a StateManager attribute of a stateful hook receives the pipeline's cache_context (diffusers'
+            # _set_cache_context sets every one it finds on the hook)
+            manager = StateManager(PyramidAttentionBroadcastState)
+            hook.tokred_contexts = manager
+            contexts[name] = (hook, hook.state, manager)
+            state.managers.append(manager)
+            state.states.append(hook.state)
+        _invalidate_context_fanout(root)
 
-    @staticmethod
-    def _counting_forward(name: str, block: torch.nn.Module, below: Callable[..., Any], state, counter):
-        attn_name = f"{name}.attn"
+    def _counting_forward(self, name: str, block: torch.nn.Module, below: Callable[..., Any], state, counter,
+                          family: str, entering: dict[str, int]):
+        self_name = f"{name}.{self.self_names[0]}"
+        cross_name = f"{name}.{self.cross_name}" if self.cross_name and getattr(block, self.cross_name, None) else None
 
         def forward(mod: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-            state.ran.discard(attn_name)
+            state.ran.discard(self_name)
+            if cross_name:
+                state.ran.discard(cross_name)
+            n = entering[name] = _hidden_tokens(args, kwargs)
             calls = counter.calls(name)
             out = below(*args, **kwargs)
-            computed = attn_name in state.ran
+            computed = self_name in state.ran
+            cross_computed = cross_name is None or cross_name in state.ran
             if counter.calls(name) == calls:
-                n = _hidden_tokens(args, kwargs)
-                counter.record(name, n, n if computed else 0, n if computed else 0, n)
-            elif not computed:  # a token method inside counted its attention, which the broadcast reused
-                counter.reused(name, attn=True, kv=True)
+                n, _, _, _, cross = _full_counts(block, n, family)
+                a = n if computed else 0
+                counter.record(name, n, a, a, n, None if cross is None else (cross if cross_computed else 0))
+            elif not (computed and cross_computed):  # a token method inside counted what the broadcast reused
+                counter.reused(name, attn=not computed, kv=not computed, cross=not cross_computed)
             return out
 
         return forward
-
-

@@ -44,8 +44,9 @@ WRITE_ENV = "TOKRED_WRITE_COVERAGE"
 
 # Options the matrix passes on top of the defaults: CAT's default t0=8 computes 8 calls in full before it
 # prunes; the matrix's generations have 3 calls, so t0=2 makes the third one pruned. The caches: on these random
-# weights the first block's residual changes by 0.3 to 0.5 between calls (trained models: far less), and the
-# broadcast's default window (100, 800) holds only the third call, which its skip range 2 computes.
+# weights the first block's residual changes by 0.3 to 0.5 between calls on SD3 and Flux (less on PixArt and DiT;
+# trained models: far less), and the broadcast's default window (100, 800) holds only the third call, which its
+# skip range 2 computes.
 MATRIX_OPTIONS: dict[str, dict[str, Any]] = {
     "cat_pruning": {"t0": 2},
     "first_block_cache": {"threshold": 0.5},

@@ -34,7 +34,8 @@ class TokenCounter:
 
     def __init__(self) -> None:
         self._sums: dict[str, list[float]] = {}  # name -> [calls, tokens, attn, kv, mlp, cross, cross_calls]
-        self._last: dict[str, tuple[int, int, int, int]] = {}  # name -> the last call's (tokens, attn, kv, mlp)
+        # name -> the last call's (tokens, attn, kv, mlp, cross)
+        self._last: dict[str, tuple[int, int, int, int, int | None]] = {}
 
     def record(self, name: str, tokens: int, attn: int, kv: int, mlp: int, cross: int | None = None) -> None:
         row = self._sums.get(name)
@@ -45,7 +46,7 @@ class TokenCounter:
         row[2] += attn
         row[3] += kv
         row[4] += mlp
-        self._last[name] = (tokens, attn, kv, mlp)
+        self._last[name] = (tokens, attn, kv, mlp, cross)
         if cross is not None:
             row[5] += cross
             row[6] += 1
@@ -56,18 +57,20 @@ class TokenCounter:
         row = self._sums.get(name)
         return int(row[0]) if row is not None else 0
 
-    def reused(self, name: str, attn: bool = False, kv: bool = False, mlp: bool = False) -> None:
+    def reused(self, name: str, attn: bool = False, kv: bool = False, mlp: bool = False, cross: bool = False) -> None:
         """The last recorded call of block ``name`` did not compute the sublayers named true: it reused their
         outputs (a cache inside the block, e.g. pyramid attention broadcast), so they count 0 tokens on it."""
         last = self._last.get(name)
         row = self._sums.get(name)
         if last is None or row is None:
             return
-        tokens, a, k, m = last
-        for flag, index, value in ((attn, 2, a), (kv, 3, k), (mlp, 4, m)):
+        tokens, a, k, m, c = last
+        for flag, index, value in ((attn, 2, a), (kv, 3, k), (mlp, 4, m), (cross and c is not None, 5, c)):
             if flag:
                 row[index] -= value
-        self._last[name] = (tokens, 0 if attn else a, 0 if kv else k, 0 if mlp else m)
+        self._last[name] = (
+            tokens, 0 if attn else a, 0 if kv else k, 0 if mlp else m, 0 if cross and c is not None else c
+        )
 
     def reset(self) -> None:
         self._sums.clear()
