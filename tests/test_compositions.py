@@ -259,6 +259,12 @@ def test_a_cache_is_timed_and_counted_over_its_cycle(arch_run):
     rows = {name: arch_run.run_case(case).extra_info for name, case in cases.items()}
     assert rows["baseline"]["unit"] == rows["todo"]["unit"] == "denoiser call"
     assert rows["deepcache"]["unit"] == rows["deepcache+tome"]["unit"] == "cycle of 3 denoiser calls"
+    # per image: a timed cycle made 3 calls' images (latency is per cycle, s/image and img/s per image)
+    for name in ("baseline", "deepcache"):
+        row = rows[name]
+        calls = 3 if name == "deepcache" else 1
+        assert row["s_per_image"] == pytest.approx(row["latency_ms"] / 1000 / (calls * row["items_per_call"]))
+        assert row["throughput_per_s"] == pytest.approx(1 / row["s_per_image"])
     # the cycle's FLOPs per call: (1 full + 2 reusing) / 3, counted here call by call
     task = arch_run.task
     call = task.workload()

@@ -895,7 +895,8 @@ class TaskRun:
 
             timings, tokens = time_replicated(pool, case, self.timing, threads, self._on_cpu(),
                                               paired=not case.is_baseline)
-        info = self._extra_info(case, timings, quality, speed, threads, tokens, unit_of(workload))
+        info = self._extra_info(case, timings, quality, speed, threads, tokens, unit_of(workload),
+                                calls_per_unit=int(getattr(workload, "calls", 1) or 1))
         return CaseResult(case, timings.method_times, info, timings.warmup_rounds)
 
     def time_case(self, case: Case, settings: TimingSettings,
@@ -986,12 +987,13 @@ class TaskRun:
         return out
 
     def _extra_info(self, case: Case, timings: Timings, quality: Any, speed: dict[str, Any], threads: int,
-                    tokens: dict[str, Any] | None, unit: str) -> dict[str, Any]:
+                    tokens: dict[str, Any] | None, unit: str, calls_per_unit: int = 1) -> dict[str, Any]:
         times = timings.method_times
         median = statistics.median(times)
         base_median = statistics.median(timings.baseline_times) if timings.paired else median
         estimate = timings.speedup()
-        items = self.items_per_call(speed)
+        # a timed unit of several denoiser calls (a cache's cycle) makes items_per_call images per call
+        items = self.items_per_call(speed) * calls_per_unit
         drop = self._reference_metrics(self.task) if case.is_baseline else set()
         values = {k: v for k, v in dict(quality).items() if k not in drop}
         gflops, base_gflops = speed.get("gflops"), self.baseline_speed.get("gflops")
@@ -1014,7 +1016,7 @@ class TaskRun:
             baseline_latency_ms=base_median * 1000.0,
             throughput_per_s=items / median,
             s_per_image=median / items,
-            items_per_call=items,
+            items_per_call=items / calls_per_unit,
             speedup=estimate.value,
             speedup_ci=[estimate.ci[0], estimate.ci[1]],
             round_ratios=list(estimate.ratios),
