@@ -45,7 +45,7 @@ from tokred.merge import TwoWayMerge
 from tokred.options import int_at_least, is_bool, is_number, option
 from tokred.reduction import FULL_BLOCK, AttentionScores, BlockCall, BlockPlan, TokenReduce
 
-from .tome import _is_r_schedule, _schedule_total, parse_r
+from .tome import _is_r_schedule, checked_schedule
 
 
 def _tau(doc: str, default: float) -> Any:
@@ -125,12 +125,7 @@ class MCTF(Method):
         if not isinstance(adapter, TimmViTAdapter):
             return
         depth = len(adapter.blocks)
-        self.schedule = parse_r(self.options.r, depth)
-        if not any(self.schedule) and _schedule_total(self.options.r) > 0:
-            raise InvalidOptionError(
-                f"mctf: r={self.options.r!r} rounds down to 0 in every one of the {depth} blocks, so nothing would be "
-                "fused; use a larger r (or r=0 on purpose, the exact identity)"
-            )
+        self.schedule = checked_schedule("mctf", self.options.r, depth, "fused")
         if self.options.start_block >= depth and any(self.schedule):
             raise InvalidOptionError(
                 f"mctf: start_block={self.options.start_block} is beyond the model's {depth} blocks; valid: "

@@ -36,12 +36,11 @@ import torch.nn.functional as F
 
 from tokred import Method, register_method
 from tokred.adapters.timm_vit import TimmViTAdapter
-from tokred.errors import InvalidOptionError
 from tokred.merge import GridMerge
 from tokred.options import is_bool, is_int, is_number, number_in, option, optional
 from tokred.reduction import FULL_BLOCK, AttentionScores, BlockCall, BlockPlan, TokenReduce
 
-from .tome import _is_r_schedule, _schedule_total, parse_r
+from .tome import _is_r_schedule, checked_schedule
 
 
 @dataclass
@@ -123,12 +122,7 @@ class PiToMe(Method):
         if not isinstance(adapter, TimmViTAdapter):
             return
         depth = len(adapter.blocks)
-        self.schedule = parse_r(self.options.r, depth)
-        if not any(self.schedule) and _schedule_total(self.options.r) > 0:
-            raise InvalidOptionError(
-                f"pitome: r={self.options.r!r} rounds down to 0 in every one of the {depth} blocks, so nothing would "
-                "be merged; use a larger r (or r=0 on purpose, the exact identity)"
-            )
+        self.schedule = checked_schedule("pitome", self.options.r, depth, "merged")
         opts = self.options
         self.margins = [0.75 - 0.75 * i / depth if opts.margin is None else opts.margin for i in range(depth)]
         self.bsm_blocks = math.ceil(depth / 2) if opts.bsm_blocks is None else opts.bsm_blocks

@@ -37,7 +37,7 @@ from tokred.merge import NormMerge, PruneSources, alternate_matching
 from tokred.options import is_bool, is_int, option, optional
 from tokred.reduction import FULL_BLOCK, AttentionScores, BlockCall, BlockPlan, TokenReduce
 
-from .tome import _is_r_schedule, _schedule_total, parse_r
+from .tome import _is_r_schedule, checked_schedule
 
 
 @dataclass
@@ -86,12 +86,7 @@ class ToFu(Method):
         if not isinstance(adapter, TimmViTAdapter):
             return
         depth = len(adapter.blocks)
-        self.schedule = parse_r(self.options.r, depth)
-        if not any(self.schedule) and _schedule_total(self.options.r) > 0:
-            raise InvalidOptionError(
-                f"tofu: r={self.options.r!r} rounds down to 0 in every one of the {depth} blocks, so nothing would "
-                "be reduced; use a larger r (or r=0 on purpose, the exact identity)"
-            )
+        self.schedule = checked_schedule("tofu", self.options.r, depth, "reduced")
         merge_from = self.options.merge_from
         self.merge_from = depth // 2 + 1 if merge_from is None else merge_from
         if self.merge_from > depth:

@@ -128,6 +128,20 @@ class ToMeViTOptions:
     )
 
 
+def checked_schedule(
+    method: str, r: int | list[int] | tuple[int, float], depth: int, verb: str = "merged"
+) -> list[int]:
+    """:func:`parse_r` for a ``depth``-block ViT, refusing an ``r`` that rounds down to 0 in every block (unless it
+    asked for 0: the exact identity). Shared by the ViT methods that take ToMe's ``r``."""
+    schedule = parse_r(r, depth)
+    if not any(schedule) and _schedule_total(r) > 0:
+        raise InvalidOptionError(
+            f"{method}: r={r!r} rounds down to 0 in every one of the {depth} blocks, so nothing would be {verb}; "
+            "use a larger r (or r=0 on purpose, the exact identity)"
+        )
+    return schedule
+
+
 def check_ratio(ratio: float, sx: int, sy: int) -> None:
     """A ratio above ``1 - 1/(sx*sy)`` would merge destinations too (tomesd silently caps it)."""
     limit = 1 - 1 / (sx * sy)
@@ -320,12 +334,7 @@ class ToMe(Method):
 
     def check(self, adapter) -> None:
         if isinstance(adapter, TimmViTAdapter):
-            self.schedule = parse_r(self.options.r, len(adapter.blocks))
-            if not any(self.schedule) and _schedule_total(self.options.r) > 0:
-                raise InvalidOptionError(
-                    f"tome: r={self.options.r!r} rounds down to 0 in every one of the {len(adapter.blocks)} blocks, so "
-                    "nothing would be merged; use a larger r (or r=0 on purpose, the exact identity)"
-                )
+            self.schedule = checked_schedule("tome", self.options.r, len(adapter.blocks))
         elif isinstance(adapter, DiffusersUNetAdapter):
             self.merging_blocks = adapter.blocks_up_to(self.options.max_downsample)
             require_cross_attention(adapter, self.merging_blocks, self.options, "tome")
