@@ -240,15 +240,7 @@ class DiTMergeLayout(MMDiTMergeLayout):
         False, valid="bool", check=is_bool, doc="merge the image queries of cross-attention (PixArt; DiT has none)"
     )
 
-    def plan(self, merge: GridMerge | None) -> BlockPlan:
-        if merge is None:
-            return FULL_BLOCK
-        sub = Sublayer(merge, merge.unmerge)
-        return BlockPlan(
-            attn=sub if self.merge_attn else KEEP,
-            cross=sub if self.merge_crossattn else KEEP,
-            mlp=sub if self.merge_mlp else KEEP,
-        )
+    plan = GridMergeLayout.plan  # the U-Net's sublayers (self-attention, cross-attention, MLP), not the MMDiT's
 
 
 @dataclass

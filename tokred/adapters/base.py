@@ -147,3 +147,22 @@ def grid_for(latent_size: tuple[int, int] | None, num_tokens: int, level: int) -
     lh, lw = latent_size
     h, w = math.ceil(lh / level), math.ceil(lw / level)
     return (h, w) if h * w == num_tokens else None
+
+
+def hook_prediction(patch: Any, proj: torch.nn.Module, grid_of: Any, fn: Any) -> None:
+    """Let ``fn(tokens [B, N, C], grid)`` rewrite the per-token prediction ``proj`` outputs, in every counted call
+    (auxiliary calls and outputs that are not token sequences pass through). ``grid_of(N)`` is the patch grid of
+    ``N`` tokens, or None when they are not on one (the call is left alone). The transformer adapters'
+    ``install_output`` (CAT pruning's reuse of cached predictions)."""
+    state = patch.state
+
+    def after_proj(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if out.ndim != 3 or state.auxiliary:
+            return None
+        grid = grid_of(out.shape[1])
+        if grid is None:
+            return None
+        new = fn(out, grid)
+        return None if new is out else new
+
+    patch.register_forward_hook(proj, after_proj)

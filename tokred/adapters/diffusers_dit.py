@@ -34,7 +34,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..reduction import Grid, Planner
-from .base import Adapter, attach_denoiser_state, has_class_named
+from .base import Adapter, attach_denoiser_state, has_class_named, hook_prediction
 from .diffusers_unet import SUPPORTED_NORM_TYPES, block_forward, require_attn1_kv_hooks
 
 if TYPE_CHECKING:
@@ -120,19 +120,8 @@ class DiffusersDiTAdapter(Adapter):
     def install_output(self, patch: Patch, fn: Callable[[torch.Tensor, Grid], torch.Tensor]) -> None:
         """``fn(tokens [B, N, p*p*C_out], grid)`` rewrites the per-patch prediction (noise and, with learned
         sigma, the variance) of PixArt's ``proj_out`` / DiT's ``proj_out_2``, in every counted call."""
-        state = patch.state
         _, layer = MODELS[self.model]
         proj = getattr(self.root, layer, None)
         if not isinstance(proj, torch.nn.Linear):
             raise UnsupportedModelError(f"this {self.model} has no {layer} Linear layer to read the prediction from")
-
-        def after_proj(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-            if out.ndim != 3 or state.auxiliary:
-                return None
-            grid = self.grid(state.latent_size, out.shape[1])
-            if grid is None:
-                return None
-            new = fn(out, grid)
-            return None if new is out else new
-
-        patch.register_forward_hook(proj, after_proj)
+        hook_prediction(patch, proj, lambda n: self.grid(patch.state.latent_size, n), fn)

@@ -41,7 +41,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..reduction import FULL_BLOCK, BlockCall, BlockPlan, Grid, KeyValue, Planner, RowPlans, Sublayer, identity
-from .base import Adapter, attach_denoiser_state, has_class_named
+from .base import Adapter, attach_denoiser_state, has_class_named, hook_prediction
 from .diffusers_unet import _row
 
 if TYPE_CHECKING:
@@ -171,21 +171,10 @@ class DiffusersFluxAdapter(Adapter):
 
     def install_output(self, patch: Patch, fn: Callable[[torch.Tensor, Grid], torch.Tensor]) -> None:
         """``fn(tokens [B, N, C_out], grid)`` rewrites the per-token noise prediction (``proj_out``'s output)."""
-        state = patch.state
         proj_out = getattr(self.root, "proj_out", None)
         if not isinstance(proj_out, torch.nn.Linear):
             raise UnsupportedModelError("this FluxTransformer2DModel has no proj_out Linear layer")
-
-        def after_proj_out(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-            if out.ndim != 3 or state.auxiliary:
-                return None
-            grid = self.grid(out.shape[1])
-            if grid is None:
-                return None
-            new = fn(out, grid)
-            return None if new is out else new
-
-        patch.register_forward_hook(proj_out, after_proj_out)
+        hook_prediction(patch, proj_out, self.grid, fn)
 
 
 def rows_forward(fn: Callable, block: torch.nn.Module, plans: RowPlans, hidden_states: torch.Tensor, args: tuple,

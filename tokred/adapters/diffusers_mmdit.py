@@ -27,7 +27,7 @@ import torch
 
 from ..errors import UnsupportedModelError
 from ..reduction import FULL_BLOCK, BlockCall, BlockPlan, Grid, Planner, RowPlans, kv_source, projected_kv
-from .base import Adapter, attach_denoiser_state, has_class_named
+from .base import Adapter, attach_denoiser_state, has_class_named, hook_prediction
 from .diffusers_unet import _row, feed_forward
 
 if TYPE_CHECKING:
@@ -118,21 +118,10 @@ class DiffusersMMDiTAdapter(Adapter):
 
     def install_output(self, patch: Patch, fn: Callable[[torch.Tensor, Grid], torch.Tensor]) -> None:
         """``fn(tokens [B, N, p*p*C], grid)`` rewrites the per-patch noise prediction (``proj_out``'s output)."""
-        state = patch.state
         proj_out = getattr(self.root, "proj_out", None)
         if not isinstance(proj_out, torch.nn.Linear):
             raise UnsupportedModelError("this SD3Transformer2DModel has no proj_out Linear layer")
-
-        def after_proj_out(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-            if out.ndim != 3 or state.auxiliary:
-                return None
-            grid = self.grid(state.latent_size, out.shape[1])
-            if grid is None:
-                return None
-            new = fn(out, grid)
-            return None if new is out else new
-
-        patch.register_forward_hook(proj_out, after_proj_out)
+        hook_prediction(patch, proj_out, lambda n: self.grid(patch.state.latent_size, n), fn)
 
 
 def rows_forward(
