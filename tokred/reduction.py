@@ -143,12 +143,15 @@ class BlockPlan:
     """What one call of one transformer block does. Fields an adapter's block lacks are ignored (a U-Net block
     has no ``attn2``-style second self-attention; an MMDiT block has no cross-attention)."""
 
-    attn: Sublayer = KEEP  # self-attention (joint attention's image stream on an MMDiT)
-    kv: KeyValue = SAME_TOKENS  # keys/values of that self-attention
-    cross: Sublayer = KEEP  # cross-attention (U-Net)
-    attn2: Sublayer = KEEP  # second image self-attention (SD3.5 dual-attention blocks)
-    kv2: KeyValue = SAME_TOKENS
-    mlp: Sublayer = KEEP
+    # The defaults are factories, not the shared instances themselves: torch.compile (dynamo) cannot build a
+    # dataclass whose __init__ defaults are user-class instances ("Unexpected type in sourceless builder"), and
+    # methods build plans inside the compiled forward.
+    attn: Sublayer = field(default_factory=lambda: KEEP)  # self-attention (joint attention's image stream on MMDiT)
+    kv: KeyValue = field(default_factory=lambda: SAME_TOKENS)  # keys/values of that self-attention
+    cross: Sublayer = field(default_factory=lambda: KEEP)  # cross-attention (U-Net)
+    attn2: Sublayer = field(default_factory=lambda: KEEP)  # second image self-attention (SD3.5 dual attention)
+    kv2: KeyValue = field(default_factory=lambda: SAME_TOKENS)
+    mlp: Sublayer = field(default_factory=lambda: KEEP)
     tokens: TokenReduce | None = None  # after attention, for the rest of the network (timm ViTs)
 
     @property
