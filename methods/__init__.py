@@ -3,7 +3,7 @@ the benchmarks run, see :func:`tokred.compose.declare_composition`)."""
 
 from tokred.compose import declare_composition
 
-from . import ca_tome, cat_pruning, deepcache, diffusers_caches, evit, mctf, pitome, todo, tofu, tome  # noqa: F401
+from . import ca_tome, cat_pruning, deepcache, diffusers_caches, evit, mctf, pitome, todo, tofu, tome, zero_tprune  # noqa: F401
 
 # A cache outside, a token method in the blocks it recomputes: one preset each, the members' main presets.
 declare_composition(deepcache="interval3", tome="ratio0.5")
