@@ -52,7 +52,8 @@ def test_kinds_of_the_built_in_methods():
     assert kinds == {"tome": "merge", "ca_tome": "merge", "cat_pruning": "prune", "todo": "downsample",
                      "deepcache": "cache", "deepcache+tome": "composite", "deepcache+todo": "composite",
                      "first_block_cache": "cache", "pab": "cache", "first_block_cache+todo": "composite",
-                     "evit": "prune", "tofu": "merge", "pitome": "merge", "mctf": "merge"}
+                     "evit": "prune", "tofu": "merge", "pitome": "merge", "mctf": "merge",
+                     "zero_tprune": "prune"}
     assert tokred.Method.kind == "other"  # a plugin that does not say
 
 

@@ -24,7 +24,8 @@ def test_parametrized_over_registry_and_presets(bench_dir):
     # the out-of-tree method and the built-in ones with each of their timm_vit presets; nothing for other families
     assert {"fake_vit-fake_merge-k2", "fake_vit-fake_merge-k8", "fake_vit-tome-r8", "fake_vit-tome-r13",
             "fake_vit-tome-r16-decreasing", "fake_vit-ca_tome-threshold0.9", "fake_vit-evit-keep0.7",
-            "fake_vit-tofu-r13", "fake_vit-pitome-r13", "fake_vit-mctf-r16"} <= set(ids)
+            "fake_vit-tofu-r13", "fake_vit-pitome-r13", "fake_vit-mctf-r16",
+            "fake_vit-zero_tprune-r12"} <= set(ids)
     assert not [i for i in ids if "cat_pruning" in i]
 
 
