@@ -24,6 +24,12 @@ worker enough rounds to reach the timing floor (``min_time_s`` of the method's c
 about half as many again as it has, bounded by what is left of ``max_rounds`` and of the budget. With ``--rounds
 R`` the R rounds are shared out (R // N each, the remainder to the first workers). Every pass starts with the
 case's warm-up rounds (untimed, dropped): a worker that waited while the others timed starts cold.
+
+Compiled runs (:mod:`tokred.bench.compiled`): each worker compiles its own model in every pass (a process cannot
+share dynamo's compiled code) and sends its compile record back; the parent records the first pass's with
+``process_compile_s``, every pass's compile time. Inductor's on-disk cache (on by default) lets a later worker
+reuse what an earlier one compiled, so its compile time may be smaller. With ``--rounds R`` each worker has one
+pass per case, so one compile.
 """
 
 from __future__ import annotations
