@@ -111,7 +111,9 @@ def test_a_case_that_fails_to_compile_is_skipped_with_the_reason(tiny_task, monk
     assert "Unsupported" in report.skipped[1][1]
 
 
-def test_compiled_and_eager_sections_and_their_comparison(tiny_task, tmp_path):  # noqa: F811
+def test_compiled_and_eager_sections_and_their_comparison(tiny_task, tmp_path, monkeypatch):  # noqa: F811
+    # what is compiled does not matter here, only where its results go: a stub compiler keeps the test fast
+    monkeypatch.setattr(harness, "compile_module", lambda module, settings: None)
     cases = plan_cases(tiny_task, "tome", "r8")
     eager_file, compiled_file = str(tmp_path / "eager.json"), str(tmp_path / "compiled.json")
     run_task(TaskRun(tiny_task, rounds=2), cases, eager_file, log=lambda m: None)
@@ -144,3 +146,30 @@ def test_the_pytest_options_are_parsed(pytester):
 
 
 pytest_plugins = ["pytester"]
+
+
+def test_the_workers_compile_records_are_pooled():
+    from tokred.bench.workers import pooled_compile
+
+    first = {"backend": "inductor", "compile_s": 40.0, "recompiles": 1, "graphs": 2, "graph_breaks": 0,
+             "compilations": 2, "compile_rounds": 2, "timed_compilations": 0, "steady": True}
+    later = {**first, "compile_s": 12.0, "recompiles": 2, "timed_compilations": 1}
+    pooled = pooled_compile([first, None, later])
+    assert pooled["compile_s"] == 40.0 and pooled["process_compile_s"] == [40.0, 12.0]
+    assert pooled["recompiles"] == 2 and pooled["timed_compilations"] == 1 and pooled["steady"] is True
+    assert pooled_compile([None, None]) is None
+
+
+def test_graph_breaks_are_counted_without_fullgraph_and_fail_the_case_with_it(tiny_task):  # noqa: F811
+    def with_a_break(run):
+        run.setup()
+        run.task.model.blocks[0].register_forward_pre_hook(lambda module, args: torch._dynamo.graph_break())
+        return run
+
+    case = plan_cases(tiny_task, "tome", "r8")[0]  # the baseline row
+    loose = with_a_break(TaskRun(tiny_task, rounds=2, compile={"backend": "eager", "fullgraph": False}))
+    record = loose.run_case(case).extra_info["compile"]
+    assert record["fullgraph"] is False and record["graph_breaks"] >= 1 and record["graphs"] >= 2
+    strict = with_a_break(TaskRun(tiny_task, rounds=2, compile=EAGER))
+    with pytest.raises(CaseSkipped, match=r"compiled \(eager\) failed: .*graph_break"):
+        strict.run_case(case)
