@@ -173,3 +173,19 @@ def test_graph_breaks_are_counted_without_fullgraph_and_fail_the_case_with_it(ti
     strict = with_a_break(TaskRun(tiny_task, rounds=2, compile=EAGER))
     with pytest.raises(CaseSkipped, match=r"compiled \(eager\) failed: .*graph_break"):
         strict.run_case(case)
+
+
+def test_each_worker_process_compiles_for_itself():
+    """Two spawned workers each compile their own embedded ViT; the record has both compile times."""
+    from tokred.bench.harness import Case
+
+    run = TaskRun("vit_classification", task_kwargs={"num_images": 16, "threads": 1}, rounds=2, processes=2,
+                  min_time_s=0.0, compile=EAGER)
+    try:
+        info = run.run_case(Case("vit_classification", "tome", "r8", {"r": 8})).extra_info
+    finally:
+        run.release()
+    record = info["compile"]
+    assert info["processes"] == 2 and len(record["process_compile_s"]) == 2
+    assert all(s > 0 for s in record["process_compile_s"]) and record["compile_s"] == record["process_compile_s"][0]
+    assert record["timed_compilations"] == 0 and record["backend"] == "eager"
