@@ -257,10 +257,11 @@ def compiled_note(section: Section) -> str:
         if "compile_s" not in info:
             continue
         text = f"{r.label} {float(info['compile_s']):.1f} s"
-        counts = [f"{info[k]} {k.replace('_', ' ')}" for k in ("recompiles", "graph_breaks", "timed_compilations")
+        counts = [f"{k.replace('_', ' ')} {info[k]}" for k in ("recompiles", "graph_breaks", "timed_compilations")
                   if info.get(k)]
         rows.append(text + (f" ({', '.join(counts)})" if counts else ""))
-    return (f"Compiled: the timed module under `torch.compile` ({section.compiled}), the baseline's as every "
+    how = section.compiled.removeprefix("compiled ")
+    return (f"Compiled: the timed module under `torch.compile` {how}, the baseline's as every "
             "method's, compiled and warmed up before the timed rounds; the speedup is the method compiled over the "
             "baseline compiled. Compile time (not in the timed rounds; later cases and worker processes may find "
             "inductor's on-disk cache): " + ("; ".join(rows) or "not recorded") + ".")
@@ -282,7 +283,9 @@ def comparison_table(compiled: Section, eager: Section) -> str:
                       cell_plain(c, "s_per_image")])
     lines.insert(0, ["baseline", "1.00×", "1.00×", cell_plain(base_eager, "s_per_image"),
                      cell_plain(base_compiled, "s_per_image")])
-    headers = ["method", "eager speedup (over eager baseline)", f"speedup {compiled.compiled} (over its baseline)",
+    how = compiled.compiled.removeprefix("compiled ").strip("()")
+    headers = ["method", "eager speedup (over the eager baseline)",
+               f"compiled speedup ({how}; over the compiled baseline)",
                "eager s/image", "compiled s/image"]
     title = f"### Eager against compiled: {eager.base_title}"
     return f"{title}\n\n" + tabulate(lines, headers=headers, tablefmt="github")
