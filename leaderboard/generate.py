@@ -40,7 +40,7 @@ from tokred.bench.results import ResultsError, load_results
 
 from .plot import ARROWS, plot, plotted_rows
 from .scaling import ScalingGroup, scaling_groups, scaling_markdown, scaling_plot
-from .sections import Row, Section, load_sections
+from .sections import Row, Section, compiled_pairs, load_sections
 
 PUBLISHED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "published.json")
 RESULTS_FOLDER = "results"
@@ -243,7 +243,66 @@ def section_notes(section: Section) -> list[str]:
         parts.append("_Some rows have no 95% intervals (results of schema 1): their columns are not ranked._")
     for note in _unique([n for r in section.rows for n in r.record.notes or []]):
         parts.append(f"Note: {note}")
+    if section.compiled:
+        parts.append(compiled_note(section))
     return parts
+
+
+def compiled_note(section: Section) -> str:
+    """Under a compiled section: what was compiled, that the speedup is over the compiled baseline, and each
+    row's compile time (excluded from the timed rounds), recompiles and graph breaks."""
+    rows = []
+    for r in section.rows:
+        info = r.record.compile or {}
+        if "compile_s" not in info:
+            continue
+        text = f"{r.label} {float(info['compile_s']):.1f} s"
+        counts = [f"{k.replace('_', ' ')} {info[k]}" for k in ("recompiles", "graph_breaks", "timed_compilations")
+                  if info.get(k)]
+        rows.append(text + (f" ({', '.join(counts)})" if counts else ""))
+    how = section.compiled.removeprefix("compiled ")
+    return (f"Compiled: the timed module under `torch.compile` {how}, the baseline's as every "
+            "method's, compiled and warmed up before the timed rounds; the speedup is the method compiled over the "
+            "baseline compiled. Compile time (not in the timed rounds; later cases and worker processes may find "
+            "inductor's on-disk cache): " + ("; ".join(rows) or "not recorded") + ".")
+
+
+def comparison_table(compiled: Section, eager: Section) -> str:
+    """Eager speedup (over the eager baseline) beside compiled speedup (over the compiled baseline), per row of
+    the compiled section and of the eager one, with their intervals."""
+    from tabulate import tabulate
+
+    eager_rows = {r.identity: r for r in eager.rows if not r.is_baseline}
+    compiled_rows = {r.identity: r for r in compiled.rows if not r.is_baseline}
+    base_eager, base_compiled = (next((r for r in s.rows if r.is_baseline), None) for s in (eager, compiled))
+    lines = []
+    for identity in sorted(set(eager_rows) | set(compiled_rows)):
+        e, c = eager_rows.get(identity), compiled_rows.get(identity)
+        label = (e or c).label  # type: ignore[union-attr]
+        lines.append([label, cell_plain(e, "speedup"), cell_plain(c, "speedup"), cell_plain(e, "s_per_image"),
+                      cell_plain(c, "s_per_image")])
+    lines.insert(0, ["baseline", "1.00×", "1.00×", cell_plain(base_eager, "s_per_image"),
+                     cell_plain(base_compiled, "s_per_image")])
+    how = compiled.compiled.removeprefix("compiled ").strip("()")
+    headers = ["method", "eager speedup (over the eager baseline)",
+               f"compiled speedup ({how}; over the compiled baseline)",
+               "eager s/image", "compiled s/image"]
+    title = f"### Eager against compiled: {eager.base_title}"
+    return f"{title}\n\n" + tabulate(lines, headers=headers, tablefmt="github")
+
+
+def cell_plain(row: Row | None, key: str) -> str:
+    """A row's value with its interval, without marks ("not measured" for a missing row)."""
+    if row is None:
+        return "not measured"
+    value = row.values.get(key)
+    if value is None:
+        return "—"
+    text = fmt(value, key)
+    estimate = row.estimates.get(key)
+    if estimate is not None and estimate.interval is not None and estimate.interval[0] != estimate.interval[1]:
+        text += f" [{_bound(estimate.interval[0], key)}, {_bound(estimate.interval[1], key)}]"
+    return text
 
 
 def sources_of(markdown: str) -> dict[str, Any] | None:
@@ -268,6 +327,8 @@ def render(sections: list[Section], sources: Sequence[str], published: bool = Tr
             parts += ["", note]
         if plotted_rows(sec):
             parts += ["", f"![speed versus {sec.primary_metric()['name']}: {sec.title}]({sec.slug}.png)"]
+    for compiled, eager in compiled_pairs(sections):
+        parts += ["", comparison_table(compiled, eager)]
     for group in scaling:
         parts += ["", scaling_markdown(group, f"{group.slug}.png").rstrip("\n")]
     if published:

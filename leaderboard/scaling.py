@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokred.bench.compiled import label_of
+
 from .plot import save_figure
 from .sections import method_kind
 
@@ -39,6 +41,7 @@ class ScalingGroup:
     unit: str | None
     # (method, preset) -> resolution -> that case's extra_info
     cells: dict[tuple[str, str], dict[int, dict[str, Any]]] = field(default_factory=dict)
+    compiled: str = ""  # a compiled run's label (tokred.bench.compiled): never mixed with eager cells
 
     @property
     def resolutions(self) -> list[int]:
@@ -65,12 +68,14 @@ class ScalingGroup:
         if self.architecture in ARCHITECTURES:
             arch += f" ({ARCHITECTURES[self.architecture]})"
         threads = "?" if self.threads is None else self.threads
-        return (f"Speedup against resolution: {arch} on {self.device_name}, {self.dtype}, {threads} threads, "
-                f"unit: {self.unit or 'not recorded'}")
+        compiled = f", {self.compiled}" if self.compiled else ""
+        return (f"Speedup against resolution: {arch} on {self.device_name}, {self.dtype}, {threads} threads"
+                f"{compiled}, unit: {self.unit or 'not recorded'}")
 
     @property
     def slug(self) -> str:
         text = f"scaling-{self.task}-{self.size}-{self.architecture}-{self.device_name}-{self.dtype}-{self.threads}"
+        text += f"-{self.compiled}" if self.compiled else ""
         return re.sub(r"[^a-z0-9]+", "-", f"{text}-{self.unit}".lower()).strip("-")
 
 
@@ -106,9 +111,9 @@ def scaling_groups(benchmarks: list[dict[str, Any]]) -> list[ScalingGroup]:
         group = ScalingGroup(info["task"], info.get("size", "?"), _setting(info, "architecture"),
                              info.get("device_name") or info.get("device", "?"), info["dtype"],
                              threads if isinstance(threads, int) and not isinstance(threads, bool) else None,
-                             cycle.group(1) if cycle else unit)
+                             cycle.group(1) if cycle else unit, compiled=label_of(info.get("compile")))
         key = (group.task, group.size, group.architecture or "", group.device_name, group.dtype,
-               -1 if group.threads is None else group.threads, group.unit or "")
+               -1 if group.threads is None else group.threads, group.unit or "", group.compiled)
         group = groups.setdefault(key, group)
         group.cells.setdefault((info["method"], info["preset"]), {})[resolution] = info
     return [groups[k] for k in sorted(groups) if len(groups[k].resolutions) >= 2]

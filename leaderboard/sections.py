@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokred.bench.compiled import label_of
 from tokred.bench.record import CaseRecord
 from tokred.bench.results import ResultsError, load_results, tokred_records
 
@@ -120,15 +121,24 @@ class Section:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     distinction: str = ""  # the settings that tell this section from others with the same title
     inseparable: list[str] = field(default_factory=list)  # ranked columns where every value ties with the best
+    # a compiled run's label ("compiled (inductor)", tokred.bench.compiled), "" for eager: compiled rows are timed
+    # against the compiled baseline and never share a section with eager ones
+    compiled: str = ""
 
     @property
     def key(self) -> tuple[Any, ...]:
         return (self.task, self.size, self.model, self.device_name, self.dtype, self.threads or 0,
-                json.dumps(self.settings, sort_keys=True))
+                json.dumps(self.settings, sort_keys=True), self.compiled)
+
+    @property
+    def eager_key(self) -> tuple[Any, ...]:
+        """The key of the eager section this (compiled) section's rows compare with."""
+        return self.key[:-1] + ("",)
 
     @property
     def base_title(self) -> str:
-        return f"{self.task} · {self.size} · {self.device_name} · {self.dtype}"
+        title = f"{self.task} · {self.size} · {self.device_name} · {self.dtype}"
+        return f"{title} · {self.compiled}" if self.compiled else title
 
     @property
     def title(self) -> str:
@@ -136,7 +146,8 @@ class Section:
 
     @property
     def slug(self) -> str:
-        text = f"{self.task}-{self.size}-{self.device}-{self.device_name}-{self.dtype}-{self.distinction}".lower()
+        text = (f"{self.task}-{self.size}-{self.device}-{self.device_name}-{self.dtype}-{self.compiled}-"
+                f"{self.distinction}").lower()
         return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
 
     def metric(self, name: str) -> dict[str, Any] | None:
@@ -225,7 +236,7 @@ def _section_for(record: CaseRecord) -> Section:
     task_info = record.task_info or {}
     return Section(record.task, record.size, str(record.model or task_info.get("model") or "?"), record.device,
                    record.device_name or record.device, record.dtype, record.torch_threads,
-                   section_settings(task_info))
+                   section_settings(task_info), compiled=label_of(record.compile))
 
 
 def load_sections(paths: Sequence[str], sources: Sequence[str] | None = None,
@@ -371,3 +382,10 @@ def mark(section: Section) -> None:
     for i in pareto_front(points, ("higher", metric["better"])):
         section.rows[i].pareto = True
 
+
+
+def compiled_pairs(sections: Sequence[Section]) -> list[tuple[Section, Section]]:
+    """(compiled section, the eager section of the same workload) for every compiled section that has one: the
+    rows to compare a method's compiled speedup (over the compiled baseline) with its eager one."""
+    eager = {s.key: s for s in sections if not s.compiled}
+    return [(s, eager[s.eager_key]) for s in sections if s.compiled and s.eager_key in eager]

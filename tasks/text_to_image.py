@@ -523,6 +523,11 @@ class TextToImage(Task):
     def _unet(self) -> nn.Module:
         return self.work.denoiser()
 
+    def compile_target(self) -> nn.Module:
+        """The denoiser (U-Net or transformer): what a compiled pipeline compiles, and where the methods act."""
+        self._require_setup()
+        return self._unet()
+
     def workload(self) -> TimedCall:
         """The timed unit: a generation of one batch (``batch_size`` images, indices 0..batch_size-1), or, for
         ``size="arch"`` with ``unit="call"``, one denoiser call inside a running generation (a stateful call; see

@@ -6,6 +6,8 @@
     tokred run --task NAME|all [--methods A,B] [--presets P,M:P] [--options K=V ...]
                [--size embedded|arch|full] [--device cpu] [--dtype float32] [--set K=V ...]
                [--rounds N] [--processes N] [--quick] [--out results/] [--resume | --force]
+               [--compile [--compile-backend inductor] [--compile-mode default|reduce-overhead|max-autotune]
+                [--no-compile-fullgraph]]
     tokred leaderboard RESULTS.json ... [-o leaderboard/README.md] [--no-published]
     tokred bench [run options] [--out results/] [-o leaderboard/README.md]     run every task, then the leaderboard
 
@@ -38,6 +40,14 @@ the workload's timing floor of method-call seconds, ``--set min_time_s=S``). ``-
 rounds over N spawned worker processes (the workload's profile decides when it is not given: 3 for the arch
 workloads and the embedded ViT; 1 times in the run's own process), and the speedup's interval covers the
 process-to-process spread.
+
+Compiled runs (``--compile``, :mod:`tokred.bench.compiled`): the baseline and every method alike are timed with the
+task's module (the denoiser, the ViT) under ``torch.compile`` (backend ``--compile-backend``, default inductor;
+``--compile-mode``; ``fullgraph=True`` unless ``--no-compile-fullgraph``), compiled after the method is applied and
+warmed up until nothing new compiles, outside the timed rounds; each case records its compile time, recompiles
+and graph breaks (``compile``). Their results go to a file of their own (``...-compiled-inductor.json``) and a
+leaderboard section of their own; a method that fails to compile is skipped with the reason. ``tokred bench``
+(the main job) does not compile unless asked.
 
 Exit codes: 0 success; 1 some benchmarks failed (the others are kept); 2 bad input or an output that cannot be
 written (one line on stderr, the valid choices listed); 130 interrupted.
@@ -178,13 +188,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 # --- run -------------------------------------------------------------------------------------------------------
 
 
-def _out_path(out: str, task: str, size: str, device: str, several: bool) -> str:
+def _out_path(out: str, task: str, size: str, device: str, several: bool, suffix: str = "") -> str:
+    """``out`` when it is a .json file, else ``out/TASK-SIZE-DEVICE{suffix}.json`` (``suffix``: a compiled run's,
+    ``-compiled-inductor``: compiled and eager results never share a file)."""
     if out.endswith(".json"):
         if several:
             raise UsageError(f"--out {out}: several tasks need a folder, not a .json file")
         return out
     safe_device = "".join(ch if ch.isalnum() else "" for ch in device)
-    return os.path.join(out, f"{task}-{size}-{safe_device}.json")
+    return os.path.join(out, f"{task}-{size}-{safe_device}{suffix}.json")
 
 
 def plan(args: argparse.Namespace) -> list[tuple[Any, list[Any], str]]:
@@ -212,6 +224,13 @@ def plan(args: argparse.Namespace) -> list[tuple[Any, list[Any], str]]:
     if task_kwargs and len(tasks) > 1:
         raise UsageError("--set applies to one task; choose it with --task NAME")
     check_device(str(args.device), "--device")
+    from .compiled import from_options
+
+    try:
+        compile = from_options(getattr(args, "compile", False), getattr(args, "compile_backend", None),
+                               getattr(args, "compile_mode", None), getattr(args, "compile_fullgraph", None))
+    except ValueError as err:
+        raise UsageError(f"tokred: {err}") from None
     timing: dict[str, Any] = {}
     if args.processes is not None:
         from .workers import check_processes
@@ -239,16 +258,18 @@ def plan(args: argparse.Namespace) -> list[tuple[Any, list[Any], str]]:
             presets = [f"{c.method}:{c.preset}" for c in p.cases if not c.is_baseline] or None
         command = reproduce_command(
             p.task, args.size, args.device, args.dtype, parse_list(args.methods), presets,
-            options, p.task_kwargs, profile, args.rounds, args.processes,
+            options, p.task_kwargs, profile, args.rounds, args.processes, compile,
         )  # fmt: skip
         run = TaskRun(p.task, args.size, args.device, args.dtype, p.task_kwargs, profile, args.rounds,
-                      command=command, **timing)
+                      command=command, compile=compile, **timing)
         run.build()  # bad task arguments fail here, before anything runs
         # another architecture of the arch workload (--set architecture=sdxl) gets a file of its own; the
         # resolutions of a sweep share one
         kwargs = p.task_kwargs
         size = f"{args.size}-{kwargs['architecture']}" if "architecture" in kwargs else args.size
-        out.append((run, p.cases, _out_path(args.out, p.task, size, args.device, several=len(tasks) > 1)))
+        suffix = compile.suffix if compile is not None else ""
+        out.append((run, p.cases, _out_path(args.out, p.task, size, args.device, several=len(tasks) > 1,
+                                            suffix=suffix)))
     return out
 
 
@@ -410,6 +431,17 @@ def _add_run_arguments(p: argparse.ArgumentParser, default_task: str | None) -> 
                    help="spread each case's timed rounds over N spawned worker processes, each building its own "
                         "model (1: time in this process; default: the workload's, 3 for arch and the embedded ViT)")
     p.add_argument("--quick", action="store_true", help="smaller embedded runs: a smoke test of a few minutes")
+    p.add_argument("--compile", action="store_true",
+                   help="time the baseline and every method with the task's module (denoiser, ViT) under "
+                   "torch.compile, compiled before the timed rounds; results in a file and section of their own")
+    p.add_argument("--compile-backend", default=None, metavar="NAME",
+                   help="torch.compile backend with --compile (default inductor; eager, aot_eager ...)")
+    p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune",
+                                                            "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode with --compile (default: default)")
+    p.add_argument("--compile-fullgraph", default=None, action=argparse.BooleanOptionalAction,
+                   help="with --compile: fullgraph=True (default; a graph break fails the case, skipped with the "
+                   "reason) or, --no-compile-fullgraph, graph breaks allowed and counted")
     p.add_argument("--sweep", action="store_true",
                    help="every preset of each method's ladder, mild to strong (tokred run always does; tokred bench "
                         "runs the mildest and strongest unless --sweep or --presets is given)")

@@ -50,6 +50,7 @@ from typing import Any
 from ..errors import TokredError, UnsupportedModelError
 from . import results as results_mod
 from . import stats as stats_mod
+from .compiled import CompileFailed, CompileSettings, Watch, compile_module, fx_graph_cache, uncompile_module, warm_up
 from .contention import Monitor, check_threads, torch_threads
 from .record import run_settings
 from .task import Quality
@@ -497,6 +498,7 @@ def reproduce_command(
     profile: str = "default",
     rounds: int | None = None,
     processes: int | None = None,
+    compile: CompileSettings | None = None,
 ) -> str:
     """The ``tokred run`` command line that repeats a run."""
     parts = ["tokred", "run", "--task", task, "--size", size, "--device", str(device)]
@@ -516,6 +518,12 @@ def reproduce_command(
         parts += ["--rounds", str(rounds)]
     if processes:
         parts += ["--processes", str(processes)]
+    if compile is not None:
+        parts += ["--compile", "--compile-backend", compile.backend]
+        if compile.mode != "default":
+            parts += ["--compile-mode", compile.mode]
+        if not compile.fullgraph:
+            parts.append("--no-compile-fullgraph")
     return shlex.join(parts)
 
 
@@ -593,6 +601,19 @@ def start_sequence(workload: Any, method: Any, name: str) -> None:
                           f"({unit_of(workload)}) cannot time a cycle; time it by whole generations")
 
 
+def compile_target(task: Any) -> Any:
+    """The module a compiled run compiles: the task's :meth:`~tokred.bench.task.Task.compile_target` (a task
+    written before compiled runs: its model, when that is a module)."""
+    import torch
+
+    own = getattr(task, "compile_target", None)
+    target = own() if callable(own) else task.model
+    if not isinstance(target, torch.nn.Module):
+        raise SelectionError(f"task {getattr(task, 'name', type(task).__name__)!r} has no module to compile "
+                             f"(compile_target() gave a {type(target).__name__}); run it without --compile")
+    return target
+
+
 def _ratio(a: Any, b: Any) -> float | None:
     ok = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in (a, b))
     return float(a) / float(b) if ok else None
@@ -614,19 +635,26 @@ class TaskRun:
         profile: str = "default",
         rounds: int | None = None,
         command: str | None = None,
+        compile: CompileSettings | dict[str, Any] | None = None,
         **timing: Any,
     ) -> None:
         """``task_kwargs``: task constructor arguments and harness settings (:data:`HARNESS_SETTINGS`: ``threads``,
         ``budget_s``, ``min_rounds``, ``max_rounds``, ``warmup_rounds``, ``target_rel_half_width``,
         ``min_time_s``, ``processes``), as ``--set`` gives them; ``timing``: harness settings given in code (over
-        the profile's; ``--set`` over both). ``rounds`` fixes the number of timed rounds."""
+        the profile's; ``--set`` over both). ``rounds`` fixes the number of timed rounds. ``compile``: time the
+        task's module under ``torch.compile`` (:mod:`tokred.bench.compiled`; None: eager)."""
         from .task import get_task
         from .workers import check_processes
+
+        if isinstance(compile, dict):
+            compile = CompileSettings(**compile)
+        self.compile: CompileSettings | None = compile
 
         # what a timing worker process builds its own run from (one process each: no pools of pools)
         self._worker_spec = {"task": task, "size": size, "device": device, "dtype": dtype,
                              "task_kwargs": {k: v for k, v in (task_kwargs or {}).items() if k != "processes"},
-                             "profile": profile, "rounds": rounds, "command": "-", **timing, "processes": 1}
+                             "profile": profile, "rounds": rounds, "command": "-", **timing, "processes": 1,
+                             "compile": compile.as_dict() if compile is not None else None}
 
         self.task_name = task
         self.task_cls = get_task(task)
@@ -674,7 +702,7 @@ class TaskRun:
         self.rounds = rounds if rounds is not None else self.timing.min_rounds
         self.warmup_rounds = self.timing.warmup_rounds
         self.command = command or reproduce_command(task, size, device, dtype, task_kwargs=self.user_kwargs,
-                                                    profile=profile, rounds=rounds)
+                                                    profile=profile, rounds=rounds, compile=compile)
         self.task: Any = None
         self._built: Any = None
         self._setup_error: str | None = None
@@ -915,7 +943,7 @@ class TaskRun:
             tokred.remove(task.model)
             if getattr(workload, "stateful", False):
                 workload.start(0)
-            return time_paired(workload, settings, Monitor(threads=threads, check_cpu=self._on_cpu())), None
+            return self._timed(workload, settings, Monitor(threads=threads, check_cpu=self._on_cpu())), None
         holder: dict[str, Any] = {}
         try:
             holder["patch"] = tokred.apply(task.model, case.method, **case.options)
@@ -940,14 +968,17 @@ class TaskRun:
         monitor = Monitor(threads=threads, check_cpu=self._on_cpu())
         tokens: dict[str, Any] = {}
 
+        # compiled: pause, never re-apply (new patch objects would fail dynamo's guards and recompile every round)
+        pause = stateful or self.compile is not None
+
         def use_baseline() -> None:
-            if stateful:  # the method's state from its earlier calls must survive the baseline's call
+            if pause:  # the method's state from its earlier calls must survive the baseline's call
                 holder["patch"].pause()
             else:
                 holder.pop("patch").remove()
 
         def use_method() -> None:
-            if stateful:
+            if pause:
                 holder["patch"].resume()
             else:
                 holder["patch"] = tokred.apply(task.model, case.method, **case.options)
@@ -962,9 +993,40 @@ class TaskRun:
 
         if stateful:  # a fresh sequence, the method's warm-up calls run untimed; a cache's cycle is the unit
             start_sequence(workload, holder["patch"].method, case.method)
-        timings = time_paired(workload, settings, monitor, baseline=workload, use_baseline=use_baseline,
+        timings = self._timed(workload, settings, monitor, baseline=workload, use_baseline=use_baseline,
                               use_method=use_method, after_method=after_method)
         return timings, tokens.get("counts")
+
+    def _timed(self, workload: Any, settings: TimingSettings, monitor: Monitor, **paired: Any) -> Timings:
+        """:func:`time_paired` of ``workload`` (``paired``: its baseline and switches), eager or, with
+        ``self.compile``, with the task's module compiled first and the compile warm-up rounds run untimed (see
+        :mod:`tokred.bench.compiled`); the compile record goes to ``Timings.extra["compile"]``."""
+        if self.compile is None:
+            return time_paired(workload, settings, monitor, **paired)
+        import torch
+
+        label = self.compile.label
+        target = compile_target(self.task)
+        compile_module(target, self.compile)
+        try:
+            def round_once(timer: Any) -> None:  # one round exactly as the timed ones, its calls timed by `timer`
+                time_paired(workload, TimingSettings(rounds=1, warmup_rounds=0),
+                            Monitor(threads=monitor.threads, check_cpu=False), call_timer=timer, **paired)
+
+            info: dict[str, Any] = {**self.compile.as_dict(), **warm_up(round_once)}
+            watch = Watch()
+            try:
+                timings = time_paired(workload, settings, monitor, **paired)
+            except torch._dynamo.exc.TorchDynamoException as err:  # a recompile that failed in the timed rounds
+                raise CompileFailed(f"{type(err).__name__}: {str(err).strip().splitlines()[0]}") from err
+            info["timed_compilations"] = int(watch.delta()["compilations"])
+            info["fx_graph_cache"] = fx_graph_cache()
+            timings.extra["compile"] = info
+            return timings
+        except CompileFailed as err:
+            raise CaseSkipped(f"{label} failed: {err}") from err
+        finally:
+            uncompile_module(target)
 
     def _paired_info(self, case: Case, quality: Any, values: dict[str, Any]) -> dict[str, Any]:
         """Schema 4: the per-image values of the paired metrics (``quality_per_image``, hits as 0/1) and, for a
@@ -1039,6 +1101,8 @@ class TaskRun:
             notes=self.notes(case),
         )
         info.update(timings.monitor.info())
+        if "compile" in timings.extra:
+            info["compile"] = timings.extra["compile"]
         if not case.is_baseline:
             from ..registry import get_method
 

@@ -24,6 +24,10 @@ Options (group ``tokred``)::
     --tokred-rounds=N           fixed timed rounds (default: adaptive)  --tokred-quick  smaller embedded runs
     --tokred-processes=N        spread each case's rounds over N spawned worker processes (1: in-process;
                                 default: the workload's profile)
+    --tokred-compile            time the baseline and every method with the task's module under torch.compile
+                                (compiled before the timed rounds; see tokred.bench.compiled), with
+    --tokred-compile-backend=NAME (default inductor)  --tokred-compile-mode=default|reduce-overhead|max-autotune
+    --no-tokred-compile-fullgraph  graph breaks allowed and counted (default: fullgraph=True)
 
 Usage: ``pytest benchmarks/ --benchmark-only --benchmark-json=out.json`` (also ``--benchmark-autosave``,
 ``pytest-benchmark compare``; ``--benchmark-skip`` and ``--benchmark-disable`` skip them: nothing is measured).
@@ -39,6 +43,7 @@ line says so.
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any
 
@@ -51,7 +56,8 @@ _BACKED_UP_KEY = pytest.StashKey[bool]()
 # the options that make the plugin check its selection at start-up (their defaults select everything)
 _DEFAULTS = {"tokred_task": "all", "tokred_methods": "all", "tokred_presets": "all", "tokred_set": [],
              "tokred_device": "cpu", "tokred_dtype": None, "tokred_size": "embedded", "tokred_rounds": None,
-             "tokred_quick": False, "tokred_processes": None}
+             "tokred_quick": False, "tokred_processes": None, "tokred_compile": False,
+             "tokred_compile_backend": None, "tokred_compile_mode": None, "tokred_compile_fullgraph": None}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -87,6 +93,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="spread each case's timed rounds over N spawned worker processes (1: in this process; default: the "
         "workload's, 3 for arch and the embedded ViT)",
     )  # fmt: skip
+    group.addoption("--tokred-compile", action="store_true",
+                    help="time the baseline and every method with the task's module (denoiser, ViT) under "
+                    "torch.compile, compiled before the timed rounds")
+    group.addoption("--tokred-compile-backend", default=None, metavar="NAME",
+                    help="torch.compile backend with --tokred-compile (default inductor)")
+    group.addoption("--tokred-compile-mode", default=None,
+                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                    help="torch.compile mode with --tokred-compile (default: default)")
+    group.addoption("--tokred-compile-fullgraph", default=None, action=argparse.BooleanOptionalAction,
+                    help="with --tokred-compile: fullgraph=True (default) or, --no-tokred-compile-fullgraph, graph "
+                    "breaks allowed and counted")
 
 
 def _settings(config: pytest.Config) -> dict[str, Any]:
@@ -103,7 +120,20 @@ def _settings(config: pytest.Config) -> dict[str, Any]:
         "rounds": config.getoption("tokred_rounds"),
         "profile": "quick" if config.getoption("tokred_quick") else "default",
         "processes": config.getoption("tokred_processes"),
+        "compile": _compile(config),
     }
+
+
+def _compile(config: pytest.Config) -> Any:
+    """The compile settings of the ``--tokred-compile*`` options (None: eager); a usage error names the option."""
+    from tokred.bench.compiled import from_options
+
+    try:
+        return from_options(config.getoption("tokred_compile"), config.getoption("tokred_compile_backend"),
+                            config.getoption("tokred_compile_mode"), config.getoption("tokred_compile_fullgraph"),
+                            prefix="--tokred-")
+    except ValueError as err:
+        raise pytest.UsageError(str(err)) from None
 
 
 def _timing(s: dict[str, Any]) -> dict[str, Any]:
@@ -149,7 +179,7 @@ def _plan(config: pytest.Config, check: bool = False) -> list[Any]:
             timing = _timing(s)
             for run in planned:
                 TaskRun(run.task, size=s["size"], device=s["device"], dtype=s["dtype"], task_kwargs=run.task_kwargs,
-                        profile=s["profile"], rounds=s["rounds"], command="-", **timing).build()
+                        profile=s["profile"], rounds=s["rounds"], command="-", compile=s["compile"], **timing).build()
     except (TokredError, ValueError) as err:  # (ValueError: an unknown --tokred-size names the valid ones)
         raise pytest.UsageError(str(err)) from None
     cases = [c for run in planned for c in run.cases]
@@ -325,11 +355,12 @@ def tokred_case(request: pytest.FixtureRequest, tokred_runs: dict[str, Any]) -> 
         command = reproduce_command(
             task, s["size"], s["device"], s["dtype"], parse_list(s["methods"]), parse_list(s["presets"]),
             task_kwargs=kwargs, profile=s["profile"], rounds=s["rounds"], processes=s["processes"],
+            compile=s["compile"],
         )
         for other in list(tokred_runs):  # one set-up model at a time: a sweep's runs can be large
             tokred_runs.pop(other).release()
         tokred_runs[task_part] = TaskRun(
             task, size=s["size"], device=s["device"], dtype=s["dtype"], task_kwargs=kwargs,
-            profile=s["profile"], rounds=s["rounds"], command=command, **_timing(s),
+            profile=s["profile"], rounds=s["rounds"], command=command, compile=s["compile"], **_timing(s),
         )  # fmt: skip
     return BoundCase(case, tokred_runs[task_part], request.config)

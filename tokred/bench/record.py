@@ -288,6 +288,10 @@ class CaseRecord:
                                                         "attention (attn, kv) and the MLP", since=2,
                                                         check="tokens")
     notes: list[str] | None = _field("strings", "caveats the leaderboard prints under the section", since=2)
+    compile: dict[str, Any] | None = _field(
+        "dict", "a compiled run's (tokred run --compile): backend, mode, fullgraph, compile_s (seconds compiling, "
+        "not in the timed rounds), warmup_s, compile_rounds, compilations, recompiles, graphs, graph_breaks, "
+        "timed_compilations, steady, fx_graph_cache, process_compile_s (with worker processes); absent when eager")
     case_key: dict[str, Any] | None = _field("dict", "the case's identity (the runner's; --resume matches it)")
     extra: dict[str, Any] = field(default_factory=dict, metadata={"rule": Rule(
         "extra", doc="keys this tokred does not know, kept as they are (not a JSON key)")})

@@ -66,6 +66,8 @@ def case_key(run: TaskRun, case: Case) -> dict[str, Any]:
             "preset": case.preset,
             "options": dict(case.options),
             "settings": settings,
+            # a compiled run's results never stand for an eager run's, nor the other way round
+            **({"compile": run.compile.as_dict()} if getattr(run, "compile", None) is not None else {}),
         }
     )
 

@@ -196,6 +196,12 @@ class Task:
         """Quality metrics of the model as it is now (patched or not); a :class:`Quality` carries intervals."""
         raise NotImplementedError
 
+    def compile_target(self) -> Any:
+        """The module a compiled run (``tokred run --compile``, :mod:`tokred.bench.compiled`) compiles in place
+        after the method is applied: the one module the timed workload's calls spend their time in. By default
+        the task's ``model``; a diffusion task's is its denoiser."""
+        return self.model
+
     def default_threads(self) -> int | None:
         """The torch thread count the harness runs this task with (None: leave torch's setting as it is)."""
         kind = self.workloads.get(self.size)

@@ -24,6 +24,12 @@ worker enough rounds to reach the timing floor (``min_time_s`` of the method's c
 about half as many again as it has, bounded by what is left of ``max_rounds`` and of the budget. With ``--rounds
 R`` the R rounds are shared out (R // N each, the remainder to the first workers). Every pass starts with the
 case's warm-up rounds (untimed, dropped): a worker that waited while the others timed starts cold.
+
+Compiled runs (:mod:`tokred.bench.compiled`): each worker compiles its own model in every pass (a process cannot
+share dynamo's compiled code) and sends its compile record back; the parent records the first pass's with
+``process_compile_s``, every pass's compile time. Inductor's on-disk cache (on by default) lets a later worker
+reuse what an earlier one compiled, so its compile time may be smaller. With ``--rounds R`` each worker has one
+pass per case, so one compile.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ def check_processes(value: Any, what: str = "processes") -> int:
 
 def _worker_main(conn: Any, spec: dict[str, Any]) -> None:
     """A worker: build the task (timing only), say ready, then time the cases the parent asks for."""
-    from .harness import Case, TaskRun
+    from .harness import Case, CaseSkipped, TaskRun
 
     try:
         start = time.perf_counter()
@@ -89,9 +95,12 @@ def _worker_main(conn: Any, spec: dict[str, Any]) -> None:
                 "tokens": tokens, "load_samples": monitor.load_samples, "cpu_seconds": monitor.cpu_seconds,
                 "wall_seconds": monitor.wall_seconds, "loadavg_before": monitor.loadavg_before,
                 "loadavg_after": monitor.loadavg_after, "threads": monitor.threads,
+                "compile": timings.extra.get("compile"),
             }))
         except KeyboardInterrupt:
             return
+        except CaseSkipped as err:  # e.g. a method that fails to compile: skipped in the parent, with the reason
+            conn.send(("skip", str(err)))
         except BaseException as err:  # noqa: BLE001 - the case fails in the parent, the worker goes on
             conn.send(("error", _describe(err)))
 
@@ -178,6 +187,10 @@ class WorkerPool:
                                                     "target_rel_half_width", "rounds", "min_time_s")}
         self._conns[i].send(("time", fields, plain))
         kind, payload = self._receive(i, PASS_TIMEOUT_S, f"rounds of {case.id}")
+        if kind == "skip":
+            from .harness import CaseSkipped
+
+            raise CaseSkipped(payload)
         if kind != "ok":
             raise WorkerError(f"timing worker {i + 1}/{self.size}: {payload['type']}: {payload['message']}")
         return payload
@@ -288,7 +301,26 @@ def time_replicated(
         monitor=_pooled_monitor(raw, threads, check_cpu),
         process_rounds=[len(method[i]) for i in used] if len(used) > 1 else [],
     )
+    compiled = pooled_compile([out.get("compile") for out in raw])
+    if compiled is not None:
+        timings.extra["compile"] = compiled
     return timings, tokens
+
+
+def pooled_compile(passes: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """One ``compile`` record of every pass's (each worker compiles for itself, in every pass): the first pass's
+    (the coldest inductor cache) with ``process_compile_s``, every pass's compile time in order; the counts are
+    the largest of any pass (``timed_compilations`` summed; ``steady`` only if every pass was)."""
+    done = [p for p in passes if p]
+    if not done:
+        return None
+    out = dict(done[0])
+    out["process_compile_s"] = [float(p["compile_s"]) for p in done]
+    for key in ("compilations", "recompiles", "graphs", "graph_breaks", "compile_rounds"):
+        out[key] = max(int(p.get(key, 0)) for p in done)
+    out["timed_compilations"] = sum(int(p.get("timed_compilations", 0)) for p in done)
+    out["steady"] = all(bool(p.get("steady", True)) for p in done)
+    return out
 
 
 def _pooled_monitor(raw: list[dict[str, Any]], threads: int, check_cpu: bool) -> Monitor:
