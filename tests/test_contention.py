@@ -84,6 +84,7 @@ def test_monitor_with_stubbed_loadavg_and_clocks(monkeypatch):
 
 STAT = """cpu  {user} 20 {system} 900000 500 7 3 {steal} 40 0
 cpu0 100 10 50 450000 250 3 1 0 20 0
+cpu1 200 10 60 450000 250 4 2 0 20 0
 intr 123 4 5
 ctxt 99999
 procs_running {running}
@@ -99,6 +100,10 @@ def test_proc_stat_is_parsed_into_busy_seconds_and_runnable_tasks():
     # user + nice + system + irq + softirq + steal, not idle or iowait (guest is already inside user)
     busy, running = parse_proc_stat(stat(1000, 300, steal=10, running=3), ticks=100)
     assert busy == pytest.approx((1000 + 20 + 300 + 7 + 3 + 10) / 100) and running == 3
+    # a process confined to some cores counts only theirs (others elsewhere on the machine do not contend)
+    assert parse_proc_stat(stat(1000, 300), ticks=100, cpus={1}) == (pytest.approx((200 + 10 + 60 + 4 + 2) / 100), 1)
+    assert parse_proc_stat(stat(1000, 300), ticks=100, cpus={0, 1})[0] == pytest.approx((164 + 276) / 100)
+    assert parse_proc_stat(stat(1000, 300), ticks=100, cpus={5})[0] == pytest.approx(13.3)  # no line: the machine
     assert parse_proc_stat("cpu0 1 2 3 4 5 6 7 8\n", ticks=100) is None  # no aggregate line
     assert parse_proc_stat("cpu 1 2 x 4 5 6 7 8\n", ticks=100) is None
     assert parse_proc_stat("cpu 1 2 3 4 5 6 7 8\n", ticks=100) == (pytest.approx((1 + 2 + 3 + 6 + 7 + 8) / 100), None)
@@ -107,8 +112,9 @@ def test_proc_stat_is_parsed_into_busy_seconds_and_runnable_tasks():
 def test_read_cpu_from_a_file_and_its_fallback(tmp_path):
     path = tmp_path / "stat"
     path.write_text(stat(500, 100, running=2))
-    reading = read_cpu(str(path), ticks=100)
-    assert reading.busy_s == pytest.approx(6.3) and reading.procs_running == 2 and reading.own_s >= 0
+    reading = read_cpu(str(path), ticks=100, cpus=None)  # this process's cores: cpu0 and cpu1 are read if allowed
+    assert reading.procs_running == 2 and reading.own_s >= 0
+    assert read_cpu(str(path), ticks=100, cpus=[0, 1]).busy_s == pytest.approx(4.4)
     assert read_cpu(str(tmp_path / "missing")) is None  # not Linux: no reading, no error
     path.write_text("nothing here\n")
     assert read_cpu(str(path)) is None

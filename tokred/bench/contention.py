@@ -10,10 +10,11 @@ Contended. A case is marked contended (:func:`assess`, a pure function so tests 
 
 * other processes used more CPU during its timed rounds than the cores the case leaves idle, plus
   :data:`OTHERS_TOLERANCE` of a core (:class:`OthersCpu`, Linux): the machine's non-idle CPU time over the rounds
-  (``/proc/stat``: user, nice, system, irq, softirq and steal, so a hypervisor's other guests count too) minus
-  this process's own CPU time over the same window. The case's own demand is its torch threads on CPU, one
-  launching thread on a GPU. The timing worker processes of a replicated case count as others, but only one of
-  them runs at a time and the rest wait idle on a pipe, as the parent does; or
+  (``/proc/stat``: user, nice, system, irq, softirq and steal, so a hypervisor's other guests count too; of the
+  cores this process may run on, its affinity mask) minus this process's own CPU time over the same window. The
+  case's own demand is its torch threads on CPU, one launching thread on a GPU. The timing worker processes of a
+  replicated case count as others, but only one of them runs at a time and the rest wait idle on a pipe, as the
+  parent does; or
 * on CPU, the process's CPU seconds per wall second over the timed calls, divided by its threads, fell below
   :data:`MIN_CPU_UTILISATION`: its threads were runnable but did not run. (On CUDA the process waits for the GPU,
   so its CPU time says nothing and only the others' CPU is judged.)
@@ -33,7 +34,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -78,8 +79,8 @@ def clock_ticks() -> int:
 
 @dataclass(frozen=True)
 class CpuReading:
-    """One reading of the machine's CPU time: ``busy_s``, the non-idle CPU seconds of all cores since boot
-    (``/proc/stat``'s first line: user, nice, system, irq, softirq, steal; guest time is inside user and nice),
+    """One reading of the machine's CPU time: ``busy_s``, the non-idle CPU seconds since boot of the cores read
+    (:func:`parse_proc_stat`: user, nice, system, irq, softirq, steal; guest time is inside user and nice),
     ``own_s`` this process's CPU seconds, ``procs_running`` the runnable tasks at that moment, ``wall_s`` a
     monotonic clock."""
 
@@ -89,31 +90,60 @@ class CpuReading:
     wall_s: float
 
 
-def parse_proc_stat(text: str, ticks: int) -> tuple[float, int | None] | None:
-    """(non-idle CPU seconds of all cores, procs_running) from the text of ``/proc/stat``; None when it has no
-    aggregate ``cpu`` line with at least the 8 fields up to steal."""
-    busy, running = None, None
+def _busy_ticks(fields: list[str]) -> int | None:
+    """user + nice + system + irq + softirq + steal of one ``cpu`` line's fields; None if malformed."""
+    if len(fields) < 8:
+        return None
+    try:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    except ValueError:
+        return None
+    return user + nice + system + irq + softirq + steal
+
+
+def parse_proc_stat(text: str, ticks: int, cpus: Iterable[int] | None = None) -> tuple[float, int | None] | None:
+    """(non-idle CPU seconds, procs_running) from the text of ``/proc/stat``: of the cores ``cpus`` (their
+    ``cpuN`` lines: a process confined to some cores of a larger machine is not contended by the others), or of
+    the whole machine (the aggregate ``cpu`` line) when ``cpus`` is None or has no line of its own. None when the
+    lines needed are missing or malformed (the 8 fields up to steal)."""
+    wanted = None if cpus is None else {f"cpu{i}" for i in cpus}
+    total, per_cpu, running = None, {}, None
     for line in text.splitlines():
         parts = line.split()
-        if parts and parts[0] == "cpu" and len(parts) >= 9:
-            try:
-                user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in parts[1:9])
-            except ValueError:
+        if not parts:
+            continue
+        if parts[0] == "cpu":
+            total = _busy_ticks(parts[1:])
+            if total is None:
                 return None
-            busy = (user + nice + system + irq + softirq + steal) / ticks
-        elif parts and parts[0] == "procs_running" and len(parts) == 2 and parts[1].isdigit():
+        elif wanted is not None and parts[0] in wanted:
+            busy = _busy_ticks(parts[1:])
+            if busy is None:
+                return None
+            per_cpu[parts[0]] = busy
+        elif parts[0] == "procs_running" and len(parts) == 2 and parts[1].isdigit():
             running = int(parts[1])
-    return None if busy is None else (busy, running)
+    if wanted and per_cpu.keys() == wanted:
+        return sum(per_cpu.values()) / ticks, running
+    return None if total is None else (total / ticks, running)
 
 
-def read_cpu(path: str = PROC_STAT, ticks: int | None = None) -> CpuReading | None:
-    """A :class:`CpuReading` now, or None where ``path`` cannot be read or parsed (not Linux)."""
+def _affinity() -> set[int] | None:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return None
+
+
+def read_cpu(path: str = PROC_STAT, ticks: int | None = None, cpus: Iterable[int] | None = None) -> CpuReading | None:
+    """A :class:`CpuReading` now, of the cores ``cpus`` (default: those this process may run on), or None where
+    ``path`` cannot be read or parsed (not Linux)."""
     try:
         with open(path) as f:
             text = f.read()
     except OSError:
         return None
-    parsed = parse_proc_stat(text, ticks or clock_ticks())
+    parsed = parse_proc_stat(text, ticks or clock_ticks(), _affinity() if cpus is None else cpus)
     if parsed is None:
         return None
     return CpuReading(parsed[0], time.process_time(), parsed[1], time.perf_counter())
