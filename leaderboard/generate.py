@@ -64,17 +64,21 @@ INTRO = (
     "baseline's fidelity to itself is not a measurement)."
 )
 MARKS = (
-    "Marks respect the noise. **Bold**: best in its column, and its 95% interval overlaps no other row's "
-    f"interval. {TIE_MARK}: tied for best: the best value's interval overlaps these rows' intervals, so none of "
-    f"them is bold. {PARETO_MARK}: on the Pareto front of speedup against the section's primary quality "
-    "metric: no other row is better on one of the two with the intervals apart and at least as good on the "
-    f"other. A column where every row ties with the best carries no marks and is named under the table. "
-    f"{CONTENDED_MARK}: the machine was busy while the row was timed; its speedup does not compete and "
-    "the row carries no marks. GFLOPs and memory are exact counts (equal values tie); throughput and s/image "
-    "are not ranked (the paired speedup is); values at a cap (PSNR of identical images) and values without "
-    "intervals (results files of schema 1) are not ranked. A quality column with Δ intervals is ranked on them: "
-    "a row's interval is the baseline's value plus its Δ interval and the baseline's value counts as exact, so a "
-    "row ties with the baseline exactly when its Δ interval holds 0."
+    "Marks respect the noise. **Bold**: best in its column, and its 95% interval overlaps no other row's interval. "
+    f"{TIE_MARK}: tied for best: the best value's interval overlaps these rows' intervals, so none of them is bold. "
+    f"{PARETO_MARK}: on the Pareto front of speedup against the section's primary quality metric: no other row is "
+    "better on one of the two with the intervals apart and at least as good on the other. A column where every row "
+    f"ties with the best carries no marks and is named under the table. {CONTENDED_MARK}: the machine was busy while "
+    "the row was timed; its speedup does not compete and the row carries no marks. Busy means (results of schema 6) "
+    "that other processes used more CPU during the row's timed rounds than the cores the row left idle plus a quarter"
+    " of a core (the non-idle CPU time in /proc/stat of the cores the timing process may run on, less its own; "
+    "recorded as `others_cpu`), or that the timing process got less than 75% of its threads' CPU time; older results "
+    "judged the 1-minute load average against the cores, which counts the benchmark's own threads and lags by a "
+    "minute. GFLOPs and memory are exact counts (equal values tie); throughput and s/image are not ranked (the paired"
+    " speedup is); values at a cap (PSNR of identical images) and values without intervals (results files of schema "
+    "1) are not ranked. A quality column with Δ intervals is ranked on them: a row's interval is the baseline's value"
+    " plus its Δ interval and the baseline's value counts as exact, so a row ties with the baseline exactly when its "
+    "Δ interval holds 0."
 )
 
 

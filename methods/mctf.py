@@ -119,7 +119,11 @@ class MCTF(Method):
     summary = "MCTF: multi-criteria (similarity, informativeness, size) bidirectional token fusion (CVPR 2024)"
     kind = "merge"
     options = {"timm_vit": MCTFOptions}
-    presets = {"timm_vit": {"r8": {"r": 8}, "r12": {"r": 12}, "r16": {"r": 16}}}
+    # A ladder, mild to clearly degrading. With the official start_block 1, MCTF's floor of 10 tokens stops any r
+    # from costing top-1 on the embedded digits ViT (65 tokens: even r32 fuses to the floor by the fourth block and
+    # ties with the unreduced model); fusing from the first block on (start_block 0) at r24 is what separates.
+    presets = {"timm_vit": {"r8": {"r": 8}, "r12": {"r": 12}, "r16": {"r": 16},
+                            "r24-start0": {"r": 24, "start_block": 0}}}
 
     def check(self, adapter) -> None:
         if not isinstance(adapter, TimmViTAdapter):

@@ -259,6 +259,11 @@ def test_a_cache_is_timed_and_counted_over_its_cycle(arch_run):
     assert set(cases) == {"baseline", "deepcache+tome", "deepcache", "todo"}
     rows = {name: arch_run.run_case(case).extra_info for name, case in cases.items()}
     assert rows["baseline"]["unit"] == rows["todo"]["unit"] == "denoiser call"
+    # results schema 6: random weights measure no quality, and every case but the baseline says so
+    assert "quality_delta" not in rows["baseline"]
+    for name in ("deepcache+tome", "deepcache", "todo"):
+        assert rows[name]["quality_delta"] == {}
+        assert rows[name]["quality_delta_reason"] == "quality not measured: random weights (size arch, speed only)"
     assert rows["deepcache"]["unit"] == rows["deepcache+tome"]["unit"] == "cycle of 3 denoiser calls"
     # per image: a timed cycle made 3 calls' images (latency is per cycle, s/image and img/s per image)
     for name in ("baseline", "deepcache"):

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import tokred
-from tokred.bench import harness
+from tokred.bench import contention, harness
 from tokred.bench.harness import HARNESS_SETTINGS, SelectionError, TaskRun, plan_cases
+from tokred.bench.record import CaseRecord
 from tokred.bench.results import SCHEMA_VERSION, stats_dict
 from tokred.bench.task import Metric, Quality, Task, check_int
 from tokred.bench.task import tasks as task_registry
@@ -164,12 +165,34 @@ def test_timing_is_paired_alternating_at_the_tasks_threads(tiny_task):
 
 
 def test_contended_case_with_stubbed_load(tiny_task, monkeypatch):
+    """Where /proc/stat cannot be read, the load average decides (the fallback)."""
     monkeypatch.setattr(os, "getloadavg", lambda: (17.0, 12.0, 9.0))
+    monkeypatch.setattr(contention, "read_cpu", lambda: None)
     run = TaskRun(tiny_task, rounds=2)
     info = run.run_case(plan_cases(tiny_task)[0]).extra_info
     assert info["contended"] is True
     assert info["contention"][0] == f"load average 17.00 > {len(os.sched_getaffinity(0))} cores"
-    assert info["loadavg_before"] == [17.0, 12.0, 9.0]
+    assert info["loadavg_before"] == [17.0, 12.0, 9.0] and "others_cpu" not in info
+
+
+def test_contended_case_with_injected_proc_stat(tiny_task, monkeypatch):
+    """Other processes took 3 cores' worth of CPU over the rounds: contended, whatever the load average; the raw
+    figures are recorded."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    clock = iter(range(1000))
+
+    def busy() -> contention.CpuReading:
+        t = float(next(clock))
+        return contention.CpuReading(busy_s=3.0 * t, own_s=0.0, procs_running=4, wall_s=t)
+
+    monkeypatch.setattr(contention, "read_cpu", busy)
+    run = TaskRun(tiny_task, rounds=2)
+    info = run.run_case(plan_cases(tiny_task)[0]).extra_info
+    assert info["contended"] is True and info["contention"][0].startswith("other processes used 3.00 cores (> ")
+    others = info["others_cpu"]
+    assert others["source"] == "/proc/stat" and others["others_cores"] == pytest.approx(3.0)
+    assert others["procs_running_max"] == 4 and others["limit_cores"] >= contention.OTHERS_TOLERANCE
+    CaseRecord.from_extra_info(info)  # the schema checks it
 
 
 def test_adaptive_rounds_within_the_budget(tiny_task):

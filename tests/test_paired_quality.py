@@ -167,6 +167,47 @@ def test_ladders_and_the_main_jobs_ends():
     assert [c.preset for c in chosen] == ["baseline", "ratio0.5"] and chosen[1].order == 1
 
 
+VIT_LADDER_ENDS = {  # each ViT method's mildest and strongest preset: what the main job runs
+    "tome": ("r8", "r16-decreasing"), "ca_tome": ("threshold0.9", "threshold0.5"), "tofu": ("r8", "r16"),
+    "evit": ("keep0.9", "keep0.3"), "pitome": ("r8", "r16-decreasing"), "mctf": ("r8", "r24-start0"),
+}
+
+
+def test_the_main_job_runs_the_ends_of_the_vit_ladders():
+    methods = ",".join(VIT_LADDER_ENDS)
+    ends = plan_cases("vit_classification", methods, ladder="ends")
+    picked = {m: tuple(c.preset for c in ends if c.method == m) for m in VIT_LADDER_ENDS}
+    assert picked == VIT_LADDER_ENDS
+    every = plan_cases("vit_classification", "evit,pitome,mctf")
+    assert [c.preset for c in every if c.method == "evit"] == ["keep0.9", "keep0.7", "keep0.5", "keep0.3"]
+    assert [c.preset for c in every if c.method == "pitome"] == ["r8", "r13", "r16", "r16-decreasing"]
+    assert [c.preset for c in every if c.method == "mctf"] == ["r8", "r12", "r16", "r24-start0"]
+
+
+def test_the_strongest_vit_presets_separate_from_the_baseline_on_the_embedded_vit():
+    """Issue 16: on the main job's images (the embedded digits ViT, 360 test images), each method's strongest
+    preset loses top-1 with a paired interval that excludes 0, and its mildest ties with the baseline (CA-ToMe's
+    mildest, threshold 0.9, already merges more than half of the digits ViT's 64 patches: it does not tie)."""
+    import tokred
+    from tokred.bench.task import get_task
+    from tokred.registry import get_method
+
+    task = get_task("vit_classification")(size="embedded", progress=False)
+    task.setup()
+    base = task.record_reference().per_image["top1"]
+    assert len(base) == 360
+    for method, (mild, strong) in VIT_LADDER_ENDS.items():
+        presets = get_method(method).presets["timm_vit"]
+        for preset in (mild, strong):
+            with tokred.apply(task.model, method, **presets[preset]):
+                top1 = task.evaluate().per_image["top1"]
+            delta, (low, high), _ = paired_proportion(top1, base)
+            if preset == strong:
+                assert high < 0, f"{method} {preset}: top-1 {delta:+.2f} [{low:+.2f}, {high:+.2f}] holds 0"
+            elif method != "ca_tome":
+                assert low <= 0 <= high, f"{method} {preset}: top-1 {delta:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
 # --- the plot's curves and the marks on paired intervals ----------------------------------------------------------
 
 

@@ -26,10 +26,11 @@ def benchmarks(path: Path) -> list[dict]:
 
 
 def current_extra_info() -> dict:
-    """A current-schema extra_info: the fixtures' tome r4 row with the schema-3 and 4 fields and an unknown key."""
+    """A current-schema extra_info: the fixtures' tome r4 row with the schema-3, 4 and 6 fields and an unknown
+    key."""
     extra = copy.deepcopy(benchmarks(EMBEDDED)[1]["extra_info"])
     extra.update(tokred=SCHEMA_VERSION, unit="batch of 64 images", workload="embedded", architecture="deit_s",
-                 resolution=224, processes=1, future_key={"kept": [1, 2]})
+                 resolution=224, processes=1, quality_delta={"top1": [-1.5, -3.0, -0.25]}, future_key={"kept": [1, 2]})
     return extra
 
 
@@ -123,6 +124,34 @@ def test_schema_3_needs_the_new_fields_and_newer_schemas_refuse():
     extra = dict(current_extra_info(), tokred=SCHEMA_VERSION + 1)
     with pytest.raises(ResultsError, match=f"schema version {SCHEMA_VERSION + 1} is newer"):
         CaseRecord.from_extra_info(extra)
+
+
+def test_schema_6_requires_quality_delta_of_every_case_but_the_baseline():
+    extra = current_extra_info()
+    extra.pop("quality_delta")
+    with pytest.raises(ResultsError, match=re.escape("x.json: field 'extra_info.quality_delta': missing: every case "
+                                                     "but the baseline carries it from schema 6")):
+        CaseRecord.from_extra_info(extra, source="x.json")
+    CaseRecord.from_extra_info(dict(extra, tokred=5))  # older schemas: absent is fine
+    CaseRecord.from_extra_info(dict(extra, method="baseline", preset="baseline"))  # the baseline has none
+    # an empty one says why
+    with pytest.raises(ResultsError, match=re.escape("field 'extra_info.quality_delta_reason': missing: "
+                                                     "quality_delta is empty and no reason says why")):
+        CaseRecord.from_extra_info(dict(extra, quality_delta={}))
+    record = CaseRecord.from_extra_info(dict(extra, quality_delta={}, quality_delta_reason="quality not measured"))
+    assert record.quality_delta == {} and record.quality_delta_reason == "quality not measured"
+
+
+def test_others_cpu_is_checked():
+    others = {"busy_s": 20.1, "own_s": 19.9, "others_s": 0.2, "window_s": 10.0, "others_cores": 0.02,
+              "limit_cores": 0.25, "resolution_s": 0.04, "procs_running_max": 3, "source": "/proc/stat"}
+    assert CaseRecord.from_extra_info(dict(current_extra_info(), others_cpu=others)).others_cpu == others
+    assert "others_cpu" not in CaseRecord.from_values(dict(current_extra_info(), others_cpu=None)).to_extra_info()
+    with pytest.raises(ResultsError, match=re.escape("field 'extra_info.others_cpu.others_s': must be >= 0")):
+        CaseRecord.from_extra_info(dict(current_extra_info(), others_cpu=dict(others, others_s=-1.0)))
+    with pytest.raises(ResultsError, match=re.escape("field 'extra_info.others_cpu.window_s': missing")):
+        CaseRecord.from_extra_info(dict(current_extra_info(), others_cpu={k: v for k, v in others.items()
+                                                                          if k != "window_s"}))
 
 
 # --- (d) errors name the field -------------------------------------------------------------------------------------

@@ -377,6 +377,20 @@ def published_results(markdown: str, measured: Sequence[str]) -> list[str]:
     return kept
 
 
+def cmd_migrate_results(args: argparse.Namespace) -> int:
+    from .paired_migration import migrate_file
+
+    pending = 0
+    for path in args.results:
+        changes = migrate_file(path, write=not args.check)
+        pending += bool(changes)
+        verb = "would add" if args.check else "added"
+        print(f"{path}: {verb} quality_delta to {len(changes)} cases" if changes else f"{path}: up to date")
+        for line in changes:
+            print(f"  {line}")
+    return EXIT_FAILED if args.check and pending else EXIT_OK
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..leaderboard.generate import build
     from .files import OutputLock, check_writable_file
@@ -457,7 +471,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, default_task: str | None) -> 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tokred", description="Token-reduction methods: list, benchmark, leaderboard.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,leaderboard,bench}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,leaderboard,bench,migrate-results}",
                                 parser_class=_Parser)
     p = sub.add_parser("list", help="methods with their options and presets, and tasks")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -473,6 +487,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="markdown file (plots and copies of the results files go beside it)")
     p.add_argument("--no-published", action="store_true", help="leave out the published-results table")
     p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("migrate-results", help="add quality_delta (results schema 6) to results files written "
+                       "before it: paired with the baseline where per-image values were stored, else the reason")
+    p.add_argument("results", nargs="+", help="results JSON files, rewritten in place")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file lacks quality_delta")
+    p.set_defaults(func=cmd_migrate_results)
 
     p = sub.add_parser("bench", help="run every task (embedded, CPU by default), then build the leaderboard")
     _add_run_arguments(p, default_task="all")

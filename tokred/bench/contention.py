@@ -8,15 +8,25 @@ the results record it.
 
 Contended. A case is marked contended (:func:`assess`, a pure function so tests can feed it numbers) when
 
-* the 1-minute load average sampled during the case exceeds the cores available to the process by more than
-  :data:`LOAD_TOLERANCE` (more runnable threads than cores: somebody waited, us or them), or
+* other processes used more CPU during its timed rounds than the cores the case leaves idle, plus
+  :data:`OTHERS_TOLERANCE` of a core (:class:`OthersCpu`, Linux): the machine's non-idle CPU time over the rounds
+  (``/proc/stat``: user, nice, system, irq, softirq and steal, so a hypervisor's other guests count too; of the
+  cores this process may run on, its affinity mask) minus this process's own CPU time over the same window. The
+  case's own demand is its torch threads on CPU, one launching thread on a GPU. The timing worker processes of a
+  replicated case count as others, but only one of them runs at a time and the rest wait idle on a pipe, as the
+  parent does; or
 * on CPU, the process's CPU seconds per wall second over the timed calls, divided by its threads, fell below
   :data:`MIN_CPU_UTILISATION`: its threads were runnable but did not run. (On CUDA the process waits for the GPU,
-  so its CPU time says nothing and only the load average is used.)
+  so its CPU time says nothing and only the others' CPU is judged.)
 
-The load average lags (an exponential average over a minute), so a competitor that starts during a short case
-may show only in the CPU time; a competitor that ends just before one shows as load without harm, which errs on
-the side of flagging.
+Why not the load average (the rule up to results schema 5, still the fallback where there is no ``/proc/stat``):
+it counts the case's own threads and its worker processes (which build their models in parallel just before
+the timing starts), and as an exponential average over a minute it still shows them, or a job that ended before
+the case, while the case runs: a quiet 2-core machine read 2.1-2.5 during 2-thread cases and flagged them. The
+CPU accounting sees only the others, over exactly the timed window. ``/proc/stat`` counts in clock ticks (10 ms
+per core), so each reading may be a tick per core off: :attr:`OthersCpu.resolution_s` of slack is allowed. The
+number of runnable tasks (``procs_running``, this process's reader included) is sampled between rounds and its
+maximum recorded, for diagnosis only. Everything measured is recorded (``others_cpu``), the load average too.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -34,8 +44,12 @@ from typing import TextIO
 MIN_CPU_UTILISATION = 0.75
 # Kernel threads and short-lived daemons keep a quiet machine's load a little above the threads that run: a case
 # on both threads of a quiet 2-core VM read 2.08-2.12 with 99% CPU utilisation. A fifth of a core is not a
-# competitor; a second busy process adds a whole one.
+# competitor; a second busy process adds a whole one. (The load average is the fallback where /proc/stat is not.)
 LOAD_TOLERANCE = 0.25
+# Other processes may use the cores a case leaves idle, and a quarter of a core more (kernel threads, daemons,
+# the idle parent and workers waking on their pipes): a second busy process adds a whole core.
+OTHERS_TOLERANCE = 0.25
+PROC_STAT = "/proc/stat"
 WARNING_ENV = "TOKRED_LOAD_WARNING"  # "0": no start-up warning (tests, whose output must not depend on the load)
 
 
@@ -55,6 +69,140 @@ def loadavg() -> tuple[float, float, float] | None:
         return None
 
 
+def clock_ticks() -> int:
+    """Clock ticks per second of ``/proc/stat`` (``USER_HZ``; 100 where sysconf does not say)."""
+    try:
+        return int(os.sysconf("SC_CLK_TCK"))
+    except (AttributeError, ValueError, OSError):
+        return 100
+
+
+@dataclass(frozen=True)
+class CpuReading:
+    """One reading of the machine's CPU time: ``busy_s``, the non-idle CPU seconds since boot of the cores read
+    (:func:`parse_proc_stat`: user, nice, system, irq, softirq, steal; guest time is inside user and nice),
+    ``own_s`` this process's CPU seconds, ``procs_running`` the runnable tasks at that moment, ``wall_s`` a
+    monotonic clock."""
+
+    busy_s: float
+    own_s: float
+    procs_running: int | None
+    wall_s: float
+
+
+def _busy_ticks(fields: list[str]) -> int | None:
+    """user + nice + system + irq + softirq + steal of one ``cpu`` line's fields; None if malformed."""
+    if len(fields) < 8:
+        return None
+    try:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    except ValueError:
+        return None
+    return user + nice + system + irq + softirq + steal
+
+
+def parse_proc_stat(text: str, ticks: int, cpus: Iterable[int] | None = None) -> tuple[float, int | None] | None:
+    """(non-idle CPU seconds, procs_running) from the text of ``/proc/stat``: of the cores ``cpus`` (their
+    ``cpuN`` lines: a process confined to some cores of a larger machine is not contended by the others), or of
+    the whole machine (the aggregate ``cpu`` line) when ``cpus`` is None or has no line of its own. None when the
+    lines needed are missing or malformed (the 8 fields up to steal)."""
+    wanted = None if cpus is None else {f"cpu{i}" for i in cpus}
+    total, per_cpu, running = None, {}, None
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if parts[0] == "cpu":
+            total = _busy_ticks(parts[1:])
+            if total is None:
+                return None
+        elif wanted is not None and parts[0] in wanted:
+            busy = _busy_ticks(parts[1:])
+            if busy is None:
+                return None
+            per_cpu[parts[0]] = busy
+        elif parts[0] == "procs_running" and len(parts) == 2 and parts[1].isdigit():
+            running = int(parts[1])
+    if wanted and per_cpu.keys() == wanted:
+        return sum(per_cpu.values()) / ticks, running
+    return None if total is None else (total / ticks, running)
+
+
+def _affinity() -> set[int] | None:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return None
+
+
+def read_cpu(path: str = PROC_STAT, ticks: int | None = None, cpus: Iterable[int] | None = None) -> CpuReading | None:
+    """A :class:`CpuReading` now, of the cores ``cpus`` (default: those this process may run on), or None where
+    ``path`` cannot be read or parsed (not Linux)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    parsed = parse_proc_stat(text, ticks or clock_ticks(), _affinity() if cpus is None else cpus)
+    if parsed is None:
+        return None
+    return CpuReading(parsed[0], time.process_time(), parsed[1], time.perf_counter())
+
+
+@dataclass(frozen=True)
+class OthersCpu:
+    """The CPU that processes other than this one used over a window (one or several, pooled by ``+``):
+    ``busy_s`` the machine's non-idle CPU seconds, ``own_s`` this process's, over ``window_s`` wall seconds;
+    ``resolution_s`` the counting slack (a clock tick per core per ``/proc/stat`` reading);
+    ``procs_running_max`` the most runnable tasks sampled (None: not sampled)."""
+
+    busy_s: float
+    own_s: float
+    window_s: float
+    resolution_s: float
+    procs_running_max: int | None = None
+
+    @classmethod
+    def between(cls, first: CpuReading, last: CpuReading, cores: int, ticks: int | None = None,
+                running: Sequence[int] = ()) -> OthersCpu:
+        samples = [n for n in (first.procs_running, *running, last.procs_running) if n is not None]
+        return cls(busy_s=max(0.0, last.busy_s - first.busy_s), own_s=max(0.0, last.own_s - first.own_s),
+                   window_s=max(0.0, last.wall_s - first.wall_s),
+                   resolution_s=2.0 * cores / (ticks or clock_ticks()),
+                   procs_running_max=max(samples) if samples else None)
+
+    def __add__(self, other: OthersCpu) -> OthersCpu:
+        peaks = [p for p in (self.procs_running_max, other.procs_running_max) if p is not None]
+        return OthersCpu(self.busy_s + other.busy_s, self.own_s + other.own_s, self.window_s + other.window_s,
+                         self.resolution_s + other.resolution_s, max(peaks) if peaks else None)
+
+    @property
+    def others_s(self) -> float:
+        """CPU seconds of the other processes (never below 0: the two counts tick differently)."""
+        return max(0.0, self.busy_s - self.own_s)
+
+    @property
+    def others_cores(self) -> float | None:
+        """The other processes' mean number of busy cores over the window; None for an empty window."""
+        return self.others_s / self.window_s if self.window_s > 0 else None
+
+    def to_json(self) -> dict[str, float | int | None]:
+        return {"busy_s": self.busy_s, "own_s": self.own_s, "window_s": self.window_s,
+                "resolution_s": self.resolution_s, "procs_running_max": self.procs_running_max}
+
+    @classmethod
+    def from_json(cls, values: dict[str, float | int | None]) -> OthersCpu:
+        return cls(float(values["busy_s"]), float(values["own_s"]), float(values["window_s"]),
+                   float(values["resolution_s"]), values.get("procs_running_max"))  # type: ignore[arg-type]
+
+
+def others_limit(threads: int, cores: int, check_cpu: bool = True) -> float:
+    """The cores other processes may use beside a case without contending with it: those the case leaves idle
+    (its ``threads`` on CPU, one launching thread on a GPU) plus :data:`OTHERS_TOLERANCE`."""
+    demand = threads if check_cpu else 1
+    return max(cores - demand, 0) + OTHERS_TOLERANCE
+
+
 @dataclass(frozen=True)
 class Assessment:
     contended: bool
@@ -69,14 +217,25 @@ def assess(
     threads: int,
     cores: int,
     check_cpu: bool = True,
+    others: OthersCpu | None = None,
 ) -> Assessment:
-    """Was a case contended? ``load_samples``: 1-minute load averages taken during the case; ``cpu_seconds``:
-    the process's CPU time over ``wall_seconds`` of timed calls run with ``threads`` torch threads on a machine
-    with ``cores`` cores available; ``check_cpu=False`` (GPU runs) ignores the CPU time. See the module docstring."""
+    """Was a case contended? ``others``: the other processes' CPU over its timed rounds (:class:`OthersCpu`;
+    None where it could not be measured: then the 1-minute load averages ``load_samples`` taken during the case
+    decide instead); ``cpu_seconds``: the process's CPU time over ``wall_seconds`` of timed calls run with
+    ``threads`` torch threads on a machine with ``cores`` cores available; ``check_cpu=False`` (GPU runs)
+    ignores the CPU time. See the module docstring."""
     reasons: list[str] = []
-    peak = max(load_samples) if load_samples else None
-    if peak is not None and peak > cores + LOAD_TOLERANCE:
-        reasons.append(f"load average {peak:.2f} > {cores} cores")
+    if others is not None:
+        limit = others_limit(threads, cores, check_cpu)
+        if others.window_s > 0 and others.others_s > limit * others.window_s + others.resolution_s:
+            reasons.append(
+                f"other processes used {others.others_cores:.2f} cores (> {limit:.2f}: the {cores} cores less "
+                f"this case's {threads if check_cpu else 1}, plus {OTHERS_TOLERANCE:g})"
+            )
+    else:
+        peak = max(load_samples) if load_samples else None
+        if peak is not None and peak > cores + LOAD_TOLERANCE:
+            reasons.append(f"load average {peak:.2f} > {cores} cores")
     utilisation = None
     if cpu_seconds is not None and wall_seconds > 0 and threads > 0:
         utilisation = cpu_seconds / wall_seconds / threads
@@ -91,25 +250,35 @@ def assess(
 
 @dataclass
 class Monitor:
-    """Load average and CPU time around the timed calls of one case.
+    """The other processes' CPU, the load average and this process's CPU time around the timed calls of one case.
 
     ``start()`` before the first timed round, ``call()`` around each timed call (``with monitor.call(): fn()``),
-    ``sample()`` between rounds, ``stop()`` at the end; then :meth:`assessment` and :meth:`info`.
+    ``sample()`` between rounds, ``stop()`` at the end; then :meth:`assessment` and :meth:`info`. ``read`` takes
+    a :class:`CpuReading`, or None where it cannot (default :func:`read_cpu`; tests inject readings).
     """
 
     threads: int
     check_cpu: bool = True
     cores: int = field(default_factory=cpu_count)
+    read: Callable[[], CpuReading | None] | None = field(default=None, repr=False)  # None: read_cpu
     loadavg_before: tuple[float, float, float] | None = None
     loadavg_after: tuple[float, float, float] | None = None
     load_samples: list[float] = field(default_factory=list)
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
+    others: OthersCpu | None = None
+    _first: CpuReading | None = field(default=None, repr=False)
+    _running: list[int] = field(default_factory=list, repr=False)
 
     def start(self) -> None:
         self.loadavg_before = loadavg()
         if self.loadavg_before is not None:
             self.load_samples.append(self.loadavg_before[0])
+        self._running = []
+        self._first = self._read()
+
+    def _read(self) -> CpuReading | None:
+        return (self.read or read_cpu)()
 
     @contextmanager
     def call(self) -> Iterator[None]:
@@ -124,25 +293,41 @@ class Monitor:
         now = loadavg()
         if now is not None:
             self.load_samples.append(now[0])
+        if self._first is not None:
+            reading = self._read()
+            if reading is not None and reading.procs_running is not None:
+                self._running.append(reading.procs_running)
 
     def stop(self) -> None:
         self.loadavg_after = loadavg()
         if self.loadavg_after is not None:
             self.load_samples.append(self.loadavg_after[0])
+        last = self._read() if self._first is not None else None
+        if self._first is not None and last is not None:
+            window = OthersCpu.between(self._first, last, self.cores, running=self._running)
+            self.others = window if self.others is None else self.others + window
+        self._first = None
 
     def assessment(self) -> Assessment:
         cpu = self.cpu_seconds if self.wall_seconds > 0 else None
-        return assess(self.load_samples, cpu, self.wall_seconds, self.threads, self.cores, self.check_cpu)
+        return assess(self.load_samples, cpu, self.wall_seconds, self.threads, self.cores, self.check_cpu,
+                      self.others)
 
     def info(self) -> dict[str, object]:
         """The results' contention keys (``cpu_count``, ``loadavg_before``/``after``, ``cpu_utilisation``,
-        ``contended``, ``contention``)."""
+        ``others_cpu``, ``contended``, ``contention``)."""
         verdict = self.assessment()
+        others = None
+        if self.others is not None:
+            others = dict(self.others.to_json(), source=PROC_STAT, others_s=self.others.others_s,
+                          others_cores=self.others.others_cores,
+                          limit_cores=others_limit(self.threads, self.cores, self.check_cpu))
         return {
             "cpu_count": self.cores,
             "loadavg_before": list(self.loadavg_before) if self.loadavg_before is not None else None,
             "loadavg_after": list(self.loadavg_after) if self.loadavg_after is not None else None,
             "cpu_utilisation": verdict.cpu_utilisation,
+            "others_cpu": others,
             "contended": verdict.contended,
             "contention": list(verdict.reasons),
         }

@@ -18,10 +18,12 @@ per-process results (:func:`tokred.bench.stats.process_speedup`); quality, FLOPs
 here. ``processes=1`` times in this process.
 
 Paired quality (:mod:`tokred.bench.paired`): the task's per-image values (``Quality.per_image``) of the baseline
-are kept, and each case records its difference from them on the same images (``quality_delta``, schema 4).
+are kept, and each case records its difference from them on the same images (``quality_delta``, schema 4;
+from schema 6 every case but the baseline has one, empty with ``quality_delta_reason`` where nothing is paired).
 
-Contention (:mod:`tokred.bench.contention`): the case runs at the task's thread count (``threads``), and the load
-average and the process's CPU time around the timed calls decide ``contended``.
+Contention (:mod:`tokred.bench.contention`): the case runs at the task's thread count (``threads``), and the
+other processes' CPU time over the timed rounds (``/proc/stat``; the load average where there is none) and the
+process's own CPU time around the timed calls decide ``contended``.
 
 Settings come from the profile of the task's workload (``Task.profile(size, name)``, see
 :mod:`tokred.bench.workload`) and can be overridden with ``--set``
@@ -52,6 +54,7 @@ from . import results as results_mod
 from . import stats as stats_mod
 from .compiled import CompileFailed, CompileSettings, Watch, compile_module, fx_graph_cache, uncompile_module, warm_up
 from .contention import Monitor, check_threads, torch_threads
+from .paired_migration import unpaired_reason
 from .record import run_settings
 from .task import Quality
 from .timing import Timings, TimingSettings, time_paired
@@ -1032,20 +1035,28 @@ class TaskRun:
         """Schema 4: the per-image values of the paired metrics (``quality_per_image``, hits as 0/1) and, for a
         case other than the baseline, each one's difference from the baseline on the same images with its 95%
         interval (``quality_delta``) and McNemar's p-value for hits (``quality_delta_p``); see
-        :mod:`tokred.bench.paired`."""
+        :mod:`tokred.bench.paired`. Schema 6: a case other than the baseline always carries ``quality_delta``,
+        empty with ``quality_delta_reason`` where nothing could be paired."""
         from .paired import quality_deltas
 
         per_image = {k: v for k, v in getattr(quality, "per_image", {}).items() if k in values}
-        if not per_image:
-            return {}
-        binary = set(getattr(quality, "binary", set())) & set(per_image)
-        out: dict[str, Any] = {"quality_per_image": {k: [int(x) if k in binary else float(x) for x in v]
-                                                     for k, v in per_image.items()}}
-        if not case.is_baseline:
+        out: dict[str, Any] = {}
+        if per_image:
+            binary = set(getattr(quality, "binary", set())) & set(per_image)
+            out["quality_per_image"] = {k: [int(x) if k in binary else float(x) for x in v]
+                                        for k, v in per_image.items()}
+        if case.is_baseline:
+            return out
+        deltas: dict[str, list[float]] = {}
+        if per_image:
             deltas, pvalues = quality_deltas(per_image, self._paired_baseline(quality), binary)
-            out["quality_delta"] = deltas
             if pvalues:
                 out["quality_delta_p"] = pvalues
+        out["quality_delta"] = deltas
+        if not deltas:
+            out["quality_delta_reason"] = unpaired_reason(
+                random_weights=bool(getattr(self.task, "random_weights", False)), size=self.size,
+                has_quality=bool(values), has_per_image=bool(per_image))
         return out
 
     def _extra_info(self, case: Case, timings: Timings, quality: Any, speed: dict[str, Any], threads: int,

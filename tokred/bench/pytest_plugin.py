@@ -12,7 +12,8 @@ alternating baseline and method rounds, warm-up dropped, adaptive rounds, bootst
 method's timed calls are recorded into the ``benchmark`` fixture as its rounds (so pytest-benchmark's statistics,
 ``--benchmark-json``, ``--benchmark-autosave`` and ``compare`` see them) and ``benchmark.extra_info`` gets the
 results-schema keys: quality with intervals, speedup with its interval and per-round ratios, FLOPs-ideal speedup,
-efficiency, GFLOPs, peak memory, threads, load average, contention, options, task, model, device, versions.
+efficiency, GFLOPs, peak memory, threads, other processes' CPU, load average, contention, options, task, model,
+device, versions.
 
 Options (group ``tokred``)::
 

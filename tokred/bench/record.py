@@ -14,8 +14,12 @@ a task without per-image metrics has none; a file of schema 3 or older has none,
 marginal intervals); 5 added process replication and the timing floor: ``processes`` (worker processes the rounds
 were timed in), ``process_speedups`` / ``process_latency_ms`` / ``process_rounds`` (each process's median ratio,
 median method call and rounds, with several processes), ``method_time_s`` (seconds of the method's timed calls)
-and ``min_time_s`` (the floor they had to reach). Older files load through :func:`migrate`, which fills what
-schemas 3 and 5 added from what the file has; the keys of
+and ``min_time_s`` (the floor they had to reach); 6 made ``quality_delta`` required for every case but the
+baseline (``{}`` where nothing could be paired, with ``quality_delta_reason`` saying why: random weights, no
+per-image values) and added ``others_cpu`` (the other processes' CPU during the timed rounds, what ``contended``
+is judged on since, :mod:`tokred.bench.contention`). Older files load through :func:`migrate`, which fills what
+schemas 3 and 5 added from what the file has (:func:`tokred.bench.paired_migration.fill_quality_delta` adds
+``quality_delta`` to a whole file's cases, which one case alone cannot: it pairs them with the baseline); the keys of
 schema 2 stay absent (None) in a schema-1 record, so its rows have no intervals. The record keeps the version
 it was written with: readers use it to tell what an old file could not record.
 """
@@ -28,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Valid ranges of quality metrics, by name: (low, high), None for unbounded. Metrics with the unit "%" are in
 # [0, 100] whatever their name. KID is an unbiased estimate of a squared distance: it falls below 0 when the two
@@ -229,7 +233,10 @@ class CaseRecord:
         "dict", "per paired metric, [delta, low, high]: this case minus the baseline on the same images, with the "
         "95% paired interval (bootstrap over images; for hits Bonett-Price's adjusted Wald interval held to "
         "McNemar's exact test, in percentage points)",
-        since=4, check="quality_delta")
+        since=4, check="quality_delta")  # required of a non-baseline case from schema 6: _Validator.run
+    quality_delta_reason: str | None = _field(
+        "str", "why quality_delta is empty (quality not measured: random weights; no per-image values to pair)",
+        since=6)
     quality_delta_p: dict[str, float] | None = _field(
         "dict", "per hit metric of quality_delta (accuracy, agreement), McNemar's exact two-sided p-value", since=4,
         check="quality_delta_p")
@@ -274,6 +281,11 @@ class CaseRecord:
                                                check="loadavg", **NON_NEGATIVE)
     cpu_utilisation: float | None = _field("number", "process CPU seconds per wall second per thread (1.0: all "
                                            "threads)", nullable=True, since=2, **NON_NEGATIVE)
+    others_cpu: dict[str, Any] | None = _field(
+        "dict", "the other processes' CPU during the timed rounds, from /proc/stat (absent where not measurable): "
+        "busy_s (all cores' non-idle seconds), own_s (this process's), others_s, window_s, others_cores (others_s "
+        "per window second), limit_cores (above it: contended), resolution_s (tick slack), procs_running_max, "
+        "source", since=6, check="others_cpu")
     contended: bool | None = _field("bool", "whether the machine was busy during the case", since=2)
     contention: list[str] | None = _field("strings", "why the machine was busy", since=2)
     gflops: float | None = _field("number", "GFLOPs per item", nullable=True, **NON_NEGATIVE)
@@ -405,6 +417,17 @@ class _Validator:
             value = self.field(f.name, rule)
             if value is not None and rule.check is not None:
                 getattr(self, f"_check_{rule.check}")(value, f"{self.where}.{f.name}", rule)
+        self._check_paired_complete()
+
+    def _check_paired_complete(self) -> None:
+        """Schema 6: every case but the baseline carries ``quality_delta``, and an empty one says why."""
+        if self.version < 6 or self.extra.get("method") == "baseline":
+            return
+        if "quality_delta" not in self.extra:
+            self.c.fail(f"{self.where}.quality_delta", "missing: every case but the baseline carries it from schema "
+                        "6 ({} with quality_delta_reason where nothing could be paired)")
+        if not self.extra["quality_delta"] and not self.extra.get("quality_delta_reason"):
+            self.c.fail(f"{self.where}.quality_delta_reason", "missing: quality_delta is empty and no reason says why")
 
     def field(self, key: str, rule: Rule) -> Any:
         c, extra, where, name = self.c, self.extra, self.where, f"{self.where}.{key}"
@@ -493,6 +516,14 @@ class _Validator:
             slack = _CI_TOLERANCE * max(1.0, abs(delta))
             if not low - slack <= delta <= high + slack:
                 self.c.fail(field, f"[{low:g}, {high:g}] does not contain the difference {delta:g}")
+
+    def _check_others_cpu(self, others: dict[str, Any], name: str, rule: Rule) -> None:
+        c = self.c
+        for key in ("busy_s", "own_s", "others_s", "window_s", "resolution_s", "limit_cores"):
+            c.number(others, key, name, required=True, low=0.0)
+        c.number(others, "others_cores", name, required=True, nullable=True, low=0.0)
+        c.number(others, "procs_running_max", name, nullable=True, low=0, integer=True)
+        c.get(others, "source", name, "str")
 
     def _check_quality_delta_p(self, pvalues: dict[str, Any], name: str, rule: Rule) -> None:
         for metric, value in pvalues.items():

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import stats
-from .contention import Monitor
+from .contention import Monitor, OthersCpu
 from .timing import FIXED, Timings, TimingSettings
 
 # How long the parent waits for a worker's set-up or one pass before giving up on it (a hung worker must not hang
@@ -96,6 +96,7 @@ def _worker_main(conn: Any, spec: dict[str, Any]) -> None:
                 "wall_seconds": monitor.wall_seconds, "loadavg_before": monitor.loadavg_before,
                 "loadavg_after": monitor.loadavg_after, "threads": monitor.threads,
                 "compile": timings.extra.get("compile"),
+                "others_cpu": monitor.others.to_json() if monitor.others is not None else None,
             }))
         except KeyboardInterrupt:
             return
@@ -324,12 +325,17 @@ def pooled_compile(passes: list[dict[str, Any] | None]) -> dict[str, Any] | None
 
 
 def _pooled_monitor(raw: list[dict[str, Any]], threads: int, check_cpu: bool) -> Monitor:
-    """One :class:`Monitor` of every pass: load samples of all, CPU and wall seconds summed."""
+    """One :class:`Monitor` of every pass: load samples of all, CPU and wall seconds summed, the other processes'
+    CPU pooled over the passes' windows (None if any pass could not measure it)."""
     monitor = Monitor(threads=threads, check_cpu=check_cpu)
+    others: list[OthersCpu | None] = []
     for out in raw:
         monitor.load_samples.extend(out["load_samples"])
         monitor.cpu_seconds += out["cpu_seconds"]
         monitor.wall_seconds += out["wall_seconds"]
+        others.append(OthersCpu.from_json(out["others_cpu"]) if out.get("others_cpu") is not None else None)
+    if others and all(o is not None for o in others):
+        monitor.others = sum(others[1:], others[0])  # type: ignore[arg-type]
     before = next((o["loadavg_before"] for o in raw if o["loadavg_before"] is not None), None)
     after = next((o["loadavg_after"] for o in reversed(raw) if o["loadavg_after"] is not None), None)
     monitor.loadavg_before = tuple(before) if before is not None else None
