@@ -239,6 +239,11 @@ class CAToMeState(MethodState):
 
     pairs: dict[str, tuple[tuple, tuple[GridMerge | None, ...]]] = field(default_factory=dict)
     block_stats: dict[str, BlockStat] = field(default_factory=dict)
+    # Whether this call recomputes the pairs (its step is in ``compute_on``), decided before the call: a compiled
+    # forward reads this bool rather than the step, which would be a guard on a new int at every step.
+    recompute: bool = True
+    run: Any = field(default=None, repr=False)  # the run state (set by install on diffusion models)
+    compute_on: Any = frozenset()
 
     def reset(self) -> None:
         self.pairs.clear()
@@ -246,6 +251,7 @@ class CAToMeState(MethodState):
 
     def begin_call(self) -> None:
         self.block_stats.clear()
+        self.recompute = self.run is None or self.run.step in self.compute_on
 
 
 def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_protected: int) -> AlternateMerge | None:
@@ -259,6 +265,13 @@ def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_pro
 @register_method("ca_tome")
 class CAToMe(Method):
     kind = "merge"
+    # The merge count is a host read of how many sources reach the threshold (it sets a shape): a documented
+    # torch.compiler.disable island (tokred.merge.threshold_count); compile these families without fullgraph.
+    compile_support = {
+        family: "island: the threshold merge count (tokred.merge.threshold_count, a host read that sets the merged "
+        "token count)"
+        for family in ("diffusers_unet", "diffusers_mmdit", "diffusers_dit", "diffusers_flux")
+    }
     summary = "Cached Adaptive ToMe: threshold merging, pairs reused between steps (arXiv 2501.00946)"
     options = {
         "timm_vit": CAToMeViTOptions,
@@ -332,7 +345,7 @@ class CAToMe(Method):
         """Threshold merging with cached pairs on a U-Net's or an MMDiT's image tokens."""
         opts: CAToMeSDOptions | CAToMeMMDiTOptions = self.options
         st: CAToMeState = state.method
-        compute_on = resolve_compute_on(opts.compute_on)
+        st.run, st.compute_on = state, resolve_compute_on(opts.compute_on)
         windows = WindowCheck("ca_tome", opts.sx, opts.sy, getattr(self, "finest_level", 1))
 
         def plan(call: BlockCall, x: torch.Tensor) -> BlockPlan | RowPlans:
@@ -340,7 +353,7 @@ class CAToMe(Method):
                 return FULL_BLOCK
             key = (x.shape[0], x.shape[1], call.grid, x.device)
             cached = st.pairs.get(call.name)
-            computed = cached is None or cached[0] != key or call.step in compute_on
+            computed = cached is None or cached[0] != key or st.recompute
             if computed:
                 # Default mode follows ToMe-SD: an odd batch cannot hold matching CFG halves, so destinations
                 # fall back to top-left. Batch-independent mode must not depend on the batch, so it does not.
