@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 

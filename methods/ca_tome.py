@@ -10,6 +10,13 @@ Two changes to ToMe for Stable Diffusion:
   steps until the next step listed in ``compute_on``. A reused step does no similarity, sort or random work:
   only the gathers and scatters of the cached merge run.
 
+``torch.compile`` (diffusion families): the threshold count is a host read that sets the merged token count (a
+shape), so it is a documented ``torch.compiler.disable`` island (:func:`tokred.merge.threshold_count`): compile the
+denoiser without ``fullgraph``; everything else of the block compiles, the pairs' random destinations are drawn
+through the run state's compiled draws and the compute-or-reuse choice is made before the call
+(``CAToMeState.recompute``). A recompute step whose merge count is new compiles the graphs after the island once more
+(the count of a cached merge is a guarded int), so compilations grow with the distinct counts, not with the steps.
+
 Steps are counted per generation from 1 (the first U-Net call), as the official pipeline counts them, so
 the published schedules (:data:`CACHE_PRESETS`, equal to the official ``CacheConf`` lists) name the same
 steps; their leading 0 never matches. When a block has no cached pairs (the first call of a generation, or
@@ -99,7 +106,14 @@ from tokred.adapters.diffusers_mmdit import DiffusersMMDiTAdapter
 from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
 from tokred.adapters.timm_vit import TimmViTAdapter
 from tokred.layout import GridMergeLayout
-from tokred.merge import AlternateMerge, GridMerge, alternate_matching, grid_destinations, grid_matching
+from tokred.merge import (
+    AlternateMerge,
+    GridMerge,
+    alternate_matching,
+    grid_destinations,
+    grid_matching,
+    prepare_compile_island,
+)
 from tokred.method import MethodState
 from tokred.options import is_bool, is_int, number_in, option
 from tokred.reduction import FULL_BLOCK, BlockCall, BlockPlan, RowPlans, TokenReduce
@@ -339,6 +353,7 @@ class CAToMe(Method):
                 may_reduce=threshold < 1,
             )  # fmt: skip
         else:
+            prepare_compile_island()  # the threshold count's torch.compiler.disable island
             patch.adapter.install_blocks(patch, self.planner(patch.state), self.merging_blocks)
 
     def planner(self, state):

@@ -1,6 +1,13 @@
 """diffusers' own cache hooks as tokred methods: first-block cache and pyramid attention broadcast (SD3/SD3.5,
 PixArt-α/Σ and DiT-XL/2, Flux.1).
 
+``torch.compile``: diffusers makes the first-block cache's decision
+(``FBCHeadBlockHook._should_compute_remaining_blocks``) a ``torch.compiler.disable`` function, so
+``fullgraph=True`` refuses it ("Skip inlining torch.compiler.disable()d function"); without ``fullgraph`` that
+decision is an island and the rest compiles, a bounded number of graphs. The pyramid attention broadcast's hook
+counts its iterations in a Python int that the compiled forward reads, so it recompiles at every step until
+dynamo's recompile limit (then runs eagerly): not supported compiled.
+
 Both are thin wrappers: the caching decisions and the reuse are diffusers' hooks (``diffusers.hooks``, 0.42.1),
 registered by diffusers' own ``apply_first_block_cache`` / ``apply_pyramid_attention_broadcast``. tokred adds
 what SD3's ``SD3Transformer2DModel`` does not provide and what a tokred patch promises:

@@ -7,7 +7,8 @@ For each method and family the method's ``compile_support`` says how it compiles
   outputs as eager (1e-5 relative), no graph break, and at most :data:`COMPILE_BOUND` compiled frames, counted by
   dynamo's ``CompileCounter`` backend (which runs the captured graphs as they are: no code generation, fast);
   one generation per family runs 20 steps, so a count that grows with the steps cannot pass;
-* ``"island: ..."`` / ``"no: ..."``: ``fullgraph=True`` refuses the model (a graph break it names), as documented.
+* ``"island: ..."`` / ``"no: ..."``: ``fullgraph=True`` refuses the model, as documented: a graph break, or (pab) a
+  recompilation per step up to dynamo's limit.
 
 The denoisers and the generation loop are in ``compile_cases.py`` (shared with ``benchmarks/compile_matrix.py``).
 """
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compile_cases import CASES, METHODS, generate, max_relative_difference  # noqa: E402
+from compile_cases import CASES, METHODS, generate, max_relative_difference, small_sd15  # noqa: E402
 
 import tokred  # noqa: E402
 from tokred.registry import get_method  # noqa: E402
@@ -58,7 +60,7 @@ def cells(kind: str) -> list[tuple[str, str]]:
 # the steps would pass 4 but not 20) and every composition kind. TOKRED_COMPILE_ALL=1 runs every cell (what
 # benchmarks/compile_matrix.py tabulates).
 DEFAULT = {
-    ("sd15", "tome"): 20, ("sd15", "deepcache+todo"): 6, ("sdxl", "todo"): 20, ("sd3", "tome"): 20,
+    ("sd15", "tome"): 20, ("sd15", "deepcache+todo"): 4, ("sdxl", "todo"): 20, ("sd3", "tome"): 20,
     ("sd3", "todo"): 4, ("pixart", "tome"): 20, ("flux", "todo"): 20, ("flux", "tome"): 4,
 }
 EVERY_CELL = os.environ.get("TOKRED_COMPILE_ALL") == "1"
@@ -74,7 +76,8 @@ def compiled_generation(case_name: str, method: str, steps: int, fullgraph: bool
     """(eager outputs, compiled outputs, compiled frames, graph breaks) of one generation on fresh models."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    case = CASES[case_name]()
+    # SD1.5's layout with one layer per block unless every cell is checked: half the tracing, the same code paths
+    case = small_sd15() if case_name == "sd15" and not EVERY_CELL else CASES[case_name]()
     eager_model = case.build()
     tokred.apply(eager_model, method, **METHODS[method])
     eager = generate(eager_model, case, steps)
@@ -110,7 +113,7 @@ def test_a_step_read_inside_the_compiled_forward_fails_the_bound(monkeypatch):
 
     monkeypatch.setattr(todo, "planner", reading_the_step)
     with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
-        compiled_generation("sd3", "todo", 10)
+        compiled_generation("pixart", "todo", 10)
 
 
 @pytest.mark.parametrize(
@@ -118,7 +121,9 @@ def test_a_step_read_inside_the_compiled_forward_fails_the_bound(monkeypatch):
     ids=lambda v: v,
 )
 def test_documented_islands_and_refusals_break_the_graph_under_fullgraph(case_name, method):
+    """As documented: a graph break (an island, or code dynamo cannot trace) or, where the method keeps a per-step
+    Python count in the forward (pab), a recompilation per step until dynamo's limit."""
     family = CASES[case_name]().family
     assert support(method, family)  # stated
-    with pytest.raises(torch._dynamo.exc.Unsupported):
-        compiled_generation(case_name, method, 2)
+    with pytest.raises((torch._dynamo.exc.Unsupported, torch._dynamo.exc.FailOnRecompileLimitHit)):
+        compiled_generation(case_name, method, 10)

@@ -463,15 +463,30 @@ class GridMerge(BipartiteMerge):
         return out
 
 
-@torch.compiler.disable
 def threshold_count(node_max: torch.Tensor, threshold: float) -> int:
     """How many sources reach ``threshold`` (the batch maximum): CA-ToMe's merge count, read on the host.
 
-    The count sets the merged token count, a shape, so it cannot be traced: under ``torch.compile`` this is a
-    deliberate :func:`torch.compiler.disable` island (a graph break, so ``fullgraph=True`` refuses it); the graph
-    resumes after it with the count as an input (dynamic after its second value, so recompilation stays bounded).
+    The count sets the merged token count, a shape, so it cannot be traced: under ``torch.compile`` it is a
+    deliberate :func:`torch.compiler.disable` island (a graph break, so ``fullgraph=True`` refuses it; see
+    :func:`prepare_compile_island`); the graph resumes after it with the count as an input.
     """
+    if torch.compiler.is_compiling() and _ISLAND:
+        return _ISLAND[0](node_max, threshold)
+    return _count_reaching(node_max, threshold)
+
+
+def _count_reaching(node_max: torch.Tensor, threshold: float) -> int:
     return int((node_max >= threshold).sum(dim=-1).max().item())
+
+
+_ISLAND: list = []  # [torch.compiler.disable(_count_reaching)], made by prepare_compile_island
+
+
+def prepare_compile_island() -> None:
+    """Make :func:`threshold_count`'s ``torch.compiler.disable`` island (called by the methods that use it when they
+    are applied; not at import, which would import dynamo for every user of tokred)."""
+    if not _ISLAND:
+        _ISLAND.append(torch.compiler.disable(_count_reaching))
 
 
 def grid_matching(
