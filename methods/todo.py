@@ -49,7 +49,6 @@ import torch.nn.functional as F
 from tokred import Method, register_method
 from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
 from tokred.layout import max_downsample_option
-from tokred.method import MethodState
 from tokred.options import int_at_least, number_in, one_of, option
 from tokred.reduction import FULL_BLOCK, BlockCall, BlockPlan, Grid, KeyValue
 
@@ -100,29 +99,26 @@ class ToDoUNetOptions(ToDoOptions):
     )
 
 
-class ToDoState(MethodState):
-    """Whether this denoiser call downsamples (its timestep is above ``timestep_threshold_stop``), decided before
-    the call from the run state's timestep: the compiled forward reads this bool (two values, at most two graphs),
-    not the timestep itself, which would be a guard on a new float at every step."""
+class TimestepCutoff:
+    """Whether the current denoiser call downsamples (its timestep is above ``timestep_threshold_stop``), decided
+    by a pre-hook on the denoiser before the call, outside a compiled forward: the compiled forward reads this bool
+    (two values, at most two graphs), not the timestep itself, which would be a guard on a new float at every step."""
 
-    def __init__(self) -> None:
-        self.run = None  # the run state (set by install)
-        self.stop = 0.0
+    def __init__(self, stop: float) -> None:
+        self.stop = stop
         self.downsampling = True
 
-    def begin_call(self) -> None:
-        t = self.run.last_timestep if self.run is not None else None
-        self.downsampling = not (t is not None and t / 1000 <= self.stop)
+    def follow(self, timestep: float | None) -> None:
+        self.downsampling = not (timestep is not None and timestep / 1000 <= self.stop)
 
 
 @register_method("todo")
 class ToDo(Method):
     kind = "downsample"
-    compile_support = "fullgraph"  # the timestep cutoff is decided before the call (ToDoState.downsampling)
+    compile_support = "fullgraph"  # the timestep cutoff is decided before the call (TimestepCutoff)
     summary = "ToDo: token downsampling of self-attention keys/values for diffusion (arXiv 2402.13573)"
     options = {"diffusers_unet": ToDoUNetOptions, "diffusers_mmdit": ToDoOptions, "diffusers_flux": ToDoOptions}
     options["diffusers_dit"] = ToDoOptions  # PixArt-α/Σ, DiT-XL/2: every block on the patch grid
-    State = ToDoState
     presets = {
         family: {
             "factor2": {"downsample_factor": 2},
@@ -141,16 +137,20 @@ class ToDo(Method):
         adapter.require_kv_hooks(self.blocks, "todo")
 
     def install(self, patch) -> None:
-        todo = patch.method_state
-        todo.run, todo.stop = patch.state, self.options.timestep_threshold_stop
-        patch.adapter.install_blocks(patch, self.planner(todo), self.blocks)
+        cutoff, state = TimestepCutoff(self.options.timestep_threshold_stop), patch.state
+        # after the run state's own pre-hook (registered at attach), which reads this call's timestep
+        patch.register_forward_pre_hook(
+            patch.adapter.root, lambda module, args, kwargs: cutoff.follow(state.last_timestep), with_kwargs=True,
+            outside_compile=True,
+        )
+        patch.adapter.install_blocks(patch, self.planner(cutoff), self.blocks)
 
-    def planner(self, todo: ToDoState):
+    def planner(self, cutoff: TimestepCutoff):
         factor, method = self.options.downsample_factor, self.options.downsample_method
 
         def plan(call: BlockCall, x: torch.Tensor) -> BlockPlan:
             grid = call.grid
-            if factor == 1 or grid is None or min(grid.h, grid.w) < factor or not todo.downsampling:
+            if factor == 1 or grid is None or min(grid.h, grid.w) < factor or not cutoff.downsampling:
                 return FULL_BLOCK
             kv = KeyValue(
                 tokens=lambda tokens: downsample(tokens, grid, factor, method),
