@@ -10,6 +10,13 @@ Two changes to ToMe for Stable Diffusion:
   steps until the next step listed in ``compute_on``. A reused step does no similarity, sort or random work:
   only the gathers and scatters of the cached merge run.
 
+``torch.compile`` (diffusion families): the threshold count is a host read that sets the merged token count (a
+shape), so it is a documented ``torch.compiler.disable`` island (:func:`tokred.merge.threshold_count`): compile the
+denoiser without ``fullgraph``; everything else of the block compiles, the pairs' random destinations are drawn
+through the run state's compiled draws and the compute-or-reuse choice is made before the call
+(``CAToMeState.recompute``). A recompute step whose merge count is new compiles the graphs after the island once more
+(the count of a cached merge is a guarded int), so compilations grow with the distinct counts, not with the steps.
+
 Steps are counted per generation from 1 (the first U-Net call), as the official pipeline counts them, so
 the published schedules (:data:`CACHE_PRESETS`, equal to the official ``CacheConf`` lists) name the same
 steps; their leading 0 never matches. When a block has no cached pairs (the first call of a generation, or
@@ -99,7 +106,14 @@ from tokred.adapters.diffusers_mmdit import DiffusersMMDiTAdapter
 from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
 from tokred.adapters.timm_vit import TimmViTAdapter
 from tokred.layout import GridMergeLayout
-from tokred.merge import AlternateMerge, GridMerge, alternate_matching, grid_destinations, grid_matching
+from tokred.merge import (
+    AlternateMerge,
+    GridMerge,
+    alternate_matching,
+    grid_destinations,
+    grid_matching,
+    prepare_compile_island,
+)
 from tokred.method import MethodState
 from tokred.options import is_bool, is_int, number_in, option
 from tokred.reduction import FULL_BLOCK, BlockCall, BlockPlan, RowPlans, TokenReduce
@@ -239,6 +253,11 @@ class CAToMeState(MethodState):
 
     pairs: dict[str, tuple[tuple, tuple[GridMerge | None, ...]]] = field(default_factory=dict)
     block_stats: dict[str, BlockStat] = field(default_factory=dict)
+    # Whether this call recomputes the pairs (its step is in ``compute_on``), decided before the call: a compiled
+    # forward reads this bool rather than the step, which would be a guard on a new int at every step.
+    recompute: bool = True
+    run: Any = field(default=None, repr=False)  # the run state (set by install on diffusion models)
+    compute_on: Any = frozenset()
 
     def reset(self) -> None:
         self.pairs.clear()
@@ -246,6 +265,7 @@ class CAToMeState(MethodState):
 
     def begin_call(self) -> None:
         self.block_stats.clear()
+        self.recompute = self.run is None or self.run.step in self.compute_on
 
 
 def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_protected: int) -> AlternateMerge | None:
@@ -259,6 +279,13 @@ def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_pro
 @register_method("ca_tome")
 class CAToMe(Method):
     kind = "merge"
+    # The merge count is a host read of how many sources reach the threshold (it sets a shape): a documented
+    # torch.compiler.disable island (tokred.merge.threshold_count); compile these families without fullgraph.
+    compile_support = {
+        family: "island: the threshold merge count (tokred.merge.threshold_count, a host read that sets the merged "
+        "token count)"
+        for family in ("diffusers_unet", "diffusers_mmdit", "diffusers_dit", "diffusers_flux")
+    }
     summary = "Cached Adaptive ToMe: threshold merging, pairs reused between steps (arXiv 2501.00946)"
     options = {
         "timm_vit": CAToMeViTOptions,
@@ -326,13 +353,14 @@ class CAToMe(Method):
                 may_reduce=threshold < 1,
             )  # fmt: skip
         else:
+            prepare_compile_island()  # the threshold count's torch.compiler.disable island
             patch.adapter.install_blocks(patch, self.planner(patch.state), self.merging_blocks)
 
     def planner(self, state):
         """Threshold merging with cached pairs on a U-Net's or an MMDiT's image tokens."""
         opts: CAToMeSDOptions | CAToMeMMDiTOptions = self.options
         st: CAToMeState = state.method
-        compute_on = resolve_compute_on(opts.compute_on)
+        st.run, st.compute_on = state, resolve_compute_on(opts.compute_on)
         windows = WindowCheck("ca_tome", opts.sx, opts.sy, getattr(self, "finest_level", 1))
 
         def plan(call: BlockCall, x: torch.Tensor) -> BlockPlan | RowPlans:
@@ -340,7 +368,7 @@ class CAToMe(Method):
                 return FULL_BLOCK
             key = (x.shape[0], x.shape[1], call.grid, x.device)
             cached = st.pairs.get(call.name)
-            computed = cached is None or cached[0] != key or call.step in compute_on
+            computed = cached is None or cached[0] != key or st.recompute
             if computed:
                 # Default mode follows ToMe-SD: an odd batch cannot hold matching CFG halves, so destinations
                 # fall back to top-left. Batch-independent mode must not depend on the batch, so it does not.

@@ -431,6 +431,11 @@ class CatPolicy:
 @register_method("cat_pruning")
 class CatPruning(Method):
     kind = "prune"
+    compile_support = (
+        "no: its per-call policy (the step schedule, k-means with its own CPU generator, the selection and the "
+        "row caches it keeps in Python objects) runs inside the denoiser's forward and output hook, which "
+        "torch.compile cannot trace as one graph; compile without fullgraph (graph breaks at each of them)"
+    )
     summary = "CAT pruning: cluster-aware token pruning with cached outputs for diffusion (arXiv 2502.00433)"
     options = {"diffusers_mmdit": CatOptions, "diffusers_unet": CatUNetOptions, "diffusers_flux": CatOptions}
     options["diffusers_dit"] = CatOptions  # PixArt-α/Σ (the paper's second model), DiT-XL/2

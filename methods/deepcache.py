@@ -142,6 +142,8 @@ def skipped(part: UNetPart, block_id: int, layer_id: int) -> bool:
 @register_method("deepcache")
 class DeepCache(Method):
     kind = "cache"
+    # the reuse decision is made before the call (a pre-hook outside the compiled graph): two graphs, full and reusing
+    compile_support = "fullgraph"
     summary = "DeepCache: reuse the U-Net's deep features across steps, run only the shallow branch (arXiv 2312.00858)"
     options = {"diffusers_unet": DeepCacheOptions}
     # a ladder, mild to strong: a full step every 2, 3 or 5 denoiser calls

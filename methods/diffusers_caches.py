@@ -1,6 +1,13 @@
 """diffusers' own cache hooks as tokred methods: first-block cache and pyramid attention broadcast (SD3/SD3.5,
 PixArt-α/Σ and DiT-XL/2, Flux.1).
 
+``torch.compile``: diffusers makes the first-block cache's decision
+(``FBCHeadBlockHook._should_compute_remaining_blocks``) a ``torch.compiler.disable`` function, so
+``fullgraph=True`` refuses it ("Skip inlining torch.compiler.disable()d function"); without ``fullgraph`` that
+decision is an island and the rest compiles, a bounded number of graphs. The pyramid attention broadcast's hook
+counts its iterations in a Python int that the compiled forward reads, so it recompiles at every step until
+dynamo's recompile limit (then runs eagerly): not supported compiled.
+
 Both are thin wrappers: the caching decisions and the reuse are diffusers' hooks (``diffusers.hooks``, 0.42.1),
 registered by diffusers' own ``apply_first_block_cache`` / ``apply_pyramid_attention_broadcast``. tokred adds
 what SD3's ``SD3Transformer2DModel`` does not provide and what a tokred patch promises:
@@ -252,6 +259,13 @@ class FirstBlockCache(Method):
 
     summary = "first-block cache: skip the other blocks while the first block's residual barely changes (diffusers)"
     kind = "cache"
+    # diffusers decides whether to reuse in FBCHeadBlockHook._should_compute_remaining_blocks, a
+    # torch.compiler.disable'd host comparison of the first block's residual change with the threshold: fullgraph
+    # refuses it; without fullgraph the rest compiles (one graph per outcome after the island)
+    compile_support = (
+        "island: diffusers' cache decision (FBCHeadBlockHook._should_compute_remaining_blocks, torch.compiler.disable "
+        "in diffusers)"
+    )
     options = {family: FirstBlockCacheOptions for family in ("diffusers_mmdit", "diffusers_dit", "diffusers_flux")}
     presets = {
         family: {"threshold0.05": {"threshold": 0.05}, "threshold0.2": {"threshold": 0.2}}
@@ -370,7 +384,7 @@ class FirstBlockCache(Method):
             ours[0] = CacheContext(name=name, step_index=run.step - 1)
             manager.set_context(ours[0])
 
-        patch.register_forward_pre_hook(root, set_context, with_kwargs=True)
+        patch.register_forward_pre_hook(root, set_context, with_kwargs=True, outside_compile=True)
 
 
 # --- pyramid attention broadcast -----------------------------------------------------------------------------------
@@ -462,6 +476,11 @@ class PyramidAttentionBroadcast(Method):
 
     summary = "pyramid attention broadcast: reuse each self-attention's output for a few steps (diffusers, 2408.12588)"
     kind = "cache"
+    compile_support = (
+        "no: diffusers' PyramidAttentionBroadcastHook counts its iterations in a Python int that the compiled "
+        "forward reads (iteration % skip range), so the denoiser recompiles at every step until dynamo's recompile "
+        "limit"
+    )
     options = {"diffusers_mmdit": PABOptions, "diffusers_dit": PABCrossOptions, "diffusers_flux": PABOptions}
     presets = {family: _pab_presets() for family in ("diffusers_mmdit", "diffusers_dit", "diffusers_flux")}
     refusals = {

@@ -99,9 +99,23 @@ class ToDoUNetOptions(ToDoOptions):
     )
 
 
+class TimestepCutoff:
+    """Whether the current denoiser call downsamples (its timestep is above ``timestep_threshold_stop``), decided
+    by a pre-hook on the denoiser before the call, outside a compiled forward: the compiled forward reads this bool
+    (two values, at most two graphs), not the timestep itself, which would be a guard on a new float at every step."""
+
+    def __init__(self, stop: float) -> None:
+        self.stop = stop
+        self.downsampling = True
+
+    def follow(self, timestep: float | None) -> None:
+        self.downsampling = not (timestep is not None and timestep / 1000 <= self.stop)
+
+
 @register_method("todo")
 class ToDo(Method):
     kind = "downsample"
+    compile_support = "fullgraph"  # the timestep cutoff is decided before the call (TimestepCutoff)
     summary = "ToDo: token downsampling of self-attention keys/values for diffusion (arXiv 2402.13573)"
     options = {"diffusers_unet": ToDoUNetOptions, "diffusers_mmdit": ToDoOptions, "diffusers_flux": ToDoOptions}
     options["diffusers_dit"] = ToDoOptions  # PixArt-α/Σ, DiT-XL/2: every block on the patch grid
@@ -123,15 +137,20 @@ class ToDo(Method):
         adapter.require_kv_hooks(self.blocks, "todo")
 
     def install(self, patch) -> None:
-        patch.adapter.install_blocks(patch, self.planner(patch.state), self.blocks)
+        cutoff, state = TimestepCutoff(self.options.timestep_threshold_stop), patch.state
+        # after the run state's own pre-hook (registered at attach), which reads this call's timestep
+        patch.register_forward_pre_hook(
+            patch.adapter.root, lambda module, args, kwargs: cutoff.follow(state.last_timestep), with_kwargs=True,
+            outside_compile=True,
+        )
+        patch.adapter.install_blocks(patch, self.planner(cutoff), self.blocks)
 
-    def planner(self, state):
+    def planner(self, cutoff: TimestepCutoff):
         factor, method = self.options.downsample_factor, self.options.downsample_method
-        stop = self.options.timestep_threshold_stop
 
         def plan(call: BlockCall, x: torch.Tensor) -> BlockPlan:
-            grid, t = call.grid, state.last_timestep
-            if factor == 1 or grid is None or min(grid.h, grid.w) < factor or (t is not None and t / 1000 <= stop):
+            grid = call.grid
+            if factor == 1 or grid is None or min(grid.h, grid.w) < factor or not cutoff.downsampling:
                 return FULL_BLOCK
             kv = KeyValue(
                 tokens=lambda tokens: downsample(tokens, grid, factor, method),

@@ -307,6 +307,8 @@ def finest_merging_level(adapter: Any, names: set[str] | None) -> int:
 @register_method("tome")
 class ToMe(Method):
     kind = "merge"
+    # random destinations are drawn through the run state's compiled draws (tokred.state.CompiledDraws)
+    compile_support = "fullgraph"
     summary = "Token Merging: bipartite soft matching (ViT, arXiv 2210.09461; SD, arXiv 2303.17604)"
     options = {
         "timm_vit": ToMeViTOptions,

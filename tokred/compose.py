@@ -81,6 +81,25 @@ class CompositeState(MethodState):
             state.begin_call()
 
 
+def combined_compile_support(members: tuple[type[Method], ...], families: list[str]) -> str | dict[str, str] | None:
+    """A composition's :attr:`~tokred.method.Method.compile_support`: "fullgraph" where every member is, else the
+    members' islands (or the first "no: ...") joined; None where a member does not say. One value when the families
+    agree, else a dict by family."""
+    per: dict[str, str | None] = {}
+    for family in families:
+        values = [(c.name, c.compile_support_for(family)) for c in members]
+        if any(v is None for _, v in values):
+            per[family] = None
+            continue
+        refused = [f"no: {name}: {v[len('no: '):]}" for name, v in values if v.startswith("no")]
+        islands = [f"{name}: {v[len('island: '):]}" for name, v in values if v.startswith("island")]
+        per[family] = refused[0] if refused else ("island: " + "; ".join(islands) if islands else "fullgraph")
+    distinct = set(per.values())
+    if len(distinct) == 1:
+        return distinct.pop()
+    return {family: value for family, value in per.items() if value is not None}
+
+
 class CompositeOptions:
     """The parsed options of each member, outermost first: ``options["tome"]`` or ``options.tome``."""
 
@@ -270,6 +289,7 @@ def composite_method(spec: str | Sequence[str]) -> type[Method]:
         "presets": {},
         "State": state,
         "random_weights_caveat": "; ".join(caveats),
+        "compile_support": combined_compile_support(ordered, families),
         "__module__": __name__,
     })
     cls.presets = declared_presets(cls)

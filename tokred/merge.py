@@ -419,7 +419,10 @@ def grid_destinations(
     """
     if generator is None:
         return _top_left_destinations(h, w, sx, sy, torch.device(device))
-    offset = torch.randint(sy * sx, size=(h // sy, w // sx, 1), device=generator.device, generator=generator)
+    size = (h // sy, w // sx, 1)
+    if not isinstance(generator, torch.Generator):  # a run state's draws inside a compiled forward
+        return _grid_split(h, w, sx, sy, generator.randint(sy * sx, size, torch.empty(0, device=device)))
+    offset = torch.randint(sy * sx, size=size, device=generator.device, generator=generator)
     return _grid_split(h, w, sx, sy, offset.to(device))
 
 
@@ -460,6 +463,32 @@ class GridMerge(BipartiteMerge):
         return out
 
 
+def threshold_count(node_max: torch.Tensor, threshold: float) -> int:
+    """How many sources reach ``threshold`` (the batch maximum): CA-ToMe's merge count, read on the host.
+
+    The count sets the merged token count, a shape, so it cannot be traced: under ``torch.compile`` it is a
+    deliberate :func:`torch.compiler.disable` island (a graph break, so ``fullgraph=True`` refuses it; see
+    :func:`prepare_compile_island`); the graph resumes after it with the count as an input.
+    """
+    if torch.compiler.is_compiling() and _ISLAND:
+        return _ISLAND[0](node_max, threshold)
+    return _count_reaching(node_max, threshold)
+
+
+def _count_reaching(node_max: torch.Tensor, threshold: float) -> int:
+    return int((node_max >= threshold).sum(dim=-1).max().item())
+
+
+_ISLAND: list = []  # [torch.compiler.disable(_count_reaching)], made by prepare_compile_island
+
+
+def prepare_compile_island() -> None:
+    """Make :func:`threshold_count`'s ``torch.compiler.disable`` island (called by the methods that use it when they
+    are applied; not at import, which would import dynamo for every user of tokred)."""
+    if not _ISLAND:
+        _ISLAND.append(torch.compiler.disable(_count_reaching))
+
+
 def grid_matching(
     metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, r: int | None = None, threshold: float | None = None
 ) -> GridMerge | None:
@@ -474,7 +503,7 @@ def grid_matching(
         b = metric.gather(dim=1, index=b_idx.expand(n, -1, c))
         node_max, node_idx = best_destinations(a, b)
         if threshold is not None:
-            r = int((node_max >= threshold).sum(dim=-1).max().item())
+            r = threshold_count(node_max, threshold)
         r = min(a.shape[1], int(r or 0))
         if r <= 0:
             return None

@@ -60,6 +60,12 @@ class Method:
     random_weights_caveat: ClassVar[str] = ""
     # Why the method refuses a model family it has no options for (family -> reason), said in apply's error.
     refusals: ClassVar[dict[str, str]] = {}
+    # How the method composes with ``torch.compile(model, fullgraph=True)`` (issue 20): "fullgraph" (the whole
+    # forward is one graph, with a bounded number of compilations over a generation), "island: <what>" (a
+    # documented ``torch.compiler.disable`` island around a data-dependent choice: compile without fullgraph; the
+    # rest compiles), "no: <why>" (it does not compile as a graph); None: not stated. A dict {family: value} when
+    # it differs per model family (a family missing from it: not stated). Read it with compile_support_for.
+    compile_support: ClassVar[str | dict[str, str] | None] = None
 
     def __init__(self, options: Any) -> None:
         self.options = options
@@ -83,6 +89,12 @@ class Method:
         periodic (a non-uniform schedule, a threshold decided at run time); then only a whole generation is a
         fair unit, and the per-call benchmarks refuse the method with that reason."""
         return 1
+
+    @classmethod
+    def compile_support_for(cls, family: str) -> str | None:
+        """:attr:`compile_support` for ``family`` models (None: not stated)."""
+        support = cls.compile_support
+        return support.get(family) if isinstance(support, dict) else support
 
     @classmethod
     def parse_options(cls, family: str, values: dict[str, Any]) -> Any:

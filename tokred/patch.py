@@ -183,11 +183,24 @@ class Patch:
 
         self.set_attr(obj, name, wrapped)
 
-    def register_forward_pre_hook(self, module: Any, hook: Callable[..., Any], *, with_kwargs: bool = False) -> None:
+    def register_forward_pre_hook(
+        self, module: Any, hook: Callable[..., Any], *, with_kwargs: bool = False, outside_compile: bool = False
+    ) -> None:
         """``module.register_forward_pre_hook(hook)`` until removal; the hook runs only for this module while
-        the patch is active."""
+        the patch is active.
+
+        ``outside_compile=True`` (the run-state bookkeeping on a denoiser: step counting, timestep reads, cache
+        decisions) makes the hook a :func:`torch.compiler.disable` frame. ``torch.compile(denoiser)`` runs a
+        module's hooks as frames of their own, so the hook then runs eagerly before each compiled call: its Python
+        state (the step, a host read of the timestep) is neither traced nor guarded, and the compiled forward sees
+        only what the hook decided. (Compiling a module *around* the denoiser inlines the hook: a graph break.)"""
+        guarded = self._guard(module, hook)
+        if outside_compile:
+            import torch
+
+            guarded = torch.compiler.disable(guarded)
         self._changes.append(
-            _HookChange(module, module.register_forward_pre_hook(self._guard(module, hook), with_kwargs=with_kwargs))
+            _HookChange(module, module.register_forward_pre_hook(guarded, with_kwargs=with_kwargs))
         )
 
     def register_forward_hook(self, module: Any, hook: Callable[..., Any], *, with_kwargs: bool = False) -> None:

@@ -193,6 +193,11 @@ class BlockCall:
     ``level``: the downsampling level the block belongs to (U-Net: 1, 2, 4, 8 from the architecture; 1 elsewhere);
     ``grid``: its token grid in this call (None when the tokens do not form the expected grid, e.g. odd sizes);
     ``step``: the 1-based denoiser call of the current generation (0 for models without steps).
+
+    The adapters give the run state as the sixth argument instead of its step (``BlockCall(..., state)``): the
+    step is then read from it only when a planner asks for ``call.step``. Under ``torch.compile`` a read Python int
+    becomes a guard on its value, so a planner that never reads the step (ToMe, ToDo) must not have it read for
+    it, or the compiled denoiser would recompile at every step.
     """
 
     name: str
@@ -200,7 +205,12 @@ class BlockCall:
     module: torch.nn.Module = field(repr=False, compare=False)
     level: int
     grid: Grid | None
-    step: int
+    step_source: Any = field(repr=False, compare=False)  # an int, or the run state (its .step at read time)
+
+    @property
+    def step(self) -> int:
+        source = self.step_source
+        return source if isinstance(source, int) else source.step
 
 
 # planner(call, hidden_states [B, N, C]) -> the plan for this call of this block
@@ -261,6 +271,35 @@ def recompute_rows(index: torch.Tensor, cache: RowCache) -> Sublayer:
 # --- applying a KeyValue to a diffusers Attention ---------------------------------------------------------------
 
 
+class KVSlot:
+    """The tokens :func:`kv_source` routes into one attention's ``to_k`` / ``to_v`` during a call, read by the
+    pre-hooks :func:`install_kv_routing` registers once. Hooks registered inside a forward cannot be compiled
+    (``torch.compile`` refuses to build a ``RemovableHandle``); setting this slot's field can."""
+
+    def __init__(self) -> None:
+        self.tokens: torch.Tensor | None = None
+
+
+KV_SLOT_ATTR = "_tokred_kv_slot"
+
+
+def install_kv_routing(patch: Any, attn: torch.nn.Module) -> None:
+    """Give ``attn`` (diffusers' ``Attention``) a :class:`KVSlot` and the pre-hooks on ``to_k`` / ``to_v`` that read
+    it, until the patch is removed; :func:`kv_source` then sets the slot instead of registering hooks of its own at
+    every call (so a compiled forward can use it). (:func:`projected_kv`'s output hooks stay per call: they must run
+    after any hook a user put on the projections, and CAT pruning, their user, does not compile as one graph.)"""
+    if getattr(attn, KV_SLOT_ATTR, None) is not None:
+        return
+    slot = KVSlot()
+    patch.set_attr(attn, KV_SLOT_ATTR, slot)
+
+    def replace(module: Any, args: tuple) -> tuple | None:
+        return None if slot.tokens is None else (slot.tokens, *args[1:])
+
+    for linear in (attn.to_k, attn.to_v):
+        patch.register_forward_pre_hook(linear, replace)
+
+
 @contextlib.contextmanager
 def kv_source(attn: torch.nn.Module, tokens: torch.Tensor | None) -> Iterator[None]:
     """While active, ``attn.to_k`` / ``attn.to_v`` (diffusers' ``Attention``) project ``tokens`` instead of their
@@ -269,6 +308,14 @@ def kv_source(attn: torch.nn.Module, tokens: torch.Tensor | None) -> Iterator[No
     tokens are computed once per call by the caller; the hooks live for one call only."""
     if tokens is None:
         yield
+        return
+    slot = getattr(attn, KV_SLOT_ATTR, None)
+    if slot is not None:
+        slot.tokens = tokens
+        try:
+            yield
+        finally:
+            slot.tokens = None
         return
 
     def replace(module: Any, args: tuple) -> tuple:

@@ -13,7 +13,9 @@ held here as :attr:`RunState.method` and reset with every generation.
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +48,11 @@ class RunState:
         self.last_timestep: float | None = None
         self._timesteps: Any = None  # the scheduler timesteps object of the current generation
         self._generators: dict[torch.device, torch.Generator] = {}
+        # compiled draws (CompiledDraws): the op finds this state by its key, and mutates _draw_order so that a
+        # compiled graph keeps its draws in program order (an op with a side effect is never reordered or merged)
+        self._draw_key = next(_keys)
+        self._draw_order = torch.zeros(1)
+        _LIVE[self._draw_key] = weakref.ref(self)
         # tokred 0.2's ``state.call`` dict, now a deprecated view the adapter provides (timm ViTs: merged tokens)
         self.legacy_call: Callable[[], dict[str, Any]] | None = None
 
@@ -94,13 +101,19 @@ class RunState:
         self.step += 1
         self.method.begin_call()
 
-    def generator(self, device: torch.device) -> torch.Generator:
+    def generator(self, device: torch.device) -> torch.Generator | CompiledDraws:
         """The random generator for ``device`` in this generation.
+
+        While ``torch.compile`` traces a forward (a generator cannot be created or passed to an op inside a
+        compiled graph) it returns a :class:`CompiledDraws` instead, whose draws the compiled graph makes through
+        an opaque op that calls this very method at run time: the same generator, the same draws, in the same order.
 
         Without a seed it is forked from the global RNG of that device at first use in each generation,
         as tomesd forks it (so results match tomesd under the same ``torch.manual_seed``), but it starts
         afresh each generation instead of advancing forever. With a seed it is seeded with it.
         """
+        if torch.compiler.is_compiling():
+            return CompiledDraws(self)
         device = torch.device(device)
         gen = self._generators.get(device)
         if gen is None:
@@ -115,6 +128,37 @@ class RunState:
                 gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
             self._generators[device] = gen
         return gen
+
+
+_keys = itertools.count()
+_LIVE: dict[int, weakref.ref[RunState]] = {}
+
+
+class CompiledDraws:
+    """What :meth:`RunState.generator` gives inside a compiled forward: ``randint(high, size, like)`` draws as
+    ``torch.randint(high, size, generator=state.generator(like.device))`` does, at run time, through the opaque
+    op ``tokred::randint`` (so a compiled graph neither creates a generator nor guards on its state)."""
+
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+
+    def randint(self, high: int, size: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        return torch.ops.tokred.randint(self.state._draw_order, like, self.state._draw_key, high, list(size))
+
+
+@torch.library.custom_op("tokred::randint", mutates_args=("order",))
+def _randint(order: torch.Tensor, like: torch.Tensor, key: int, high: int, size: list[int]) -> torch.Tensor:
+    state = _LIVE[key]()
+    if state is None:
+        raise RuntimeError("tokred::randint: the run state of this compiled draw no longer exists")
+    generator = state.generator(like.device)
+    order.add_(1)
+    return torch.randint(high, size=size, device=generator.device, generator=generator).to(like.device)
+
+
+@_randint.register_fake
+def _(order: torch.Tensor, like: torch.Tensor, key: int, high: int, size: list[int]) -> torch.Tensor:
+    return like.new_empty(size, dtype=torch.int64)
 
 
 def _as_float(timestep: Any) -> float | None:

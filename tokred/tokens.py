@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class BlockTokens:
@@ -38,6 +40,10 @@ class TokenCounter:
         self._last: dict[str, tuple[int, int, int, int, int | None]] = {}
 
     def record(self, name: str, tokens: int, attn: int, kv: int, mlp: int, cross: int | None = None) -> None:
+        if torch.compiler.is_compiling():
+            # Counting inside a compiled forward would read (and guard on) the running sums, recompiling at every
+            # call; the counts are diagnostics, taken from eager calls (benchmarks count tokens uncompiled).
+            return
         row = self._sums.get(name)
         if row is None:
             row = self._sums[name] = [0, 0, 0, 0, 0, 0, 0]
@@ -54,12 +60,16 @@ class TokenCounter:
     def calls(self, name: str) -> int:
         """How many calls of block ``name`` are recorded (a wrapper compares it before and after a call to learn
         whether a forward inside it recorded that call)."""
+        if torch.compiler.is_compiling():
+            return 0  # nothing is recorded while compiling (see record)
         row = self._sums.get(name)
         return int(row[0]) if row is not None else 0
 
     def reused(self, name: str, attn: bool = False, kv: bool = False, mlp: bool = False, cross: bool = False) -> None:
         """The last recorded call of block ``name`` did not compute the sublayers named true: it reused their
         outputs (a cache inside the block, e.g. pyramid attention broadcast), so they count 0 tokens on it."""
+        if torch.compiler.is_compiling():
+            return
         last = self._last.get(name)
         row = self._sums.get(name)
         if last is None or row is None:

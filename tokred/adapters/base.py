@@ -136,7 +136,7 @@ def attach_denoiser_state(
         auxiliary = auxiliary_kwarg is not None and bool(kwargs.get(auxiliary_kwarg))
         state.begin_call(t, auxiliary=auxiliary)
 
-    patch.register_forward_pre_hook(denoiser, before_forward, with_kwargs=True)
+    patch.register_forward_pre_hook(denoiser, before_forward, with_kwargs=True, outside_compile=True)
 
 
 def grid_for(latent_size: tuple[int, int] | None, num_tokens: int, level: int) -> tuple[int, int] | None:

@@ -115,7 +115,7 @@ class DiffusersFluxAdapter(Adapter):
             self._set_grid(ids)
             state.latent_size = None if self._grid is None else (self._grid.h, self._grid.w)
 
-        patch.register_forward_pre_hook(self.root, read_grid, with_kwargs=True)
+        patch.register_forward_pre_hook(self.root, read_grid, with_kwargs=True, outside_compile=True)
 
     def _set_grid(self, ids: torch.Tensor | None) -> None:
         """The image-token grid of ``img_ids`` [N, 3] (or [1, N, 3]), read once per ids tensor."""
@@ -162,7 +162,7 @@ class DiffusersFluxAdapter(Adapter):
                     plan = FULL_BLOCK
                 else:
                     grid = self.grid(hidden_states.shape[1])
-                    plan = planner(BlockCall(_name, _index, blk, 1, grid, state.step), hidden_states)
+                    plan = planner(BlockCall(_name, _index, blk, 1, grid, state), hidden_states)
                 if isinstance(plan, BlockPlan):
                     return _fn(blk, plan, hidden_states, *args, _count=(tokens, _name), **kwargs)
                 return rows_forward(_fn, blk, plan, hidden_states, args, kwargs, (tokens, _name))

@@ -26,7 +26,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import UnsupportedModelError
-from ..reduction import FULL_BLOCK, BlockCall, BlockPlan, Grid, Planner, RowPlans, kv_source, projected_kv
+from ..reduction import (
+    FULL_BLOCK,
+    BlockCall,
+    BlockPlan,
+    Grid,
+    Planner,
+    RowPlans,
+    install_kv_routing,
+    kv_source,
+    projected_kv,
+)
 from .base import Adapter, attach_denoiser_state, has_class_named, hook_prediction
 from .diffusers_unet import _row, feed_forward
 
@@ -109,12 +119,15 @@ class DiffusersMMDiTAdapter(Adapter):
                     plan = FULL_BLOCK
                 else:
                     grid = self.grid(state.latent_size, hidden_states.shape[1])
-                    plan = planner(BlockCall(_name, _index, blk, 1, grid, state.step), hidden_states)
+                    plan = planner(BlockCall(_name, _index, blk, 1, grid, state), hidden_states)
                 if isinstance(plan, BlockPlan):
                     return planned_forward(blk, plan, hidden_states, *args, _count=(tokens, _name), **kwargs)
                 return rows_forward(blk, plan, hidden_states, args, kwargs, (tokens, _name))
 
             patch.replace_forward(block, forward)
+            for attn in (block.attn, getattr(block, "attn2", None)):
+                if attn is not None:
+                    install_kv_routing(patch, attn)
 
     def install_output(self, patch: Patch, fn: Callable[[torch.Tensor, Grid], torch.Tensor]) -> None:
         """``fn(tokens [B, N, p*p*C], grid)`` rewrites the per-patch noise prediction (``proj_out``'s output)."""

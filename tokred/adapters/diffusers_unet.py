@@ -291,7 +291,7 @@ class DiffusersUNetAdapter(Adapter):
             if not cache.reuse:
                 cache.sample_shape = shape
 
-        patch.register_forward_pre_hook(self.root, before_unet, with_kwargs=True)
+        patch.register_forward_pre_hook(self.root, before_unet, with_kwargs=True, outside_compile=True)
 
         def block_runs(name: str, block: torch.nn.Module) -> Callable[..., None]:
             def before_block(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -400,7 +400,7 @@ def block_forward(
             plan: BlockPlan | RowPlans = FULL_BLOCK
         else:
             call_grid = grid(state.latent_size, hidden_states.shape[1], level)
-            plan = planner(BlockCall(name, index, block, level, call_grid, state.step), hidden_states)
+            plan = planner(BlockCall(name, index, block, level, call_grid, state), hidden_states)
         if isinstance(plan, BlockPlan):
             return planned_forward(block, plan, hidden_states, *args, _count=(tokens, name), **kwargs)
         # One plan per row: each row through the block on its own, its arguments sliced alike.
