@@ -213,6 +213,19 @@ class BlockCall:
         return source if isinstance(source, int) else source.step
 
 
+_block_call_init = BlockCall.__init__
+
+
+def _block_call_init_with_step(self, *args, step: int | None = None, **kwargs) -> None:
+    # ``step=`` (the field's name before 0.3) keeps working as the keyword for ``step_source``.
+    if step is not None:
+        kwargs["step_source"] = step
+    _block_call_init(self, *args, **kwargs)
+
+
+BlockCall.__init__ = _block_call_init_with_step  # type: ignore[method-assign]
+
+
 # planner(call, hidden_states [B, N, C]) -> the plan for this call of this block
 Planner = Callable[[BlockCall, torch.Tensor], "BlockPlan | RowPlans"]
 
