@@ -260,6 +260,7 @@ def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_pro
 class CAToMe(Method):
     kind = "merge"
     summary = "Cached Adaptive ToMe: threshold merging, pairs reused between steps (arXiv 2501.00946)"
+    compile_support = {"timm_vit": "fullgraph"}  # torch.compile(vit, fullgraph=True): tests/test_compile_vit.py
     options = {
         "timm_vit": CAToMeViTOptions,
         "diffusers_unet": CAToMeSDOptions,

@@ -308,6 +308,7 @@ def finest_merging_level(adapter: Any, names: set[str] | None) -> int:
 class ToMe(Method):
     kind = "merge"
     summary = "Token Merging: bipartite soft matching (ViT, arXiv 2210.09461; SD, arXiv 2303.17604)"
+    compile_support = {"timm_vit": "fullgraph"}  # torch.compile(vit, fullgraph=True): tests/test_compile_vit.py
     options = {
         "timm_vit": ToMeViTOptions,
         "diffusers_unet": ToMeSDOptions,

@@ -60,6 +60,11 @@ class Method:
     random_weights_caveat: ClassVar[str] = ""
     # Why the method refuses a model family it has no options for (family -> reason), said in apply's error.
     refusals: ClassVar[dict[str, str]] = {}
+    # How the patched model composes with torch.compile (issue 20), for every family (a str) or per family (a dict
+    # family -> str): "fullgraph" (compiles with fullgraph=True, matches eager, recompiles a bounded number of
+    # times; tested), "island: <what>" (<what> runs in a torch.compiler.disable island, so fullgraph=True is not
+    # possible but the rest compiles), "no: <why>". None: untested. Read it with compile_support_for(family).
+    compile_support: ClassVar[str | dict[str, str] | None] = None
 
     def __init__(self, options: Any) -> None:
         self.options = options
@@ -83,6 +88,12 @@ class Method:
         periodic (a non-uniform schedule, a threshold decided at run time); then only a whole generation is a
         fair unit, and the per-call benchmarks refuse the method with that reason."""
         return 1
+
+    @classmethod
+    def compile_support_for(cls, family: str) -> str | None:
+        """:attr:`compile_support` for ``family`` models (None: untested)."""
+        support = cls.compile_support
+        return support.get(family) if isinstance(support, dict) else support
 
     @classmethod
     def parse_options(cls, family: str, values: dict[str, Any]) -> Any:

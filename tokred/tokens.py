@@ -10,11 +10,17 @@
 
 and ``calls``, how many calls the means cover. The counts are plain Python integers read from tensor shapes,
 so recording them costs no device synchronisation.
+
+Calls run by a ``torch.compile``'d model are not counted: the sums are Python integers, and reading them inside
+the compiled graph would make a guard on their values, so the model would recompile at every call (issue 20).
+Count tokens with an eager call (the counts are the same).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,8 @@ class TokenCounter:
         self._last: dict[str, tuple[int, int, int, int, int | None]] = {}
 
     def record(self, name: str, tokens: int, attn: int, kv: int, mlp: int, cross: int | None = None) -> None:
+        if torch.compiler.is_compiling():
+            return  # not counted under torch.compile: the sums would be guards (see the module docstring)
         row = self._sums.get(name)
         if row is None:
             row = self._sums[name] = [0, 0, 0, 0, 0, 0, 0]
@@ -60,6 +68,8 @@ class TokenCounter:
     def reused(self, name: str, attn: bool = False, kv: bool = False, mlp: bool = False, cross: bool = False) -> None:
         """The last recorded call of block ``name`` did not compute the sublayers named true: it reused their
         outputs (a cache inside the block, e.g. pyramid attention broadcast), so they count 0 tokens on it."""
+        if torch.compiler.is_compiling():
+            return  # nothing was recorded for this call (see the module docstring)
         last = self._last.get(name)
         row = self._sums.get(name)
         if last is None or row is None:
