@@ -79,6 +79,15 @@ timm ViTs (``timm_vit``)
     SD value: ViT keys are often more similar than SD block inputs, so check accuracy (0.8-0.95 is a place
     to start); no value has been tuned for ViTs.
 
+    ``torch.compile(vit, fullgraph=True)`` works (issue 20) with no island, no bucketing and the eager result
+    (within float rounding): while compiling, the threshold's count is read in the graph as a size known only at
+    run time (an unbacked SymInt, bounded by ``torch._check`` to ``0 <= r <= cap``), so the compiled model merges
+    exactly eager's count with no guard on it: one graph per input shape, however the count varies. A count of 0,
+    where eager merges nothing, is a merge of 0 pairs whose result is replaced by the unchanged tokens with a
+    ``where`` (:class:`tokred.merge.EmptyMergeKeepsTokens`). The ``.item()`` is a device synchronisation per block,
+    as in eager. Checked with ``aot_eager`` (tests/test_compile_vit.py); inductor's lowering (torch 2.14) still
+    guards on such a size in a batched matmul, so ``backend="inductor"`` stops with a data-dependent-guard error.
+
 Speed measured on random weights says nothing about how many tokens a trained model merges at a given
 threshold: the merge count depends on how similar the trained features are.
 """
@@ -99,7 +108,14 @@ from tokred.adapters.diffusers_mmdit import DiffusersMMDiTAdapter
 from tokred.adapters.diffusers_unet import DiffusersUNetAdapter
 from tokred.adapters.timm_vit import TimmViTAdapter
 from tokred.layout import GridMergeLayout
-from tokred.merge import AlternateMerge, GridMerge, alternate_matching, grid_destinations, grid_matching
+from tokred.merge import (
+    AlternateMerge,
+    EmptyMergeKeepsTokens,
+    GridMerge,
+    alternate_matching,
+    grid_destinations,
+    grid_matching,
+)
 from tokred.method import MethodState
 from tokred.options import is_bool, is_int, number_in, option
 from tokred.reduction import FULL_BLOCK, BlockCall, BlockPlan, RowPlans, TokenReduce
@@ -248,9 +264,12 @@ class CAToMeState(MethodState):
         self.block_stats.clear()
 
 
-def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_protected: int) -> AlternateMerge | None:
+def threshold_alternate_matching(
+    metric: torch.Tensor, threshold: float, num_protected: int
+) -> AlternateMerge | EmptyMergeKeepsTokens | None:
     """ToMe's ViT bipartite matching with ``r`` = the batch maximum of sources reaching ``threshold``
-    (capped at half the unprotected tokens, as ToMe caps it); a threshold of 1 or more merges nothing."""
+    (capped at half the unprotected tokens, as ToMe caps it); a threshold of 1 or more merges nothing. While
+    torch.compile traces, a merge whose count is known at run time only (see the module docstring)."""
     if threshold >= 1:
         return None
     return alternate_matching(metric, num_protected=num_protected, threshold=threshold)

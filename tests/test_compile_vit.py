@@ -8,7 +8,7 @@ method keeps between calls (token counters, plans, sizes) is baked into a guard.
 tracing and AOT autograd's functionalisation, where the ViT paths failed, without a C++ toolchain.
 
 CA-ToMe's merge count comes from a similarity threshold: under compile it is a size known only at run time (an
-unbacked SymInt), so thresholds that merge nothing, some, and as much as allowed all run through the same graph.
+unbacked SymInt), so counts of 0 and more run through the same graph.
 """
 
 from __future__ import annotations
@@ -34,15 +34,17 @@ MAX_COMPILES = 2  # one graph per batch size at most: static for the first, dyna
 RTOL = 1e-5
 BATCHES = (2, 2, 2, 3, 3)  # five calls, two batch sizes
 
-# Options that make each method reduce on the tiny ViT (three blocks, 64 patch tokens, random weights); a method
-# not listed runs at its defaults. CA-ToMe at 0.3 merges a count that differs between blocks, 0 in one of them.
+# Options that make each method reduce on the tiny ViT (three blocks, 16 patch tokens, random weights); a method
+# not listed runs at its defaults. CA-ToMe at 0.4 merges counts that differ between blocks and calls, 0 included:
+# over the five calls (per block) 0 1 0, 0 1 0, 0 0 2, 0 1 0, 0 0 0, so the compiled graph's count of 0 (tokens kept
+# in their order) and the merges after it are checked against eager.
 CASES: dict[str, dict[str, Any]] = {
-    "tome": {"r": 8},
-    "ca_tome": {"threshold": 0.3},
+    "tome": {"r": 4},
+    "ca_tome": {"threshold": 0.4},
     "evit": {"drop_loc": (1,), "keep_rate": 0.5},
-    "tofu": {"r": 8},
-    "pitome": {"r": 8},
-    "mctf": {"r": 8},
+    "tofu": {"r": 4},
+    "pitome": {"r": 4},
+    "mctf": {"r": 4},
 }
 
 
@@ -51,11 +53,11 @@ def vit_methods() -> list[str]:
 
 
 def tiny_vit() -> torch.nn.Module:
-    return tiny_timm_vit("vit_tiny_patch16_224", depth=3)
+    return tiny_timm_vit("vit_tiny_patch16_224", img_size=64, patch_size=16, embed_dim=192, depth=3, num_heads=3)
 
 
 def images(batch: int, seed: int) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
 def reduces(patch: Any) -> bool:
@@ -97,25 +99,12 @@ def test_a_vit_method_compiles_as_one_graph_matches_eager_and_does_not_recompile
     assert compiles <= MAX_COMPILES, f"{method}: {compiles} compilations over {len(inputs)} calls"
 
 
-@pytest.mark.parametrize("method", vit_methods())
+# CA-ToMe's compile is the slowest (its run-time counts); tests/test_compile.py compiles it under inference_mode
+@pytest.mark.parametrize("method", [name for name in vit_methods() if name != "ca_tome"])
 def test_a_vit_method_compiles_under_inference_mode(method):
     model = tiny_vit()
     tokred.apply(model, method, **CASES.get(method, {}))
     with torch.inference_mode():
-        compiles, worst = compile_and_compare(model, [images(2, 0), images(2, 1)])
-    assert worst <= RTOL
-    assert compiles == 1
-
-
-@pytest.mark.parametrize("threshold,merges", [(0.99, False), (-1.0, True)])
-def test_ca_tome_compiles_thresholds_that_merge_nothing_and_the_most(threshold, merges):
-    # 0.99: no block merges (eager returns no merge; the compiled graph keeps the tokens through a 0-pair merge);
-    # -1: every block merges its cap, half its tokens
-    model = tiny_vit()
-    patch = tokred.apply(model, "ca_tome", threshold=threshold)
-    with torch.no_grad():
-        model(images(2, 0))
-        assert reduces(patch) == merges
         compiles, worst = compile_and_compare(model, [images(2, 0), images(2, 1)])
     assert worst <= RTOL
     assert compiles == 1

@@ -343,11 +343,12 @@ class TokenSelect(TokenReduction):
 
 def alternate_matching(
     metric: torch.Tensor, r: int | None = None, num_protected: int = 0, threshold: float | None = None
-) -> AlternateMerge | None:
+) -> AlternateMerge | EmptyMergeKeepsTokens | None:
     """ToMe's bipartite soft matching for ViTs, capped at half the unprotected tokens.
 
     Exactly one of ``r`` (a fixed count, ToMe) or ``threshold`` (every source whose best cosine similarity
-    reaches it, counted as the maximum over the batch, CA-ToMe) is given.
+    reaches it, counted as the maximum over the batch, CA-ToMe) is given. With ``threshold`` under torch.compile
+    the count is known at run time only: the result is an :class:`EmptyMergeKeepsTokens`, never None.
     """
     t = metric.shape[1]
     limit = (t - num_protected) // 2
