@@ -85,8 +85,10 @@ timm ViTs (``timm_vit``)
     exactly eager's count with no guard on it: one graph per input shape, however the count varies. A count of 0,
     where eager merges nothing, is a merge of 0 pairs whose result is replaced by the unchanged tokens with a
     ``where`` (:class:`tokred.merge.EmptyMergeKeepsTokens`). The ``.item()`` is a device synchronisation per block,
-    as in eager. Checked with ``aot_eager`` (tests/test_compile_vit.py); inductor's lowering (torch 2.14) still
-    guards on such a size in a batched matmul, so ``backend="inductor"`` stops with a data-dependent-guard error.
+    as in eager. Checked with ``aot_eager`` in the tests (tests/test_compile_vit.py) and once with inductor on CPU.
+    Inductor's CPU matmul lowering (torch 2.14) guards on such sizes, so on CPU the compiled matching computes
+    its similarities as a product and a sum instead of a batched matmul (the same values up to float rounding:
+    a near-tie between two sources' best similarities could then be ordered differently than in eager).
 
 Speed measured on random weights says nothing about how many tokens a trained model merges at a given
 threshold: the merge count depends on how similar the trained features are.

@@ -26,17 +26,24 @@ import torch
 
 
 def best_destinations(
-    a: torch.Tensor, b: torch.Tensor, protect_a: int = 0, protect_b: int = 0, normalized: bool = False
+    a: torch.Tensor,
+    b: torch.Tensor,
+    protect_a: int = 0,
+    protect_b: int = 0,
+    normalized: bool = False,
+    matmul: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each source row of ``a`` [B, Na, C]: the best cosine similarity to ``b`` and its index.
 
     The first ``protect_a`` sources and ``protect_b`` destinations never take part (score -inf). ``normalized``:
-    the rows of ``a`` and ``b`` already have unit norm (split from one normalized metric).
+    the rows of ``a`` and ``b`` already have unit norm (split from one normalized metric). ``matmul=False``: the
+    dot products as a product and a sum instead of a batched matmul (the same values up to float rounding), for
+    inductor on CPU, whose matmul lowering guards on token counts known only at run time.
     """
     if not normalized:
         a = a / a.norm(dim=-1, keepdim=True)
         b = b / b.norm(dim=-1, keepdim=True)
-    scores = a @ b.transpose(-1, -2)
+    scores = a @ b.transpose(-1, -2) if matmul else (a[..., :, None, :] * b[..., None, :, :]).sum(-1)
     if protect_a:
         scores[..., :protect_a, :] = -math.inf
     if protect_b:
@@ -359,7 +366,10 @@ def alternate_matching(
         # normalized by the same reduction as after the split, in half the small ops per block
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[..., ::2, :], metric[..., 1::2, :]
-        node_max, node_idx = best_destinations(a, b, (num_protected + 1) // 2, num_protected // 2, normalized=True)
+        # a compiled threshold merge leaves token counts known at run time only (see _run_time_count_merge)
+        matmul = not (threshold is not None and torch.compiler.is_compiling() and metric.device.type == "cpu")
+        protect_a, protect_b = (num_protected + 1) // 2, num_protected // 2
+        node_max, node_idx = best_destinations(a, b, protect_a, protect_b, normalized=True, matmul=matmul)
         if threshold is not None:
             count = (node_max >= threshold).sum(dim=-1).max()
             if torch.compiler.is_compiling():
