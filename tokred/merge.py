@@ -399,8 +399,8 @@ class EmptyMergeKeepsTokens(TokenReduction):
     """A bipartite merge whose count ``r`` is known only at run time (compiled threshold merging): with ``r = 0``
     the tokens stay as they are, in their order, as when eager returns no merge at all (a merge of 0 pairs would
     reorder them: sources first). ``empty``: a 0-d bool tensor, whether ``r`` is 0; the choice is a ``where``, not
-    a branch, so the compiled graph has no guard on it. With ``r = 0`` the sizes become ones where eager keeps
-    None (proportional attention then adds log(1) = 0)."""
+    a branch, so the compiled graph has no guard on it. With ``r = 0`` the sizes (and traced sources) become
+    tensors where eager keeps None: ones (proportional attention then adds log(1) = 0) and the identity."""
 
     def __init__(self, merge: BipartiteMerge, empty: torch.Tensor) -> None:
         self.merge = merge
