@@ -86,6 +86,17 @@ timm ViTs (``timm_vit``)
     SD value: ViT keys are often more similar than SD block inputs, so check accuracy (0.8-0.95 is a place
     to start); no value has been tuned for ViTs.
 
+    ``torch.compile(vit, fullgraph=True)`` works (issue 20) with no island, no bucketing and the eager result
+    (within float rounding): while compiling, the threshold's count is read in the graph as a size known only at
+    run time (an unbacked SymInt, bounded by ``torch._check`` to ``0 <= r <= cap``), so the compiled model merges
+    exactly eager's count with no guard on it: one graph per input shape, however the count varies. A count of 0,
+    where eager merges nothing, is a merge of 0 pairs whose result is replaced by the unchanged tokens with a
+    ``where`` (:class:`tokred.merge.EmptyMergeKeepsTokens`). The ``.item()`` is a device synchronisation per block,
+    as in eager. Checked with ``aot_eager`` in the tests (tests/test_compile_vit.py) and once with inductor on CPU.
+    Inductor's CPU matmul lowering (torch 2.14) guards on such sizes, so on CPU the compiled matching computes
+    its similarities as a product and a sum instead of a batched matmul (the same values up to float rounding:
+    a near-tie between two sources' best similarities could then be ordered differently than in eager).
+
 Speed measured on random weights says nothing about how many tokens a trained model merges at a given
 threshold: the merge count depends on how similar the trained features are.
 """
@@ -108,6 +119,7 @@ from tokred.adapters.timm_vit import TimmViTAdapter
 from tokred.layout import GridMergeLayout
 from tokred.merge import (
     AlternateMerge,
+    EmptyMergeKeepsTokens,
     GridMerge,
     alternate_matching,
     grid_destinations,
@@ -268,9 +280,12 @@ class CAToMeState(MethodState):
         self.recompute = self.run is None or self.run.step in self.compute_on
 
 
-def threshold_alternate_matching(metric: torch.Tensor, threshold: float, num_protected: int) -> AlternateMerge | None:
+def threshold_alternate_matching(
+    metric: torch.Tensor, threshold: float, num_protected: int
+) -> AlternateMerge | EmptyMergeKeepsTokens | None:
     """ToMe's ViT bipartite matching with ``r`` = the batch maximum of sources reaching ``threshold``
-    (capped at half the unprotected tokens, as ToMe caps it); a threshold of 1 or more merges nothing."""
+    (capped at half the unprotected tokens, as ToMe caps it); a threshold of 1 or more merges nothing. While
+    torch.compile traces, a merge whose count is known at run time only (see the module docstring)."""
     if threshold >= 1:
         return None
     return alternate_matching(metric, num_protected=num_protected, threshold=threshold)
@@ -286,6 +301,8 @@ class CAToMe(Method):
         "token count)"
         for family in ("diffusers_unet", "diffusers_mmdit", "diffusers_dit", "diffusers_flux")
     }
+    # On ViTs the count is an unbacked size bounded by torch._check: one graph, fullgraph (tests/test_compile_vit.py).
+    compile_support["timm_vit"] = "fullgraph"
     summary = "Cached Adaptive ToMe: threshold merging, pairs reused between steps (arXiv 2501.00946)"
     options = {
         "timm_vit": CAToMeViTOptions,

@@ -97,6 +97,7 @@ def evit_selection(scores: AttentionScores, keep_rate: float, fuse: bool, fuse_m
 @register_method("evit")
 class EViT(Method):
     summary = "EViT: keep the tokens the class token attends to most, fuse the rest into one (ICLR 2022)"
+    compile_support = "fullgraph"  # torch.compile(vit, fullgraph=True): tests/test_compile_vit.py
     kind = "prune"
     options = {"timm_vit": EViTOptions}
     # A ladder, mild to clearly degrading: 0.9-0.5 is the published fine-tuned range; training-free, 0.5 still

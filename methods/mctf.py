@@ -117,6 +117,7 @@ def mctf_merge(scores: AttentionScores, r: int, opts: MCTFOptions) -> TwoWayMerg
 @register_method("mctf")
 class MCTF(Method):
     summary = "MCTF: multi-criteria (similarity, informativeness, size) bidirectional token fusion (CVPR 2024)"
+    compile_support = "fullgraph"  # torch.compile(vit, fullgraph=True): tests/test_compile_vit.py
     kind = "merge"
     options = {"timm_vit": MCTFOptions}
     # A ladder, mild to clearly degrading. With the official start_block 1, MCTF's floor of 10 tokens stops any r

@@ -114,6 +114,7 @@ def pitome_merge(scores: AttentionScores, r: int, margin: float, alpha: float, p
 @register_method("pitome")
 class PiToMe(Method):
     summary = "PiToMe: energy-ordered merging that protects informative (low-energy) tokens (NeurIPS 2024)"
+    compile_support = "fullgraph"  # torch.compile(vit, fullgraph=True): tests/test_compile_vit.py
     kind = "merge"
     options = {"timm_vit": PiToMeOptions}
     # A ladder, mild to clearly degrading; the strongest is ToMe's decreasing schedule (2r in the first block down

@@ -78,6 +78,7 @@ def tofu_reduction(
 @register_method("tofu")
 class ToFu(Method):
     summary = "ToFu: ToMe's matching, pruning in early blocks and norm-preserving merging (MLERP) later (WACV 2024)"
+    compile_support = "fullgraph"  # torch.compile(vit, fullgraph=True): tests/test_compile_vit.py
     kind = "merge"
     options = {"timm_vit": ToFuOptions}
     presets = {"timm_vit": {"r8": {"r": 8}, "r13": {"r": 13}, "r16": {"r": 16}}}

@@ -310,6 +310,7 @@ class ToMe(Method):
     # random destinations are drawn through the run state's compiled draws (tokred.state.CompiledDraws)
     compile_support = "fullgraph"
     summary = "Token Merging: bipartite soft matching (ViT, arXiv 2210.09461; SD, arXiv 2303.17604)"
+    compile_support = {"timm_vit": "fullgraph"}  # torch.compile(vit, fullgraph=True): tests/test_compile_vit.py
     options = {
         "timm_vit": ToMeViTOptions,
         "diffusers_unet": ToMeSDOptions,

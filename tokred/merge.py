@@ -26,17 +26,24 @@ import torch
 
 
 def best_destinations(
-    a: torch.Tensor, b: torch.Tensor, protect_a: int = 0, protect_b: int = 0, normalized: bool = False
+    a: torch.Tensor,
+    b: torch.Tensor,
+    protect_a: int = 0,
+    protect_b: int = 0,
+    normalized: bool = False,
+    matmul: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each source row of ``a`` [B, Na, C]: the best cosine similarity to ``b`` and its index.
 
     The first ``protect_a`` sources and ``protect_b`` destinations never take part (score -inf). ``normalized``:
-    the rows of ``a`` and ``b`` already have unit norm (split from one normalized metric).
+    the rows of ``a`` and ``b`` already have unit norm (split from one normalized metric). ``matmul=False``: the
+    dot products as a product and a sum instead of a batched matmul (the same values up to float rounding), for
+    inductor on CPU, whose matmul lowering guards on token counts known only at run time.
     """
     if not normalized:
         a = a / a.norm(dim=-1, keepdim=True)
         b = b / b.norm(dim=-1, keepdim=True)
-    scores = a @ b.transpose(-1, -2)
+    scores = a @ b.transpose(-1, -2) if matmul else (a[..., :, None, :] * b[..., None, :, :]).sum(-1)
     if protect_a:
         scores[..., :protect_a, :] = -math.inf
     if protect_b:
@@ -343,11 +350,12 @@ class TokenSelect(TokenReduction):
 
 def alternate_matching(
     metric: torch.Tensor, r: int | None = None, num_protected: int = 0, threshold: float | None = None
-) -> AlternateMerge | None:
+) -> AlternateMerge | EmptyMergeKeepsTokens | None:
     """ToMe's bipartite soft matching for ViTs, capped at half the unprotected tokens.
 
     Exactly one of ``r`` (a fixed count, ToMe) or ``threshold`` (every source whose best cosine similarity
-    reaches it, counted as the maximum over the batch, CA-ToMe) is given.
+    reaches it, counted as the maximum over the batch, CA-ToMe) is given. With ``threshold`` under torch.compile
+    the count is known at run time only: the result is an :class:`EmptyMergeKeepsTokens`, never None.
     """
     t = metric.shape[1]
     limit = (t - num_protected) // 2
@@ -358,14 +366,58 @@ def alternate_matching(
         # normalized by the same reduction as after the split, in half the small ops per block
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[..., ::2, :], metric[..., 1::2, :]
-        node_max, node_idx = best_destinations(a, b, (num_protected + 1) // 2, num_protected // 2, normalized=True)
+        # a compiled threshold merge leaves token counts known at run time only (see _run_time_count_merge)
+        matmul = not (threshold is not None and torch.compiler.is_compiling() and metric.device.type == "cpu")
+        protect_a, protect_b = (num_protected + 1) // 2, num_protected // 2
+        node_max, node_idx = best_destinations(a, b, protect_a, protect_b, normalized=True, matmul=matmul)
         if threshold is not None:
-            r = int((node_max >= threshold).sum(dim=-1).max().item())
+            count = (node_max >= threshold).sum(dim=-1).max()
+            if torch.compiler.is_compiling():
+                return _run_time_count_merge(node_max, node_idx, count, limit, num_protected)
+            r = int(count.item())
         r = min(int(r or 0), limit)
         if r <= 0:
             return None
         pairs = select_pairs(node_max, node_idx, r, sort_unmerged=num_protected > 0)
     return AlternateMerge(*pairs, num_protected=num_protected)
+
+
+def _run_time_count_merge(
+    node_max: torch.Tensor, node_idx: torch.Tensor, count: torch.Tensor, limit: int, num_protected: int
+) -> EmptyMergeKeepsTokens:
+    """The threshold merge while torch.compile traces (issue 20): the count becomes a size known only at run time
+    (an unbacked SymInt read by ``.item()`` in the graph), bounded for the compiler by ``torch._check``, so no
+    guard is made on it: one graph serves every count, with no graph break and no recompilation."""
+    r = count.clamp(max=limit).item()
+    torch._check(r >= 0)
+    torch._check(r <= limit)
+    pairs = select_pairs(node_max, node_idx, r, sort_unmerged=num_protected > 0)
+    return EmptyMergeKeepsTokens(AlternateMerge(*pairs, num_protected=num_protected), count == 0)
+
+
+class EmptyMergeKeepsTokens(TokenReduction):
+    """A bipartite merge whose count ``r`` is known only at run time (compiled threshold merging): with ``r = 0``
+    the tokens stay as they are, in their order, as when eager returns no merge at all (a merge of 0 pairs would
+    reorder them: sources first). ``empty``: a 0-d bool tensor, whether ``r`` is 0; the choice is a ``where``, not
+    a branch, so the compiled graph has no guard on it. With ``r = 0`` the sizes (and traced sources) become
+    tensors where eager keeps None: ones (proportional attention then adds log(1) = 0) and the identity."""
+
+    def __init__(self, merge: BipartiteMerge, empty: torch.Tensor) -> None:
+        self.merge = merge
+        self.empty = empty
+
+    def _unless_empty(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        n = after.shape[1]
+        torch._check(n <= before.shape[1])  # r >= 0: the compiler may take the first n tokens of ``before``
+        return torch.where(self.empty, before.narrow(1, 0, n), after)
+
+    def reduce(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        merged, new_size = self.merge.weighted_mean(x, size)
+        ones = torch.ones_like(x[..., :1]) if size is None else size
+        return self._unless_empty(x, merged), self._unless_empty(ones, new_size)
+
+    def reduce_source(self, source: torch.Tensor) -> torch.Tensor:
+        return self._unless_empty(source, self.merge(source, mode="amax"))
 
 
 def merge_wavg(

@@ -137,7 +137,8 @@ class Patch:
 
     # --- per-block token counts ------------------------------------------------------------------------------
     def token_counts(self) -> dict[str, BlockTokens]:
-        """Mean token counts per block name over the calls since :meth:`reset_token_counts` (or ``apply``)."""
+        """Mean token counts per block name over the calls since :meth:`reset_token_counts` (or ``apply``); calls of
+        a ``torch.compile``'d model are not counted (:mod:`tokred.tokens`)."""
         return self.tokens.means()
 
     def reset_token_counts(self) -> None:

@@ -10,6 +10,10 @@
 
 and ``calls``, how many calls the means cover. The counts are plain Python integers read from tensor shapes,
 so recording them costs no device synchronisation.
+
+Calls run by a ``torch.compile``'d model are not counted: the sums are Python integers, and reading them inside
+the compiled graph would make a guard on their values, so the model would recompile at every call (issue 20).
+Count tokens with an eager call (the counts are the same).
 """
 
 from __future__ import annotations

@@ -293,6 +293,10 @@ def size_aware_attention(
     q, k = attn.q_norm(q), attn.k_norm(k)
     if bias is not None:
         bias = bias.to(q.dtype)  # tokred: proportional attention's log(size)
+        if torch.compiler.is_compiling():
+            # tokred: a token count known only at run time (CA-ToMe's threshold, an unbacked size) would make
+            # attention's mask broadcasting guard on N == 1; the explicit [B, 1, N, N] view has nothing to guard
+            bias = bias.expand(-1, -1, N, -1)
     probs = None  # tokred: the attention matrix, when computed
 
     if attn.fused_attn:
