@@ -228,6 +228,7 @@ def zero_tprune_selection(scores: AttentionScores, r: int, iters: int, opts: Zer
 class ZeroTPrune(Method):
     summary = "Zero-TPrune: prune by Weighted PageRank on the attention graph and by key similarity (CVPR 2024)"
     kind = "prune"
+    compile_support = "fullgraph"  # torch.compile(vit, fullgraph=True): tests/test_compile_vit.py
     options = {"timm_vit": ZeroTPruneOptions}
     presets = {"timm_vit": {"r8": {"r": 8}, "r12": {"r": 12}, "r16": {"r": 16}}}
 
