@@ -57,6 +57,18 @@ def test_no_samples_no_cpu_time():
     assert not verdict.contended and verdict.cpu_utilisation is None
 
 
+
+def two_timed_calls(monitor: Monitor) -> dict:
+    """Run ``monitor`` over two (empty) timed calls, sampling after each, as the harness does; its info."""
+    monitor.start()
+    for _ in range(2):
+        with monitor.call():
+            pass
+        monitor.sample()
+    monitor.stop()
+    return monitor.info()
+
+
 def test_monitor_with_stubbed_loadavg_and_clocks(monkeypatch):
     loads = iter([(0.5, 0.4, 0.3), (1.5, 0.9, 0.5), (2.7, 1.2, 0.6), (2.9, 1.3, 0.7)])
     monkeypatch.setattr(os, "getloadavg", lambda: next(loads))
@@ -65,13 +77,7 @@ def test_monitor_with_stubbed_loadavg_and_clocks(monkeypatch):
     monkeypatch.setattr(time, "process_time", lambda: next(cpu))
     monkeypatch.setattr(time, "perf_counter", lambda: next(wall))
     monitor = Monitor(threads=1, cores=2, read=lambda: None)  # no /proc/stat: the load average decides
-    monitor.start()
-    for _ in range(2):
-        with monitor.call():
-            pass
-        monitor.sample()
-    monitor.stop()
-    info = monitor.info()
+    info = two_timed_calls(monitor)
     assert info["loadavg_before"] == [0.5, 0.4, 0.3] and info["loadavg_after"] == [2.9, 1.3, 0.7]
     assert info["cpu_count"] == 2 and info["cpu_utilisation"] == pytest.approx(0.5)
     assert info["contended"] is True
@@ -181,13 +187,7 @@ def test_monitor_with_injected_proc_stat_readings(monkeypatch):
     readings = iter([reading(50.0, 1.0, 0.0, 2), reading(0.0, 0.0, 0.0, 5), reading(0.0, 0.0, 0.0, 2),
                      reading(54.05, 5.0, 2.0, 2)])
     monitor = Monitor(threads=2, cores=2, read=lambda: next(readings))
-    monitor.start()
-    for _ in range(2):
-        with monitor.call():
-            pass
-        monitor.sample()
-    monitor.stop()
-    info = monitor.info()
+    info = two_timed_calls(monitor)
     assert info["contended"] is False and info["contention"] == []
     others = info["others_cpu"]
     assert others["source"] == "/proc/stat" and others["limit_cores"] == pytest.approx(0.25)
