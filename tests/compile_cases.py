@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+import tokred
+import tokred.methods  # noqa: F401  (registers the built-in methods)
+
 BATCH = 2  # classifier-free guidance: the unconditional and the conditional row
 
 
@@ -113,7 +116,10 @@ def _vit() -> Case:
 
 CASES: dict[str, Callable[[], Case]] = {"sd15": _sd15, "sdxl": _sdxl, "sd3": _sd3, "pixart": _pixart, "flux": _flux}
 VIT_CASE = _vit
-VIT_METHODS = ("tome", "ca_tome", "evit", "tofu", "pitome", "mctf")
+# Every registered method with timm ViT options (a new ViT method joins the checks and the matrix by registering).
+VIT_METHODS = tuple(
+    name for name in tokred.list_methods() if "timm_vit" in getattr(tokred.get_method(name), "options", {})
+)
 
 # The diffusion methods and compositions, with the options the checks use (the coverage matrix's: CAT prunes from
 # call 3, the first-block cache reuses on these random weights, the broadcast's window spans the generation).
