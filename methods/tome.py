@@ -307,10 +307,10 @@ def finest_merging_level(adapter: Any, names: set[str] | None) -> int:
 @register_method("tome")
 class ToMe(Method):
     kind = "merge"
-    # random destinations are drawn through the run state's compiled draws (tokred.state.CompiledDraws)
+    # Every family: torch.compile(model, fullgraph=True) (tests/test_compile_vit.py, tests/test_compile_diffusion.py);
+    # random destinations are drawn through the run state's compiled draws (tokred.state.CompiledDraws).
     compile_support = "fullgraph"
     summary = "Token Merging: bipartite soft matching (ViT, arXiv 2210.09461; SD, arXiv 2303.17604)"
-    compile_support = {"timm_vit": "fullgraph"}  # torch.compile(vit, fullgraph=True): tests/test_compile_vit.py
     options = {
         "timm_vit": ToMeViTOptions,
         "diffusers_unet": ToMeSDOptions,
