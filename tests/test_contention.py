@@ -249,8 +249,39 @@ def test_start_up_warning(monkeypatch):
     assert loaded_warning(1, load=(9.0, 9.0, 9.0), cores=2) is None
 
 
+def test_start_up_warning_reads_the_other_processes_cpu(monkeypatch):
+    """The start-up check judges what the other processes use now (the rule the timed rounds are judged by), not
+    the load average, which still shows a run that ended a minute ago."""
+    monkeypatch.setenv(contention.WARNING_ENV, "1")
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.5, 1.0))  # a run just ended: the load average remembers it
+
+    def sampled(others_cores):
+        return contention.OthersCpu(busy_s=others_cores + 0.02, own_s=0.02, window_s=1.0, resolution_s=0.02)
+
+    monkeypatch.setattr(contention, "sample_others", lambda window_s=1.0: sampled(0.05))
+    assert loaded_warning(2, cores=2) is None
+    assert loaded_warning(1, cores=2) is None
+    monkeypatch.setattr(contention, "sample_others", lambda window_s=1.0: sampled(1.0))  # one busy neighbour
+    message = loaded_warning(2, cores=2)
+    assert message.startswith("tokred: warning: the machine is already loaded (other processes are using 1.00 of 2")
+    assert loaded_warning(1, cores=2) is None  # it leaves a core idle
+    monkeypatch.setattr(contention, "sample_others", lambda window_s=1.0: sampled(1.6))
+    assert loaded_warning(1, cores=2) is not None
+    # no /proc/stat: the load average decides
+    monkeypatch.setattr(contention, "sample_others", lambda window_s=1.0: None)
+    assert "1-minute load average 1.90" in loaded_warning(2, cores=2)
+
+
+def test_sample_others_measures_a_window():
+    others = contention.sample_others(0.05)
+    if others is None:
+        pytest.skip("no /proc/stat")
+    assert 0.04 <= others.window_s < 5 and others.others_cores is not None and others.others_cores >= 0
+
+
 def test_warn_if_loaded_prints_one_line(monkeypatch):
     monkeypatch.setenv(contention.WARNING_ENV, "1")
+    monkeypatch.setattr(contention, "sample_others", lambda window_s=1.0: None)
     monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 6.0, 5.0))
     stream = io.StringIO()
     assert warn_if_loaded([1, None], stream=stream)

@@ -362,19 +362,51 @@ def torch_threads(threads: int | None) -> Iterator[int]:
 # --- start-up check ----------------------------------------------------------------------------------------------
 
 
+START_UP_WINDOW_S = 1.0  # the start-up check's sample of the other processes' CPU
+
+
+def sample_others(window_s: float = START_UP_WINDOW_S) -> OthersCpu | None:
+    """The other processes' CPU over the next ``window_s`` seconds (this process sleeps meanwhile), or None where
+    ``/proc/stat`` cannot be read (not Linux)."""
+    first = read_cpu()
+    if first is None:
+        return None
+    time.sleep(window_s)
+    last = read_cpu()
+    return None if last is None else OthersCpu.between(first, last, cpu_count())
+
+
 def loaded_warning(
-    threads: int, load: tuple[float, float, float] | None = None, cores: int | None = None
+    threads: int, load: tuple[float, float, float] | None = None, cores: int | None = None,
+    others: OthersCpu | None = None,
 ) -> str | None:
-    """A one-line warning when the machine is already loaded: the 1-minute load average (other processes; this
-    one has not started timing) is at least one runnable thread more than the cores the run leaves idle
-    (``cores - threads``). None otherwise, and when ``TOKRED_LOAD_WARNING=0`` (the test suite sets it)."""
+    """A one-line warning when the machine is already loaded before the run starts, None otherwise (and when
+    ``TOKRED_LOAD_WARNING=0``: the test suite sets it).
+
+    Loaded: the other processes' CPU (``others``, a :func:`sample_others` window; sampled here when neither it nor
+    ``load`` is given) is more than the cores the run leaves idle plus :data:`OTHERS_TOLERANCE` and the counting
+    slack, the rule the timed rounds are judged by. Where ``/proc/stat`` cannot be read (or ``load`` is given),
+    the 1-minute load average: at least one runnable thread more than the idle cores. (The load average alone
+    warned after a run that had just ended on a quiet machine: it remembers the last minute.)"""
     if os.environ.get(WARNING_ENV, "1") == "0":
         return None
-    load = loadavg() if load is None else load
     cores = cpu_count() if cores is None else cores
+    what = "thread" if threads == 1 else "threads"
+    if others is None and load is None:
+        others = sample_others()
+    if others is not None and others.others_cores is not None:
+        busy = others.others_cores
+        slack = others.resolution_s / others.window_s if others.window_s > 0 else 0.0
+        if busy <= others_limit(threads, cores) + slack:
+            return None
+        return (
+            f"tokred: warning: the machine is already loaded (other processes are using {busy:.2f} of {cores} "
+            f"cores, this run needs {threads} {what}): timings may be contended; such cases are marked contended "
+            "in the results"
+        )
+    load = loadavg() if load is None else load
     if load is None or load[0] < cores - threads + 1:
         return None
-    what = "thread" if threads == 1 else "threads"
     return (
         f"tokred: warning: the machine is already loaded (1-minute load average {load[0]:.2f} on {cores} cores, "
         f"this run needs {threads} {what}): timings may be contended; such cases are marked contended in the results"
