@@ -7,10 +7,11 @@ threshold on the host (a ``.item()``), and diffusers makes it a ``torch.compiler
 torch.compiler.disable()d function"); without ``fullgraph`` that decision is an island and the rest compiles, a
 number of graphs that does not grow with the steps (the tiny test models, 10, 20 and 40 steps alike: 8 compiled
 frames on PixArt, 7 on SD3, 10 on Flux, 5 graph breaks). Pyramid attention broadcast compiles with
-``fullgraph=True``, one graph per outcome (compute or reuse): diffusers' hook decides inside the attention's
-forward from a Python iteration count and the timestep, which a compiled forward guards on (a recompilation at
-every step until dynamo's limit); ``tokred:`` the same rule is applied in a denoiser pre-hook outside the graph and
-the hook reads only its outcome (:func:`_decided_broadcast_hook`), with the same outputs as diffusers' hook.
+``fullgraph=True``, one graph per outcome (compute or reuse; with PixArt's cross-attention broadcast one per pair of
+outcomes, at most 4): diffusers' hook decides inside the attention's forward from a Python iteration count and the
+timestep, which a compiled forward guards on (a recompilation at every step until dynamo's limit); ``tokred:`` the
+same rule is applied in a denoiser pre-hook outside the graph and the hook reads only its outcome
+(:func:`_decided_broadcast_hook`), with the same outputs as diffusers' hook.
 
 Both are thin wrappers: the caching decisions and the reuse are diffusers' hooks (``diffusers.hooks``, 0.42.1),
 registered by diffusers' own ``apply_first_block_cache`` / ``apply_pyramid_attention_broadcast`` (pyramid
@@ -534,7 +535,8 @@ class PyramidAttentionBroadcast(Method):
     Python iteration count and the current timestep, which a compiled forward guards on (a recompilation at every
     step until dynamo's limit); tokred registers diffusers' hooks through ``apply_pyramid_attention_broadcast``,
     swaps each for a subclass that reads ``hook.compute``, and sets that flag with diffusers' rule in a denoiser
-    pre-hook outside the compiled graph. Same outputs as diffusers' hook; compiled, one graph per outcome.
+    pre-hook outside the compiled graph. Same outputs as diffusers' hook; compiled, one graph per outcome (compute or
+    reuse; with ``cross_attention_block_skip_range``, one per pair of outcomes: at most 4), never one per step.
     """
 
     summary = "pyramid attention broadcast: reuse each self-attention's output for a few steps (diffusers, 2408.12588)"
@@ -708,10 +710,12 @@ class PyramidAttentionBroadcast(Method):
         self_name = f"{name}.{self.self_names[0]}"
         cross_name = f"{name}.{self.cross_name}" if self.cross_name and getattr(block, self.cross_name, None) else None
 
+        # every hooked attention of the block: ``state.ran`` holds none of them between calls (compiled, its contents
+        # on entry are a guard: one left from the previous call's outcome would double the graphs)
+        own = [f"{name}.{sub}" for sub in (*self.self_names, self.cross_name) if sub and getattr(block, sub, None)]
+
         def forward(mod: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-            state.ran.discard(self_name)
-            if cross_name:
-                state.ran.discard(cross_name)
+            state.ran.difference_update(own)
             n = _hidden_tokens(args, kwargs)
             if entering is not None:  # beside a token method only (compiled alone: no dict whose keys change)
                 entering[name] = n
@@ -719,6 +723,7 @@ class PyramidAttentionBroadcast(Method):
             out = below(*args, **kwargs)
             computed = self_name in state.ran
             cross_computed = cross_name is None or cross_name in state.ran
+            state.ran.difference_update(own)
             if counter.calls(name) == calls:
                 n, _, _, _, cross = _full_counts(block, n, family)
                 a = n if computed else 0

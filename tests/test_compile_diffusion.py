@@ -177,7 +177,8 @@ def test_islands_and_refusals_compile_without_fullgraph_to_eager_outputs_with_bo
 
     Steps 20 to 40 of one generation rather than a 10-step generation against a 20-step one: where a data-dependent
     choice picks the graph (first-block caching's skip), a short generation need not meet every outcome its graphs
-    cover (10 steps of SD3 first_block_cache compile 6 frames, 20 and 40 steps 7), and one generation traces once."""
+    cover (SD3's first_block_cache+todo compiles 6 frames over a 10-step generation, 7 over 20 or 40 steps), and one
+    generation traces once."""
     eager, compiled, frames = frames_by_step(case_name, method, 40)
     assert max_relative_difference(eager, compiled) <= RTOL
     assert frames[-1] == frames[19], f"{frames[19]} compilations by step 20, {frames[-1]} by step 40"
