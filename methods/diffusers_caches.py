@@ -1,16 +1,22 @@
 """diffusers' own cache hooks as tokred methods: first-block cache and pyramid attention broadcast (SD3/SD3.5,
 PixArt-α/Σ and DiT-XL/2, Flux.1).
 
-``torch.compile``: diffusers makes the first-block cache's decision
-(``FBCHeadBlockHook._should_compute_remaining_blocks``) a ``torch.compiler.disable`` function, so
-``fullgraph=True`` refuses it ("Skip inlining torch.compiler.disable()d function"); without ``fullgraph`` that
-decision is an island and the rest compiles, a bounded number of graphs. The pyramid attention broadcast's hook
-counts its iterations in a Python int that the compiled forward reads, so it recompiles at every step until
-dynamo's recompile limit (then runs eagerly): not supported compiled.
+``torch.compile`` (issue 20). The first-block cache's decision compares the first block's residual change with the
+threshold on the host (a ``.item()``), and diffusers makes it a ``torch.compiler.disable`` function
+(``FBCHeadBlockHook._should_compute_remaining_blocks``): ``fullgraph=True`` refuses it ("Skip inlining
+torch.compiler.disable()d function"); without ``fullgraph`` that decision is an island and the rest compiles, a
+number of graphs that does not grow with the steps (the tiny test models, 10, 20 and 40 steps alike: 8 compiled
+frames on PixArt, 7 on SD3, 10 on Flux, 5 graph breaks). Pyramid attention broadcast compiles with
+``fullgraph=True``, one graph per outcome (compute or reuse; with PixArt's cross-attention broadcast one per pair of
+outcomes, at most 4): diffusers' hook decides inside the attention's forward from a Python iteration count and the
+timestep, which a compiled forward guards on (a recompilation at every step until dynamo's limit); ``tokred:`` the
+same rule is applied in a denoiser pre-hook outside the graph and the hook reads only its outcome
+(:func:`_decided_broadcast_hook`), with the same outputs as diffusers' hook.
 
 Both are thin wrappers: the caching decisions and the reuse are diffusers' hooks (``diffusers.hooks``, 0.42.1),
-registered by diffusers' own ``apply_first_block_cache`` / ``apply_pyramid_attention_broadcast``. tokred adds
-what SD3's ``SD3Transformer2DModel`` does not provide and what a tokred patch promises:
+registered by diffusers' own ``apply_first_block_cache`` / ``apply_pyramid_attention_broadcast`` (pyramid
+attention broadcast's hooks then swapped for a subclass that reads a decision made before the call, above). tokred
+adds what SD3's ``SD3Transformer2DModel`` does not provide and what a tokred patch promises:
 
 * **The cache context.** The hooks keep their state per *cache context*, which diffusers sets through
   ``CacheMixin.cache_context`` in the pipelines of models that have it (``FluxPipeline``: ``"cond"`` and, with
@@ -59,6 +65,7 @@ own; ``state.reset()`` must be called at every generation (the run state does so
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -261,10 +268,14 @@ class FirstBlockCache(Method):
     kind = "cache"
     # diffusers decides whether to reuse in FBCHeadBlockHook._should_compute_remaining_blocks, a
     # torch.compiler.disable'd host comparison of the first block's residual change with the threshold: fullgraph
-    # refuses it; without fullgraph the rest compiles (one graph per outcome after the island)
+    # refuses it; without fullgraph the rest compiles, a bounded number of graphs (one per outcome after the island,
+    # not one per step; tests/test_compile_diffusion.py checks 10 and 20 steps compile the same number of frames).
+    # A compiled torch.cond per branch would need the skip and the per-block token counts as tensors, not diffusers'
+    # per-block hooks and Python state: the island stays.
     compile_support = (
-        "island: diffusers' cache decision (FBCHeadBlockHook._should_compute_remaining_blocks, torch.compiler.disable "
-        "in diffusers)"
+        "island: diffusers' cache decision (FBCHeadBlockHook._should_compute_remaining_blocks, a host read of the "
+        "first block's residual change, torch.compiler.disable in diffusers); the rest compiles, a number of graphs "
+        "that does not grow with the steps"
     )
     options = {family: FirstBlockCacheOptions for family in ("diffusers_mmdit", "diffusers_dit", "diffusers_flux")}
     presets = {
@@ -438,6 +449,53 @@ SELF_ATTENTIONS = {"diffusers_mmdit": ("attn", "attn2"), "diffusers_dit": ("attn
 CROSS_ATTENTION = {"diffusers_dit": "attn2"}
 
 
+@functools.cache
+def _decided_broadcast_hook() -> type:
+    """diffusers' ``PyramidAttentionBroadcastHook`` whose compute-or-reuse choice is made before the denoiser call.
+
+    diffusers' hook (0.42.1) decides in its ``new_forward``, from its Python iteration count and the current
+    timestep: compiled, that forward guards on both, so the denoiser recompiles at every step. Here
+    :func:`_decide_broadcast` applies the same rule in a denoiser pre-hook outside the compiled graph and leaves the
+    outcome in ``hook.compute`` (a bool); the forward only reads it, so a compiled denoiser has one graph per
+    outcome. The call that ran is counted (``hook.called``) and added to the iteration count by the next decision,
+    so the count advances exactly when diffusers' does: on every call that reached the hook.
+    """
+    from diffusers.hooks.pyramid_attention_broadcast import PyramidAttentionBroadcastHook
+
+    class DecidedBroadcastHook(PyramidAttentionBroadcastHook):
+        compute = True  # the decision for the call under way (set by _decide_broadcast)
+        called = False  # the hook ran since the last decision
+
+        def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            output = self.fn_ref.original_forward(*args, **kwargs) if self.compute else self.state.cache
+            self.state.cache = output
+            self.called = True
+            return output
+
+        def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+            self.called = False
+            return super().reset_state(module)
+
+    return DecidedBroadcastHook
+
+
+def _decide_broadcast(hook: Any, state: Any) -> None:
+    """Make ``state`` the hook's for the coming call and decide whether the call computes: diffusers'
+    ``PyramidAttentionBroadcastHook.new_forward`` rule (0.42.1): compute when nothing is cached, on the first
+    iteration, outside the timestep window, or every ``block_skip_range``-th iteration; reuse otherwise."""
+    if hook.called:  # the previous call ran the hook: diffusers counts it after the call
+        hook.state.iteration += 1
+        hook.called = False
+    hook.state = state
+    low, high = hook.timestep_skip_range
+    hook.compute = (
+        state.cache is None
+        or state.iteration == 0
+        or not low < hook.current_timestep_callback() < high
+        or state.iteration % hook.block_skip_range == 0
+    )
+
+
 def _pab_presets() -> dict[str, dict[str, Any]]:
     return {
         f"skip{k}": {"spatial_attention_block_skip_range": k, "spatial_attention_timestep_skip_range": (100, 800)}
@@ -472,15 +530,20 @@ class PyramidAttentionBroadcast(Method):
     diffusers hooks, so the broadcast would see only unreduced calls), and on the other families refused at the
     first call whose attention queries a token method reduced (a reused output would belong to another call's
     reduced tokens); a key/value method (ToDo) works.
+
+    ``torch.compile``: fullgraph. ``tokred:`` diffusers' hook decides inside the attention's forward, from its
+    Python iteration count and the current timestep, which a compiled forward guards on (a recompilation at every
+    step until dynamo's limit); tokred registers diffusers' hooks through ``apply_pyramid_attention_broadcast``,
+    swaps each for a subclass that reads ``hook.compute``, and sets that flag with diffusers' rule in a denoiser
+    pre-hook outside the compiled graph. Same outputs as diffusers' hook; compiled, one graph per outcome (compute or
+    reuse; with ``cross_attention_block_skip_range``, one per pair of outcomes: at most 4), never one per step.
     """
 
     summary = "pyramid attention broadcast: reuse each self-attention's output for a few steps (diffusers, 2408.12588)"
     kind = "cache"
-    compile_support = (
-        "no: diffusers' PyramidAttentionBroadcastHook counts its iterations in a Python int that the compiled "
-        "forward reads (iteration % skip range), so the denoiser recompiles at every step until dynamo's recompile "
-        "limit"
-    )
+    # the compute-or-reuse decision is made before the call (a pre-hook outside the compiled graph): one graph per
+    # outcome, compute or reuse (diffusers' own hook decides inside the forward: a recompilation per step)
+    compile_support = "fullgraph"
     options = {"diffusers_mmdit": PABOptions, "diffusers_dit": PABCrossOptions, "diffusers_flux": PABOptions}
     presets = {family: _pab_presets() for family in ("diffusers_mmdit", "diffusers_dit", "diffusers_flux")}
     refusals = {
@@ -578,23 +641,38 @@ class PyramidAttentionBroadcast(Method):
                             f"{queries.shape[1]} tokens); the broadcast would reuse an earlier call's outputs for "
                             "other reduced tokens. Combine pab with a key/value method (todo) or use it alone"
                         )
-                hook, own, manager = contexts[name]
-                # tokred: the broadcast state of the pipeline's named cache context, else the hook's own
-                hook.state = manager.get_state() if manager._context is not None else own
                 return chain(*args, **kwargs)
 
             return forward
 
+        def register() -> None:
+            """diffusers' registration (its choice of attentions and ranges), then each of its hooks swapped for
+            one that reads a decision made before the call (``tokred:``, for torch.compile; same outputs)."""
+            apply_pyramid_attention_broadcast(root, config)
+            decided = _decided_broadcast_hook()
+            for _, attn in self.attentions:
+                registry = vars(attn).get("_diffusers_hook")
+                hook = registry.hooks.get(_PYRAMID_ATTENTION_BROADCAST_HOOK) if registry is not None else None
+                if hook is None:
+                    continue
+                registry.remove_hook(_PYRAMID_ATTENTION_BROADCAST_HOOK, recurse=False)
+                registry.register_hook(
+                    decided(hook.timestep_skip_range, hook.block_skip_range, hook.current_timestep_callback),
+                    _PYRAMID_ATTENTION_BROADCAST_HOOK,
+                )
+
         # the blocks: count tokens (the attention counts 0 when the broadcast reused it), whatever runs inside
         for name, block in self.blocks:
             patch.replace_forward(
-                block, self._counting_forward(name, block, _bound_forward(block), state, counter, family, entering)
+                block, self._counting_forward(
+                    name, block, _bound_forward(block), state, counter, family, entering if inside else None
+                )
             )
         install_diffusers_hooks(
             patch,
             self.attentions,
             (_PYRAMID_ATTENTION_BROADCAST_HOOK,),
-            lambda: apply_pyramid_attention_broadcast(root, config),
+            register,
             inner,
             outer,
             state,
@@ -616,20 +694,36 @@ class PyramidAttentionBroadcast(Method):
             state.states.append(hook.state)
         _invalidate_context_fanout(root)
 
+        def decide(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if run.auxiliary:
+                return  # the hooks are bypassed on this call (outer)
+            for hook, own, manager in contexts.values():
+                # tokred: the broadcast state of the pipeline's named cache context, else the hook's own
+                _decide_broadcast(hook, manager.get_state() if manager._context is not None else own)
+
+        # after the run state's pre-hook (the timestep, a new generation's reset): compiled, the denoiser reads only
+        # each hook's decision, a bool, so one graph per outcome and none per step
+        patch.register_forward_pre_hook(root, decide, with_kwargs=True, outside_compile=True)
+
     def _counting_forward(self, name: str, block: torch.nn.Module, below: Callable[..., Any], state, counter,
-                          family: str, entering: dict[str, int]):
+                          family: str, entering: dict[str, int] | None):
         self_name = f"{name}.{self.self_names[0]}"
         cross_name = f"{name}.{self.cross_name}" if self.cross_name and getattr(block, self.cross_name, None) else None
 
+        # every hooked attention of the block: ``state.ran`` holds none of them between calls (compiled, its contents
+        # on entry are a guard: one left from the previous call's outcome would double the graphs)
+        own = [f"{name}.{sub}" for sub in (*self.self_names, self.cross_name) if sub and getattr(block, sub, None)]
+
         def forward(mod: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-            state.ran.discard(self_name)
-            if cross_name:
-                state.ran.discard(cross_name)
-            n = entering[name] = _hidden_tokens(args, kwargs)
+            state.ran.difference_update(own)
+            n = _hidden_tokens(args, kwargs)
+            if entering is not None:  # beside a token method only (compiled alone: no dict whose keys change)
+                entering[name] = n
             calls = counter.calls(name)
             out = below(*args, **kwargs)
             computed = self_name in state.ran
             cross_computed = cross_name is None or cross_name in state.ran
+            state.ran.difference_update(own)
             if counter.calls(name) == calls:
                 n, _, _, _, cross = _full_counts(block, n, family)
                 a = n if computed else 0
