@@ -10,12 +10,19 @@ Two changes to ToMe for Stable Diffusion:
   steps until the next step listed in ``compute_on``. A reused step does no similarity, sort or random work:
   only the gathers and scatters of the cached merge run.
 
-``torch.compile`` (diffusion families): the threshold count is a host read that sets the merged token count (a
-shape), so it is a documented ``torch.compiler.disable`` island (:func:`tokred.merge.threshold_count`): compile the
-denoiser without ``fullgraph``; everything else of the block compiles, the pairs' random destinations are drawn
-through the run state's compiled draws and the compute-or-reuse choice is made before the call
-(``CAToMeState.recompute``). A recompute step whose merge count is new compiles the graphs after the island once more
-(the count of a cached merge is a guarded int), so compilations grow with the distinct counts, not with the steps.
+``torch.compile(denoiser, fullgraph=True)`` (diffusion families, issue 20) works with no island and eager's
+result (within float rounding), as on ViTs (below): while compiling, the threshold's count is a size known only at
+run time (an unbacked SymInt, bounded by ``torch._check``), so no guard is made on it, and a block caches its
+matching as tensors whose shapes do not depend on the count (:func:`tokred.merge.threshold_grid_matching`: the
+sources in merge order, their destinations, the count), from which a reusing call takes its pairs with the count
+read again in the graph (:func:`tokred.merge.grid_merge_of`). The compute-or-reuse choice is made before the call,
+outside the compiled forward (``CAToMeState.recompute``), and the random destinations are drawn through the run
+state's compiled draws. A generation compiles three graphs whatever its length and counts: the first call (empty
+cache), the reusing calls and the recomputing calls. A count of 0, where eager merges nothing, is a merge of 0
+pairs: the tokens are reordered for the sublayer and put back after it (the same values up to float rounding).
+Each merging block reads its count on the host once per call (``.item()``, a device synchronisation; eager reads it
+on compute steps only). Under compile ``block_stats`` records the counts as 0-d tensors (``BlockStat.counts``;
+``BlockStat.r`` reads them).
 
 Steps are counted per generation from 1 (the first U-Net call), as the official pipeline counts them, so
 the published schedules (:data:`CACHE_PRESETS`, equal to the official ``CacheConf`` lists) name the same
@@ -91,8 +98,12 @@ timm ViTs (``timm_vit``)
     run time (an unbacked SymInt, bounded by ``torch._check`` to ``0 <= r <= cap``), so the compiled model merges
     exactly eager's count with no guard on it: one graph per input shape, however the count varies. A count of 0,
     where eager merges nothing, is a merge of 0 pairs whose result is replaced by the unchanged tokens with a
-    ``where`` (:class:`tokred.merge.EmptyMergeKeepsTokens`). The ``.item()`` is a device synchronisation per block,
-    as in eager. Checked with ``aot_eager`` in the tests (tests/test_compile_vit.py) and once with inductor on CPU.
+    ``where`` (:class:`tokred.merge.EmptyMergeKeepsTokens`). The tokens a merge keeps are narrowed to a count of
+    their own (a second run-time size, checked ``>= 1``): the merge's own expression of it, nested over the blocks,
+    could not be proven nonzero after three merges (DeiT-S failed to compile with a data-dependent guard in
+    attention). The two ``.item()`` reads are device synchronisations per block (eager reads one). Checked with
+    ``aot_eager`` in the tests (tests/test_compile_vit.py) and with inductor on CPU (tiny ViT; DeiT-S, random
+    weights, batch 8: within 1.1e-6 of eager).
     Inductor's CPU matmul lowering (torch 2.14) guards on such sizes, so on CPU the compiled matching computes
     its similarities as a product and a sum instead of a batched matmul (the same values up to float rounding:
     a near-tie between two sources' best similarities could then be ordered differently than in eager).
@@ -124,7 +135,8 @@ from tokred.merge import (
     alternate_matching,
     grid_destinations,
     grid_matching,
-    prepare_compile_island,
+    grid_merge_of,
+    threshold_grid_matching,
 )
 from tokred.method import MethodState
 from tokred.options import is_bool, is_int, number_in, option
@@ -251,11 +263,18 @@ class CAToMeViTOptions:
 @dataclass(frozen=True)
 class BlockStat:
     """What one merging block did in one call: its token count, the merged count (one entry for the
-    batch, or one per row with ``batch_independent``) and whether the pairs were computed (not reused)."""
+    batch, or one per row with ``batch_independent``) and whether the pairs were computed (not reused).
+
+    Under torch.compile the counts are recorded as 0-d tensors (``counts``; a host read in the compiled graph would
+    be a guard or a graph break); ``r`` reads them as ints either way."""
 
     tokens: int
-    r: tuple[int, ...]
+    counts: tuple[int | torch.Tensor, ...]
     computed: bool
+
+    @property
+    def r(self) -> tuple[int, ...]:
+        return tuple(int(c) for c in self.counts)
 
 
 @dataclass
@@ -263,7 +282,8 @@ class CAToMeState(MethodState):
     """``pairs``: per block name, the shape key and the cached merges (one per generation); ``block_stats``:
     per merging block, what it did in the last call."""
 
-    pairs: dict[str, tuple[tuple, tuple[GridMerge | None, ...]]] = field(default_factory=dict)
+    # the cached entries: eager, the merges (None: nothing merged); compiled, tensors (see _matching)
+    pairs: dict[str, tuple[tuple, tuple[Any, ...]]] = field(default_factory=dict)
     block_stats: dict[str, BlockStat] = field(default_factory=dict)
     # Whether this call recomputes the pairs (its step is in ``compute_on``), decided before the call: a compiled
     # forward reads this bool rather than the step, which would be a guard on a new int at every step.
@@ -291,18 +311,35 @@ def threshold_alternate_matching(
     return alternate_matching(metric, num_protected=num_protected, threshold=threshold)
 
 
+def _matching(metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, threshold: float) -> Any:
+    """What a block caches for one row set: eager, the merge itself (None: nothing reaches the threshold); while
+    torch.compile traces, the matching as tensors whose shapes do not depend on the count
+    (:func:`tokred.merge.threshold_grid_matching`), so that a later compiled call reusing it has no guard on it."""
+    if torch.compiler.is_compiling():
+        return threshold_grid_matching(metric, a_idx, b_idx, threshold)
+    return grid_matching(metric, a_idx, b_idx, threshold=threshold)
+
+
+def _merge_of(entry: Any) -> GridMerge | None:
+    return entry if entry is None or isinstance(entry, GridMerge) else grid_merge_of(entry)
+
+
+def _count_of(entry: Any) -> int | torch.Tensor:
+    """The merged count of a cached entry: an int, or under torch.compile the 0-d count tensor (not read on the host
+    in the graph; ``BlockStat.r`` reads it when asked)."""
+    if entry is None or isinstance(entry, GridMerge):
+        return 0 if entry is None else entry.r
+    order, _, count, a_idx, _ = entry
+    return count.clamp(max=a_idx.shape[1])
+
+
 @register_method("ca_tome")
 class CAToMe(Method):
     kind = "merge"
-    # The merge count is a host read of how many sources reach the threshold (it sets a shape): a documented
-    # torch.compiler.disable island (tokred.merge.threshold_count); compile these families without fullgraph.
-    compile_support = {
-        family: "island: the threshold merge count (tokred.merge.threshold_count, a host read that sets the merged "
-        "token count)"
-        for family in ("diffusers_unet", "diffusers_mmdit", "diffusers_dit", "diffusers_flux")
-    }
-    # On ViTs the count is an unbacked size bounded by torch._check: one graph, fullgraph (tests/test_compile_vit.py).
-    compile_support["timm_vit"] = "fullgraph"
+    # The threshold's merge count is a size known only at run time (an unbacked SymInt bounded by torch._check), on
+    # every family: one graph per compute-or-reuse decision, no graph break (tests/test_compile_vit.py,
+    # tests/test_compile_diffusion.py).
+    compile_support = "fullgraph"
     summary = "Cached Adaptive ToMe: threshold merging, pairs reused between steps (arXiv 2501.00946)"
     options = {
         "timm_vit": CAToMeViTOptions,
@@ -370,7 +407,6 @@ class CAToMe(Method):
                 may_reduce=threshold < 1,
             )  # fmt: skip
         else:
-            prepare_compile_island()  # the threshold count's torch.compiler.disable island
             patch.adapter.install_blocks(patch, self.planner(patch.state), self.merging_blocks)
 
     def planner(self, state):
@@ -383,7 +419,8 @@ class CAToMe(Method):
         def plan(call: BlockCall, x: torch.Tensor) -> BlockPlan | RowPlans:
             if opts.threshold >= 1 or call.grid is None or not windows(call):
                 return FULL_BLOCK
-            key = (x.shape[0], x.shape[1], call.grid, x.device)
+            grid = call.grid
+            key = (x.shape[0], x.shape[1], grid.h, grid.w, x.device)
             cached = st.pairs.get(call.name)
             computed = cached is None or cached[0] != key or st.recompute
             if computed:
@@ -391,17 +428,14 @@ class CAToMe(Method):
                 # fall back to top-left. Batch-independent mode must not depend on the batch, so it does not.
                 use_rand = opts.use_rand and (opts.batch_independent or x.shape[0] % 2 == 0)
                 generator = state.generator(x.device) if use_rand else None
-                a_idx, b_idx = grid_destinations(call.grid.h, call.grid.w, opts.sx, opts.sy, generator, x.device)
-                if opts.batch_independent:
-                    merges = tuple(
-                        grid_matching(x[i : i + 1], a_idx, b_idx, threshold=opts.threshold) for i in range(x.shape[0])
-                    )
-                else:
-                    merges = (grid_matching(x, a_idx, b_idx, threshold=opts.threshold),)
-                st.pairs[call.name] = (key, merges)
+                a_idx, b_idx = grid_destinations(grid.h, grid.w, opts.sx, opts.sy, generator, x.device)
+                rows = [x[i : i + 1] for i in range(x.shape[0])] if opts.batch_independent else [x]
+                entries = tuple(_matching(row, a_idx, b_idx, opts.threshold) for row in rows)
+                st.pairs[call.name] = (key, entries)
             else:
-                merges = cached[1]
-            st.block_stats[call.name] = BlockStat(x.shape[1], tuple(0 if m is None else m.r for m in merges), computed)
+                entries = cached[1]
+            merges = tuple(_merge_of(entry) for entry in entries)
+            st.block_stats[call.name] = BlockStat(x.shape[1], tuple(_count_of(e) for e in entries), computed)
             if len(merges) == 1:
                 return opts.plan(merges[0])
             return RowPlans(tuple(opts.plan(m) for m in merges))

@@ -66,6 +66,8 @@ DEFAULT = {
     ("sd15", "tome"): 20, ("sd15", "deepcache+todo"): 4, ("sdxl", "todo"): 20, ("sd3", "tome"): 20,
     ("sd3", "todo"): 4, ("pixart", "tome"): 20, ("flux", "todo"): 20, ("flux", "tome"): 4,
     ("pixart", "pab"): 20,
+    # CA-ToMe: the first call matches (empty cache), then reuses, then recomputes on config_3's steps 8, 11, 13 and 20
+    ("sd15", "ca_tome"): 20, ("pixart", "ca_tome"): 20,
 }
 EVERY_CELL = os.environ.get("TOKRED_COMPILE_ALL") == "1"
 
@@ -202,3 +204,24 @@ def test_a_decision_made_inside_the_compiled_forward_fails_the_island_bound(monk
     eager, compiled, frames = frames_by_step("pixart", "pab", 4)
     assert max_relative_difference(eager, compiled) <= RTOL
     assert frames[3] > frames[1]
+
+
+def test_a_compiled_threshold_count_of_zero_merges_nothing_on_the_grid(monkeypatch):
+    """CA-ToMe's compiled grid merge takes its count at run time: a count of 0 (eager: no merge at all) is a merge of 0
+    pairs, which reorders the tokens for the sublayer and puts them back after it; cached, the same tensors give the
+    same merge again. The path runs here outside dynamo, with the compile-time branch forced."""
+    from tokred.merge import grid_destinations, grid_matching, grid_merge_of, threshold_grid_matching
+
+    x = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(0))
+    a_idx, b_idx = grid_destinations(8, 8, 2, 2, None, torch.device("cpu"))
+    assert grid_matching(x, a_idx, b_idx, threshold=1.5) is None  # eager: nothing reaches 1.5
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(torch, "_check", lambda *args, **kwargs: None)
+    none = grid_merge_of(threshold_grid_matching(x, a_idx, b_idx, 1.5))
+    assert none.r == 0 and not torch.equal(none(x), x)  # reordered ...
+    assert torch.equal(none.unmerge(none(x)), x)  # ... and restored
+    matching = threshold_grid_matching(x, a_idx, b_idx, -1.0)  # every source reaches -1: all 48 merge
+    merge, again = grid_merge_of(matching), grid_merge_of(matching)
+    assert merge(x).shape[1] == 64 - 48 and torch.equal(merge(x), again(x))
+    monkeypatch.undo()
+    assert torch.equal(merge(x), grid_matching(x, a_idx, b_idx, threshold=-1.0)(x))  # eager's merge

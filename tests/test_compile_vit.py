@@ -160,3 +160,19 @@ def test_a_data_dependent_count_of_zero_keeps_the_tokens_in_their_order(monkeypa
     assert torch.equal(merged, x) and torch.equal(merged_size, size)
     some = alternate_matching(x, num_protected=1, threshold=-1.0)
     assert some.reduce(x, None)[0].shape[1] == 9 - 4
+
+
+def test_ca_tome_compiles_past_three_merges_with_a_nonzero_token_count():
+    """The DeiT-S failure (issue 20): after three run-time merges the token count's expression (a floor division and
+    a min per block) could not be proven nonzero, and attention's check for empty sequences stopped the compile with
+    a data-dependent guard. Each merge now narrows the tokens to a count of its own (an unbacked size >= 1). Four
+    blocks and 65 tokens failed as DeiT-S did (``aot_eager`` runs the same fake-tensor tracing as inductor)."""
+    model = tiny_timm_vit("deit_small_patch16_224", img_size=32, patch_size=4, depth=4, embed_dim=48)
+    patch = tokred.apply(model, "ca_tome", threshold=0.3)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(x)
+        assert len({c.tokens for c in patch.token_counts().values()}) == 4  # blocks 1-3 merge before block 4
+        compiles, worst = compile_and_compare(model, [x])
+    assert compiles == 1
+    assert worst <= RTOL

@@ -59,9 +59,17 @@ def select_pairs(
     Each index tensor is [B, n, 1]. ``sort_unmerged`` keeps the unmerged sources in their original order
     (needed where position matters, e.g. the ViT cls token at index 0).
     """
-    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-    unm_idx = edge_idx[..., r:, :]
-    src_idx = edge_idx[..., :r, :]
+    return pairs_in_order(node_max.argsort(dim=-1, descending=True)[..., None], node_idx, r, sort_unmerged)
+
+
+def pairs_in_order(
+    order: torch.Tensor, node_idx: torch.Tensor, r: int, sort_unmerged: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`select_pairs` given the sources' ``order`` [B, Na, 1] (best similarity first): the first ``r`` are
+    merged. A threshold merge cached under torch.compile keeps the order, so a later call takes its pairs from it
+    with a count known only at run time."""
+    unm_idx = order[..., r:, :]
+    src_idx = order[..., :r, :]
     dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
     if sort_unmerged:
         unm_idx = unm_idx.sort(dim=1)[0]
@@ -371,9 +379,9 @@ def alternate_matching(
         protect_a, protect_b = (num_protected + 1) // 2, num_protected // 2
         node_max, node_idx = best_destinations(a, b, protect_a, protect_b, normalized=True, matmul=matmul)
         if threshold is not None:
-            count = (node_max >= threshold).sum(dim=-1).max()
+            count = count_reaching(node_max, threshold)
             if torch.compiler.is_compiling():
-                return _run_time_count_merge(node_max, node_idx, count, limit, num_protected)
+                return _run_time_count_merge(node_max, node_idx, count, limit, num_protected, t)
             r = int(count.item())
         r = min(int(r or 0), limit)
         if r <= 0:
@@ -383,16 +391,34 @@ def alternate_matching(
 
 
 def _run_time_count_merge(
-    node_max: torch.Tensor, node_idx: torch.Tensor, count: torch.Tensor, limit: int, num_protected: int
+    node_max: torch.Tensor, node_idx: torch.Tensor, count: torch.Tensor, limit: int, num_protected: int, t: int
 ) -> EmptyMergeKeepsTokens:
     """The threshold merge while torch.compile traces (issue 20): the count becomes a size known only at run time
     (an unbacked SymInt read by ``.item()`` in the graph), bounded for the compiler by ``torch._check``, so no
     guard is made on it: one graph serves every count, with no graph break and no recompilation."""
+    capped = count.clamp(max=limit)
+    r = run_time_count(capped, limit)
+    pairs = select_pairs(node_max, node_idx, r, sort_unmerged=num_protected > 0)
+    kept = (capped.neg() + t).item()
+    torch._check(kept >= 1)
+    torch._check(kept <= t)
+    return EmptyMergeKeepsTokens(AlternateMerge(*pairs, num_protected=num_protected), count == 0, kept)
+
+
+def count_reaching(node_max: torch.Tensor, threshold: float) -> torch.Tensor:
+    """How many sources reach ``threshold``, as a 0-d tensor: the maximum over the batch of each row's count
+    (CA-ToMe's merge count, before any cap; nothing is read on the host)."""
+    return (node_max >= threshold).sum(dim=-1).max()
+
+
+def run_time_count(count: torch.Tensor, limit: int) -> int:
+    """``count`` (a 0-d tensor) capped at ``limit``, read as a Python int; while torch.compile traces, a size known
+    only at run time (an unbacked SymInt read in the graph), bounded for the compiler by ``torch._check`` to
+    ``0 <= r <= limit`` so that no guard is made on its value (issue 20)."""
     r = count.clamp(max=limit).item()
     torch._check(r >= 0)
     torch._check(r <= limit)
-    pairs = select_pairs(node_max, node_idx, r, sort_unmerged=num_protected > 0)
-    return EmptyMergeKeepsTokens(AlternateMerge(*pairs, num_protected=num_protected), count == 0)
+    return r
 
 
 class EmptyMergeKeepsTokens(TokenReduction):
@@ -402,14 +428,18 @@ class EmptyMergeKeepsTokens(TokenReduction):
     a branch, so the compiled graph has no guard on it. With ``r = 0`` the sizes (and traced sources) become
     tensors where eager keeps None: ones (proportional attention then adds log(1) = 0) and the identity."""
 
-    def __init__(self, merge: BipartiteMerge, empty: torch.Tensor) -> None:
+    def __init__(self, merge: BipartiteMerge, empty: torch.Tensor, kept: int | None = None) -> None:
         self.merge = merge
         self.empty = empty
+        # The kept token count as a size of its own (a fresh unbacked SymInt, >= 1): the merge's own expression of
+        # it nests one floor division and one min per block, which the compiler cannot prove nonzero after a few
+        # blocks (attention's check for empty sequences then fails on DeiT-S at 197 tokens); the tokens are
+        # narrowed to it, a no-op view at run time. None: the merge's own count.
+        self.kept = kept
 
     def _unless_empty(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-        n = after.shape[1]
-        torch._check(n <= before.shape[1])  # r >= 0: the compiler may take the first n tokens of ``before``
-        return torch.where(self.empty, before.narrow(1, 0, n), after)
+        n = after.shape[1] if self.kept is None else self.kept
+        return torch.where(self.empty, before.narrow(1, 0, n), after.narrow(1, 0, n))
 
     def reduce(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         merged, new_size = self.merge.weighted_mean(x, size)
@@ -520,7 +550,8 @@ def threshold_count(node_max: torch.Tensor, threshold: float) -> int:
 
     The count sets the merged token count, a shape, so it cannot be traced: under ``torch.compile`` it is a
     deliberate :func:`torch.compiler.disable` island (a graph break, so ``fullgraph=True`` refuses it; see
-    :func:`prepare_compile_island`); the graph resumes after it with the count as an input.
+    :func:`prepare_compile_island`); the graph resumes after it with the count as an input. (CA-ToMe no longer uses
+    it: it reads the count in the graph as a run-time size, :func:`threshold_grid_matching`.)
     """
     if torch.compiler.is_compiling() and _ISLAND:
         return _ISLAND[0](node_max, threshold)
@@ -528,7 +559,7 @@ def threshold_count(node_max: torch.Tensor, threshold: float) -> int:
 
 
 def _count_reaching(node_max: torch.Tensor, threshold: float) -> int:
-    return int((node_max >= threshold).sum(dim=-1).max().item())
+    return int(count_reaching(node_max, threshold).item())
 
 
 _ISLAND: list = []  # [torch.compiler.disable(_count_reaching)], made by prepare_compile_island
@@ -547,8 +578,12 @@ def grid_matching(
     """Match each source of the split to its most similar destination and keep the best pairs.
 
     Exactly one of ``r`` (a fixed count, ToMe) or ``threshold`` (every source whose best cosine similarity
-    reaches it, counted as the maximum over the batch, as the official CA-ToMe does) is given.
+    reaches it, counted as the maximum over the batch, as the official CA-ToMe does) is given. With ``threshold``
+    under torch.compile the count is known at run time only (:func:`threshold_grid_matching`): the result is a
+    merge of ``r >= 0`` pairs, never None.
     """
+    if threshold is not None and torch.compiler.is_compiling():
+        return grid_merge_of(threshold_grid_matching(metric, a_idx, b_idx, threshold))
     with torch.no_grad():
         n, _, c = metric.shape
         a = metric.gather(dim=1, index=a_idx.expand(n, -1, c))
@@ -561,3 +596,41 @@ def grid_matching(
             return None
         pairs = select_pairs(node_max, node_idx, r)
     return GridMerge(*pairs, a_idx=a_idx, b_idx=b_idx)
+
+
+GridMatching = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""A threshold grid matching as fixed-shape tensors: (sources in merge order [B, Na, 1], each source's best
+destination [B, Na], the merge count (0-d), source indices [1, Na, 1], destination indices [1, Nb, 1])."""
+
+
+def threshold_grid_matching(
+    metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, threshold: float
+) -> GridMatching:
+    """:func:`grid_matching` with ``threshold``, kept as tensors whose shapes do not depend on the count (a
+    :data:`GridMatching`): what a compiled CA-ToMe caches between steps, so that neither the call that matches
+    nor a later call that reuses the pairs has a guard on the count (:func:`grid_merge_of` makes the merge)."""
+    with torch.no_grad():
+        n, _, c = metric.shape
+        a = metric.gather(dim=1, index=a_idx.expand(n, -1, c))
+        b = metric.gather(dim=1, index=b_idx.expand(n, -1, c))
+        node_max, node_idx = best_destinations(a, b)
+        order = node_max.argsort(dim=-1, descending=True)[..., None]
+        return order, node_idx, count_reaching(node_max, threshold), a_idx, b_idx
+
+
+def grid_merge_of(matching: GridMatching) -> GridMerge | None:
+    """The merge of a :data:`GridMatching`: its count's best sources merged, as :func:`grid_matching` merges them.
+
+    Eager: None for a count of 0 (a host read of the count). While torch.compile traces: the count is a size known
+    only at run time (:func:`run_time_count`) and a count of 0 is a merge of 0 pairs, which only reorders the tokens
+    (sources first) until ``unmerge`` puts them back: a sublayer that treats tokens alike (attention without
+    positions, cross-attention's queries, an MLP; rotary positions follow their tokens through ``kept``) gives the
+    unmerged result up to float rounding."""
+    order, node_idx, count, a_idx, b_idx = matching
+    if torch.compiler.is_compiling():
+        r = run_time_count(count, a_idx.shape[1])
+    else:
+        r = min(a_idx.shape[1], int(count.item()))
+        if r <= 0:
+            return None
+    return GridMerge(*pairs_in_order(order, node_idx, r), a_idx=a_idx, b_idx=b_idx)
