@@ -78,9 +78,10 @@ torch.compile
     selection for the next call run on the noise prediction the forward kept. The compiled forward reads only
     those decisions and the state's tensors (the selection, the row caches, the reference, the previous output):
     sparse compute, cache updates, the output replacement. Eager runs the same code in the same order, so its
-    outputs are unchanged. The cached keys/values are rewritten by output hooks on ``to_k`` / ``to_v`` registered
-    once at ``apply`` (:func:`~tokred.reduction.install_projected_kv_routing`), not per call. Compiling a module
-    *around* the denoiser inlines those hooks: graph breaks there, as for every diffusion method.
+    outputs are unchanged. In compiled calls the cached keys/values are rewritten by output hooks on ``to_k`` /
+    ``to_v`` registered once at ``apply`` (:func:`~tokred.reduction.install_projected_kv_routing`), not per call.
+    Compiling a module *around* the denoiser inlines the denoiser's hooks: graph breaks there, as for every
+    diffusion method.
 
 Gradients
     Without gradients (``torch.no_grad()``, ``torch.inference_mode()``, pipelines) the caches are updated in
@@ -259,7 +260,7 @@ class CatState(MethodState):
 
     shape: tuple[int, int, int] | None = None  # (B, N, D) of the noise tokens
     disabled: bool = False
-    mismatched: bool = False  # the last call's noise tokens had another shape: pruning stops before the next call
+    mismatched: bool = False  # this call's noise tokens had another shape: pruning stops after the call
     ref: torch.Tensor | None = None  # n_t0 [B, N, D] float32
     labels: torch.Tensor | None = None  # [B, N]
     counts: torch.Tensor | None = None  # [B, N] decayed selection counts
@@ -287,12 +288,12 @@ class CatPolicy:
     block plans.
 
     The work is split so that ``torch.compile(denoiser, fullgraph=True)`` traces the forward as one graph per
-    phase of the schedule: :meth:`before_call` (a pre-hook outside the compiled frame) does everything that reads
-    the step or makes data-dependent choices (the schedule, k-means, the selection from the previous call's noise
-    prediction) and leaves this call's decisions in plain attributes; :meth:`plan` and :meth:`on_output` (inside
-    the forward) only read those decisions and do tensor work (sparse compute, caches, the output replacement,
-    keeping the noise prediction for the next selection). The order of every computation is the one of making
-    the selection at the end of the call, so eager outputs are unchanged by the split.
+    phase of the schedule. Outside the compiled frame, :meth:`before_call` (a pre-hook on the denoiser) reads the
+    step and leaves this call's decisions in plain attributes, and :meth:`after_call` (a forward hook) makes the
+    data-dependent choices (k-means, the selection for the next call) from the noise prediction the forward kept.
+    Inside the forward, :meth:`plan` and :meth:`on_output` only read those decisions and do tensor work (sparse
+    compute, caches, the output replacement, keeping the noise prediction). Every computation happens in the
+    order it had when the output hook selected, so eager outputs are unchanged by the split.
     """
 
     def __init__(
@@ -347,9 +348,9 @@ class CatPolicy:
 
     # --- before the call (outside a compiled forward) -----------------------------------------------------------
     def before_call(self) -> None:
-        """The denoiser's pre-hook, after the run state counted the call: the selection from the previous call's
-        noise prediction, then this call's decisions (:attr:`sel_now`, :attr:`recording_now`,
-        :attr:`output_phase`)."""
+        """The denoiser's pre-hook, after the run state counted the call: this call's decisions (:attr:`sel_now`,
+        :attr:`recording_now`, :attr:`output_phase`) and the block caches (a selection the previous call's forward
+        hook did not make is made first)."""
         st, state = self.st, self.state
         self.sel_now, self.recording_now, self.output_phase = None, False, SKIP
         if state.auxiliary:  # a second pass of the step: the adapters run it unreduced

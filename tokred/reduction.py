@@ -359,8 +359,9 @@ def install_projected_kv_routing(patch: Any, attn: torch.nn.Module) -> None:
     """Give ``attn`` (diffusers' ``Attention``) a :class:`ProjectedKVSlot` and output hooks on ``to_k`` / ``to_v``
     that apply it, until the patch is removed; :func:`projected_kv` then fills the slot instead of registering
     hooks at every call, which ``torch.compile`` cannot trace (CAT pruning's key/value cache under
-    ``fullgraph=True``). The hooks are registered when the method is applied: a hook a user registers on the
-    projections later runs after them (with per-call hooks it ran before)."""
+    ``fullgraph=True``). Only compiled calls use them: they are registered when the method is applied, so a hook
+    a user registers on the projections later runs after them there (and sees the rewritten keys/values); eager
+    calls keep :func:`projected_kv`'s per-call hooks, which run last."""
     if getattr(attn, PROJECTED_KV_SLOT_ATTR, None) is not None:
         return
     slot = ProjectedKVSlot()
@@ -386,13 +387,14 @@ def install_projected_kv_routing(patch: Any, attn: torch.nn.Module) -> None:
 def projected_kv(attn: torch.nn.Module, kv: KeyValue, seen: list[int] | None = None) -> Iterator[None]:
     """While active, ``kv.keys`` / ``kv.values`` rewrite the outputs of ``attn.to_k`` / ``attn.to_v`` (diffusers'
     ``Attention``), so the library's own attention processor computes attention with them; ``seen`` collects
-    the key count attention used. Through the attention's :class:`ProjectedKVSlot` when it has one, else with
-    hooks that live for one call only."""
+    the key count attention used. Eager: with hooks that live for one call only, so they run after every hook
+    on the projections (what a user's hook reads is the projection's own output). While ``torch.compile`` traces
+    it, which cannot register hooks: through the attention's :class:`ProjectedKVSlot` when it has one."""
     if kv.keys is None and kv.values is None:
         yield
         return
     slot = getattr(attn, PROJECTED_KV_SLOT_ATTR, None)
-    if slot is not None:
+    if slot is not None and torch.compiler.is_compiling():
         slot.keys, slot.values, slot.seen = kv.keys, kv.values, seen
         try:
             yield
