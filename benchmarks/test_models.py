@@ -127,6 +127,9 @@ def meta_cat_pruned_call_flops(model: torch.nn.Module, inputs: dict[str, Any]) -
     try:
         adapter.attach(patch)
         policy = CatPolicy(options, state, True, getattr(adapter, "single_blocks", ()))
+        # the policy's per-call decisions (which calls record, which prune) are made before each call
+        patch.register_forward_pre_hook(adapter.root, lambda module, args, kwargs: policy.before_call(),
+                                        with_kwargs=True)
         adapter.install_blocks(patch, policy.plan)
         with torch.no_grad():
             for _ in range(options.t0):  # calls 1..t0: call t0 records the caches

@@ -66,6 +66,23 @@ State
     to a third of the steps). Calls the adapter marks auxiliary (SD3.5 skip-layer guidance's second pass) run
     unreduced and do not count.
 
+torch.compile
+    ``torch.compile(denoiser, fullgraph=True)`` compiles the whole forward as one graph, with one compilation per
+    phase of the schedule, never per step (3 over a generation with ``t0=2``: the reference call, the clustering
+    call, the pruned calls; up to 4 with larger ``t0``, whose first calls do nothing). Everything that reads the
+    step or makes a data-dependent choice runs in the denoiser's own hooks, which ``torch.compile(module)`` runs
+    outside the compiled frame (``torch.compiler.disable``, ``Patch.register_forward_pre_hook`` /
+    ``register_forward_hook(..., outside_compile=True)``): before the call the schedule decides what this call does
+    (the tokens it computes, whether full blocks record, what the output hook does) and makes the block caches;
+    after the call k-means (scikit-learn's data-dependent iterations, its own CPU generator, unchanged) and the
+    selection for the next call run on the noise prediction the forward kept. The compiled forward reads only
+    those decisions and the state's tensors (the selection, the row caches, the reference, the previous output):
+    sparse compute, cache updates, the output replacement. Eager runs the same code in the same order, so its
+    outputs are unchanged. In compiled calls the cached keys/values are rewritten by output hooks on ``to_k`` /
+    ``to_v`` registered once at ``apply`` (:func:`~tokred.reduction.install_projected_kv_routing`), not per call.
+    Compiling a module *around* the denoiser inlines the denoiser's hooks: graph breaks there, as for every
+    diffusion method.
+
 Gradients
     Without gradients (``torch.no_grad()``, ``torch.inference_mode()``, pipelines) the caches are updated in
     place. Under autograd (gradients enabled and a parameter or input requiring them) a pruned call's output
@@ -165,6 +182,7 @@ from tokred.reduction import (
     Grid,
     KeyValue,
     RowCache,
+    install_projected_kv_routing,
     recompute_rows,
     record_output,
 )
@@ -242,6 +260,7 @@ class CatState(MethodState):
 
     shape: tuple[int, int, int] | None = None  # (B, N, D) of the noise tokens
     disabled: bool = False
+    mismatched: bool = False  # this call's noise tokens had another shape: pruning stops after the call
     ref: torch.Tensor | None = None  # n_t0 [B, N, D] float32
     labels: torch.Tensor | None = None  # [B, N]
     counts: torch.Tensor | None = None  # [B, N] decayed selection counts
@@ -250,6 +269,8 @@ class CatState(MethodState):
     change: torch.Tensor | None = None  # ||n_t - n_t0|| [B, N] behind the current selection
     sel: torch.Tensor | None = None  # [B, M] tokens to compute at call sel_step
     sel_step: int = -1
+    pending: torch.Tensor | None = None  # the last call's noise tokens [B, N, D], not yet selected from
+    pending_grid: Grid | None = None  # their grid
     blocks: dict[str, BlockCache] = field(default_factory=dict)  # block name -> cached activations
     levels: dict[int, torch.Tensor] = field(default_factory=dict)  # this call's pooled selections per level
 
@@ -263,10 +284,22 @@ class CatState(MethodState):
 
 # --- the policy ----------------------------------------------------------------------------------------------
 class CatPolicy:
-    """Step logic shared by both model families: the reference, clustering, selection, the output cache and
-    the block plans."""
+    """Step logic shared by every model family: the reference, clustering, selection, the output cache and the
+    block plans.
 
-    def __init__(self, options: CatOptions, state: Any, replace_output: bool, branch_blocks: Any = ()) -> None:
+    The work is split so that ``torch.compile(denoiser, fullgraph=True)`` traces the forward as one graph per
+    phase of the schedule. Outside the compiled frame, :meth:`before_call` (a pre-hook on the denoiser) reads the
+    step and leaves this call's decisions in plain attributes, and :meth:`after_call` (a forward hook) makes the
+    data-dependent choices (k-means, the selection for the next call) from the noise prediction the forward kept.
+    Inside the forward, :meth:`plan` and :meth:`on_output` only read those decisions and do tensor work (sparse
+    compute, caches, the output replacement, keeping the noise prediction). Every computation happens in the
+    order it had when the output hook selected, so eager outputs are unchanged by the split.
+    """
+
+    def __init__(
+        self, options: CatOptions, state: Any, replace_output: bool, branch_blocks: Any = (),
+        block_names: Any = (),
+    ) -> None:
         self.t0 = options.t0
         self.alpha = options.alpha
         self.num_clusters = options.num_clusters
@@ -276,10 +309,15 @@ class CatPolicy:
         self.replace_output = replace_output  # False when the pruned blocks do not map onto the output tokens
         # blocks whose attention and MLP are one parallel branch (Flux's single-stream blocks): one cached output
         self.branch_blocks = frozenset(branch_blocks)
+        self.block_names = tuple(block_names)  # the pruned blocks (their caches are made before the call)
         # Generations too short to prune, followed here: the run state forgets a generation when the next starts.
         self.generation = -1  # the generation of the last counted call seen
         self.calls = 0  # its counted calls so far
         self.warned_generation = -1  # the generation a CatNoPruningWarning was issued for
+        # This call's decisions, made by before_call (the compiled forward reads only these, never the step):
+        self.sel_now: torch.Tensor | None = None  # the tokens computed in this call (None: all)
+        self.recording_now = False  # full blocks keep their activations
+        self.output_phase = SKIP  # what on_output does
 
     def warn_too_short(self, calls: int, known_ahead: bool) -> None:
         """One :class:`CatNoPruningWarning` for the current generation of ``calls`` denoiser calls."""
@@ -308,18 +346,88 @@ class CatPolicy:
     def budget(self, n: int) -> int:
         return max(1, int(self.alpha * n))
 
-    def recording(self) -> bool:
-        """Whether full calls keep their activations (from call t0 on: the next call may be pruned)."""
-        return self.state.step >= self.t0
+    # --- before the call (outside a compiled forward) -----------------------------------------------------------
+    def before_call(self) -> None:
+        """The denoiser's pre-hook, after the run state counted the call: this call's decisions (:attr:`sel_now`,
+        :attr:`recording_now`, :attr:`output_phase`) and the block caches (a selection the previous call's forward
+        hook did not make is made first)."""
+        st, state = self.st, self.state
+        self.sel_now, self.recording_now, self.output_phase = None, False, SKIP
+        if state.auxiliary:  # a second pass of the step: the adapters run it unreduced
+            return
+        step = state.step
+        if state.generation != self.generation:  # a new generation: the previous one has ended
+            self.finish()
+            self.generation = state.generation
+        self.calls = step
+        if step == 1 and state.expected_calls is not None and state.expected_calls <= self.t0:
+            self.warn_too_short(state.expected_calls, known_ahead=True)
+        self.after_call(step - 1)  # normally done by the previous call's forward hook
+        for name in self.block_names:
+            if name not in st.blocks:
+                st.blocks[name] = BlockCache()
+        if st.disabled:
+            self.recording_now = step >= self.t0
+            return
+        self.sel_now = st.sel if st.sel_step == step else None
+        self.recording_now = step >= self.t0
+        if step < self.t0 - 1:
+            return
+        if step == self.t0 - 1:
+            self.output_phase = REFERENCE
+        elif st.ref is not None and (st.labels is None or self.sel_now is not None):
+            self.output_phase = SELECT
+        # else: no reference yet, or a full call after t0 (should not happen): nothing to choose from any more
 
+    def after_call(self, step: int | None = None) -> None:
+        """The denoiser's forward hook (outside a compiled forward): the selection for the next call from this
+        call's noise prediction (:meth:`select`), or, after a call whose noise tokens changed shape, pruning off
+        until the next generation."""
+        st = self.st
+        if st.mismatched:
+            # A different batch or resolution inside one generation: stop pruning until the next one.
+            st.reset()
+            st.disabled = True
+        if st.pending is not None:
+            self.select(self.state.step if step is None else step)
+
+    def select(self, step: int) -> None:
+        """Choose the tokens of call ``step + 1`` from call ``step``'s noise prediction (``st.pending``)."""
+        st = self.st
+        tokens, grid = st.pending, st.pending_grid
+        st.pending = st.pending_grid = None
+        with torch.no_grad():
+            B, N, _ = tokens.shape
+            computed = st.sel if st.sel_step == step else None
+            mask = None
+            if computed is not None:
+                mask = torch.zeros(B, N, dtype=torch.bool, device=tokens.device).scatter_(1, computed, True)
+            change = tokens.float() - st.ref
+            k = min(self.num_clusters, N)
+            if st.labels is None:  # call t0: cluster once, first selection from the smoothed cluster change
+                st.labels = kmeans(clustering_features(tokens, grid.h, grid.w), k, seed=self.seed)
+                scores = cluster_scores(
+                    cluster_max(change, st.labels, k), cluster_adjacency(st.labels, grid.h, grid.w, k)
+                )
+                st.counts = torch.zeros(B, N, device=tokens.device)
+                st.hits = torch.zeros(B, k, device=tokens.device)
+                first = True
+            else:
+                st.counts = update_counts(st.counts, mask, st.hits)
+                scores = cluster_scores(cluster_max(change, st.labels, k))
+                first = False
+            change_norm = change.norm(dim=-1)
+            sel = select_tokens(change_norm, st.labels, scores, st.counts, self.budget(N), first)
+            st.hits += torch.zeros_like(st.hits).scatter_(1, st.labels.gather(1, sel), 1.0)
+            st.sel, st.sel_step, st.change = sel, step + 1, change_norm
+
+    # --- inside the forward -------------------------------------------------------------------------------------
     def selection(self, batch: int, n: int) -> torch.Tensor | None:
         """The tokens [B, M] to compute in this call on the noise grid of ``n`` tokens; None = compute all."""
-        st = self.st
-        if st.disabled or st.sel is None or st.sel_step != self.state.step or st.shape is None:
+        st, sel = self.st, self.sel_now
+        if sel is None or st.shape is None or st.shape[0] != batch or st.shape[1] != n:
             return None
-        if st.shape[0] != batch or st.shape[1] != n:
-            return None
-        return st.sel
+        return sel
 
     def level_selection(self, batch: int, grid: Grid) -> torch.Tensor | None:
         """This call's selection for a block grid ``downsample`` times coarser than the noise grid."""
@@ -341,12 +449,14 @@ class CatPolicy:
         if call.grid is None:
             return FULL_BLOCK
         B, n = x.shape[0], x.shape[1]
-        cache = self.st.blocks.setdefault(call.name, BlockCache())
+        cache = self.st.blocks.get(call.name)
+        if cache is None:  # a block the pre-hook did not know: made here (a graph break under torch.compile)
+            cache = self.st.blocks[call.name] = BlockCache()
         sel = self.level_selection(B, call.grid)
         if sel is not None and cache.shape != (B, n):
             sel = None  # this block has nothing cached yet: compute it in full and record
         if sel is None:
-            if not self.recording():
+            if not self.recording_now:
                 return FULL_BLOCK
             cache.shape = (B, n)
             attn = record_output(cache.attn)
@@ -370,72 +480,38 @@ class CatPolicy:
 
     def on_output(self, tokens: torch.Tensor, grid: Grid) -> torch.Tensor:
         """Take the noise prediction tokens [B, h*w, D] of this call; return them with cached values for the
-        tokens this call did not compute, after choosing the tokens of the next call."""
-        st, state = self.st, self.state
-        step = state.step
-        if state.generation != self.generation:  # a new generation: the previous one has ended
-            self.finish()
-            self.generation = state.generation
-        self.calls = step
-        if step == 1 and state.expected_calls is not None and state.expected_calls <= self.t0:
-            self.warn_too_short(state.expected_calls, known_ahead=True)
-        if st.disabled or step < self.t0 - 1:
+        tokens this call did not compute, and keep them for the next call's selection (:meth:`select`)."""
+        st, phase = self.st, self.output_phase
+        if phase == SKIP:
             return tokens
-        h, w = grid.h, grid.w
-        grad = torch.is_grad_enabled()  # the returned tokens keep the gradient of the rows this call computed
-        with torch.no_grad():
-            B, N, D = tokens.shape
-            if st.shape is not None and st.shape != (B, N, D):
-                # A different batch or resolution inside one generation: stop pruning until the next one.
-                st.reset()
-                st.disabled = True
-                return tokens
-            if step == self.t0 - 1 or st.ref is None:
-                if step == self.t0 - 1:
-                    st.shape, st.ref = (B, N, D), tokens.detach().float().clone()
-                return tokens
-
-            computed = st.sel if st.sel_step == step else None
-            mask = None
-            if computed is not None:
+        B, N, D = tokens.shape
+        if st.shape is not None and st.shape != (B, N, D):
+            st.mismatched = True  # pruning stops after this call (after_call)
+            return tokens
+        if phase == REFERENCE:
+            st.shape, st.ref = (B, N, D), tokens.detach().float().clone()
+            return tokens
+        computed = self.sel_now
+        out = tokens
+        if computed is not None and self.replace_output and computed.shape[1] < N:
+            with torch.no_grad():
                 mask = torch.zeros(B, N, dtype=torch.bool, device=tokens.device).scatter_(1, computed, True)
-            change = tokens.float() - st.ref
-            k = min(self.num_clusters, N)
-            if st.labels is None:  # call t0: cluster once, first selection from the smoothed cluster change
-                st.labels = kmeans(clustering_features(tokens, h, w), k, seed=self.seed)
-                scores = cluster_scores(cluster_max(change, st.labels, k), cluster_adjacency(st.labels, h, w, k))
-                st.counts = torch.zeros(B, N, device=tokens.device)
-                st.hits = torch.zeros(B, k, device=tokens.device)
-                first = True
-            elif mask is not None:
-                st.counts = update_counts(st.counts, mask, st.hits)
-                scores = cluster_scores(cluster_max(change, st.labels, k))
-                first = False
-            else:  # a full call after t0 (should not happen): nothing to choose from any more
-                return tokens
+            # the returned tokens keep the gradient of the rows this call computed
+            out = torch.where(mask[..., None], tokens, st.prev.to(tokens.dtype))
+        st.prev = out.detach().clone()
+        st.pending, st.pending_grid = tokens.detach().clone(), grid
+        return out
 
-            change_norm = change.norm(dim=-1)
-            sel = select_tokens(change_norm, st.labels, scores, st.counts, self.budget(N), first)
-            st.hits += torch.zeros_like(st.hits).scatter_(1, st.labels.gather(1, sel), 1.0)
-            st.sel, st.sel_step, st.change = sel, step + 1, change_norm
 
-            out = tokens
-            if mask is not None and self.replace_output and computed.shape[1] < N:
-                with torch.set_grad_enabled(grad):
-                    out = torch.where(mask[..., None], tokens, st.prev.to(tokens.dtype))
-            st.prev = out.detach().clone()
-            return out
+SKIP, REFERENCE, SELECT = 0, 1, 2  # CatPolicy.output_phase: leave the output / keep it as n_t0 / select after it
 
 
 # --- the method ------------------------------------------------------------------------------------------------------
 @register_method("cat_pruning")
 class CatPruning(Method):
     kind = "prune"
-    compile_support = (
-        "no: its per-call policy (the step schedule, k-means with its own CPU generator, the selection and the "
-        "row caches it keeps in Python objects) runs inside the denoiser's forward and output hook, which "
-        "torch.compile cannot trace as one graph; compile without fullgraph (graph breaks at each of them)"
-    )
+    # the schedule, k-means and the selection run in hooks outside the compiled forward (see "torch.compile")
+    compile_support = "fullgraph"
     summary = "CAT pruning: cluster-aware token pruning with cached outputs for diffusion (arXiv 2502.00433)"
     options = {"diffusers_mmdit": CatOptions, "diffusers_unet": CatUNetOptions, "diffusers_flux": CatOptions}
     options["diffusers_dit"] = CatOptions  # PixArt-α/Σ (the paper's second model), DiT-XL/2
@@ -469,9 +545,25 @@ class CatPruning(Method):
         adapter.require_kv_hooks(self.pruned_blocks, "cat_pruning")
 
     def install(self, patch) -> None:
+        adapter = patch.adapter
+        names = [n for n, _ in adapter.blocks if self.pruned_blocks is None or n in self.pruned_blocks]
         policy = CatPolicy(
-            self.options, patch.state, self.replace_output, getattr(patch.adapter, "single_blocks", ())
+            self.options, patch.state, self.replace_output, getattr(adapter, "single_blocks", ()), names
         )
-        patch.adapter.install_blocks(patch, policy.plan, self.pruned_blocks)
+        # after the run state's own pre-hook (registered at attach), which counts this call
+        patch.register_forward_pre_hook(
+            adapter.root, lambda module, args, kwargs: policy.before_call(), with_kwargs=True, outside_compile=True
+        )
+        # the selection at the end of the call, outside the compiled forward
+        patch.register_forward_hook(adapter.root, lambda module, args, out: policy.after_call(), outside_compile=True)
+        for name, block in adapter.blocks if adapter.family != "diffusers_flux" else ():  # Flux: own attention
+            if name in names:  # the cached keys/values through slots, not per-call hooks (torch.compile)
+                for attn in (getattr(block, "attn1", None), getattr(block, "attn", None)):
+                    if attn is not None and hasattr(attn, "to_k"):
+                        install_projected_kv_routing(patch, attn)
+                attn2 = getattr(block, "attn2", None)
+                if attn2 is not None and hasattr(attn2, "to_k") and getattr(block, "use_dual_attention", False):
+                    install_projected_kv_routing(patch, attn2)
+        adapter.install_blocks(patch, policy.plan, self.pruned_blocks)
         patch.adapter.install_output(patch, policy.on_output)
         patch.on_remove(policy.finish)  # a bare loop's last generation ends with the patch

@@ -204,10 +204,18 @@ class Patch:
             _HookChange(module, module.register_forward_pre_hook(guarded, with_kwargs=with_kwargs))
         )
 
-    def register_forward_hook(self, module: Any, hook: Callable[..., Any], *, with_kwargs: bool = False) -> None:
-        """``module.register_forward_hook(hook)`` until removal (same guard as the pre-hook)."""
+    def register_forward_hook(
+        self, module: Any, hook: Callable[..., Any], *, with_kwargs: bool = False, outside_compile: bool = False
+    ) -> None:
+        """``module.register_forward_hook(hook)`` until removal (same guard and ``outside_compile`` as the
+        pre-hook: on a denoiser, work after each compiled call that must not be traced, e.g. CAT's selection)."""
+        guarded = self._guard(module, hook)
+        if outside_compile:
+            import torch
+
+            guarded = torch.compiler.disable(guarded)
         self._changes.append(
-            _HookChange(module, module.register_forward_hook(self._guard(module, hook), with_kwargs=with_kwargs))
+            _HookChange(module, module.register_forward_hook(guarded, with_kwargs=with_kwargs))
         )
 
     def add_hook(self, handle: Any) -> None:

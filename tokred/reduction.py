@@ -299,8 +299,8 @@ KV_SLOT_ATTR = "_tokred_kv_slot"
 def install_kv_routing(patch: Any, attn: torch.nn.Module) -> None:
     """Give ``attn`` (diffusers' ``Attention``) a :class:`KVSlot` and the pre-hooks on ``to_k`` / ``to_v`` that read
     it, until the patch is removed; :func:`kv_source` then sets the slot instead of registering hooks of its own at
-    every call (so a compiled forward can use it). (:func:`projected_kv`'s output hooks stay per call: they must run
-    after any hook a user put on the projections, and CAT pruning, their user, does not compile as one graph.)"""
+    every call (so a compiled forward can use it). (:func:`projected_kv`'s output hooks have their own slot,
+    :func:`install_projected_kv_routing`.)"""
     if getattr(attn, KV_SLOT_ATTR, None) is not None:
         return
     slot = KVSlot()
@@ -342,13 +342,64 @@ def kv_source(attn: torch.nn.Module, tokens: torch.Tensor | None) -> Iterator[No
             handle.remove()
 
 
+class ProjectedKVSlot:
+    """The rewrites :func:`projected_kv` applies to one attention's projected keys and values during a call, read
+    by the output hooks :func:`install_projected_kv_routing` registers once (so a compiled forward can use them)."""
+
+    def __init__(self) -> None:
+        self.keys: Tokens | None = None
+        self.values: Tokens | None = None
+        self.seen: list[int] | None = None
+
+
+PROJECTED_KV_SLOT_ATTR = "_tokred_projected_kv_slot"
+
+
+def install_projected_kv_routing(patch: Any, attn: torch.nn.Module) -> None:
+    """Give ``attn`` (diffusers' ``Attention``) a :class:`ProjectedKVSlot` and output hooks on ``to_k`` / ``to_v``
+    that apply it, until the patch is removed; :func:`projected_kv` then fills the slot instead of registering
+    hooks at every call, which ``torch.compile`` cannot trace (CAT pruning's key/value cache under
+    ``fullgraph=True``). Only compiled calls use them: they are registered when the method is applied, so a hook
+    a user registers on the projections later runs after them there (and sees the rewritten keys/values); eager
+    calls keep :func:`projected_kv`'s per-call hooks, which run last."""
+    if getattr(attn, PROJECTED_KV_SLOT_ATTR, None) is not None:
+        return
+    slot = ProjectedKVSlot()
+    patch.set_attr(attn, PROJECTED_KV_SLOT_ATTR, slot)
+
+    def rewrite(keys: bool) -> Callable[[Any, Any, torch.Tensor], torch.Tensor | None]:
+        def hook(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor | None:
+            fn = slot.keys if keys else slot.values
+            if fn is None:
+                return None
+            new = fn(out)
+            if slot.seen is not None:
+                slot.seen.append(int(new.shape[1]))
+            return new
+
+        return hook
+
+    patch.register_forward_hook(attn.to_k, rewrite(True))
+    patch.register_forward_hook(attn.to_v, rewrite(False))
+
+
 @contextlib.contextmanager
 def projected_kv(attn: torch.nn.Module, kv: KeyValue, seen: list[int] | None = None) -> Iterator[None]:
     """While active, ``kv.keys`` / ``kv.values`` rewrite the outputs of ``attn.to_k`` / ``attn.to_v`` (diffusers'
     ``Attention``), so the library's own attention processor computes attention with them; ``seen`` collects
-    the key count attention used. The hooks live for one call only."""
+    the key count attention used. Eager: with hooks that live for one call only, so they run after every hook
+    on the projections (what a user's hook reads is the projection's own output). While ``torch.compile`` traces
+    it, which cannot register hooks: through the attention's :class:`ProjectedKVSlot` when it has one."""
     if kv.keys is None and kv.values is None:
         yield
+        return
+    slot = getattr(attn, PROJECTED_KV_SLOT_ATTR, None)
+    if slot is not None and torch.compiler.is_compiling():
+        slot.keys, slot.values, slot.seen = kv.keys, kv.values, seen
+        try:
+            yield
+        finally:
+            slot.keys = slot.values = slot.seen = None
         return
     handles = []
 
