@@ -228,3 +228,27 @@ def test_a_compiled_threshold_count_of_zero_merges_nothing_on_the_grid(monkeypat
     assert merge(x).shape[1] == 64 - 48 and torch.equal(merge(x), again(x))
     monkeypatch.undo()
     assert torch.equal(merge(x), grid_matching(x, a_idx, b_idx, threshold=-1.0)(x))  # eager's merge
+
+
+@pytest.mark.parametrize("case_name,method", [("sd15", "tome"), ("pixart", "todo")], ids=lambda v: v)
+def test_a_paused_patch_compiles_with_fullgraph_to_the_unpatched_model(case_name, method):
+    """The compiled benchmarks time the baseline with the method's patch paused (``Patch.pause``) in the same
+    compiled module: a paused replaced forward runs the class's own forward, which dynamo traces under
+    ``fullgraph=True`` (it could not trace the ``type(module).forward`` that reached it: "Dynamo does not know how to
+    trace method `forward` of class `type`", every SD1.5 compiled case skipped), and gives the unpatched model's
+    outputs; resumed, the method's."""
+    torch._dynamo.reset()
+    case = small_sd15() if case_name == "sd15" else CASES[case_name]()
+    unpatched = generate(case.build(), case, 2)
+    eager_model = case.build()
+    tokred.apply(eager_model, method, **METHODS[method])
+    eager = generate(eager_model, case, 2)
+    model = case.build()
+    patch = tokred.apply(model, method, **METHODS[method])
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with patch.paused():
+        paused = generate(compiled, case, 2)
+    assert max_relative_difference(unpatched, paused) <= RTOL
+    assert max_relative_difference(eager, generate(compiled, case, 2)) <= RTOL
+    assert counter.frame_count <= COMPILE_BOUND

@@ -161,12 +161,15 @@ class Patch:
         """
         patch = self
         previous = vars(module).get("forward", _MISSING)
+        # The class's forward, read now: torch.compile cannot trace ``type(mod).forward`` ("Dynamo does not know
+        # how to trace method `forward` of class `type`"), which a paused patch's compiled call used to reach.
+        class_forward = type(module).forward
 
         def patched(mod: Any, *args: Any, **kwargs: Any) -> Any:
             if mod is module and patch.active:
                 return forward(mod, *args, **kwargs)
-            if mod is module and previous is not _MISSING:
-                return previous(*args, **kwargs)
+            if mod is module:
+                return class_forward(mod, *args, **kwargs) if previous is _MISSING else previous(*args, **kwargs)
             return type(mod).forward(mod, *args, **kwargs)
 
         patched._tokred_patch_id = id(self)  # lets remove() find stray copies
