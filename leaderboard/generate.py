@@ -291,8 +291,11 @@ def comparison_table(compiled: Section, eager: Section) -> str:
     headers = ["method", "eager speedup (over the eager baseline)",
                f"compiled speedup ({how}; over the compiled baseline)",
                "eager s/image", "compiled s/image"]
-    title = f"### Eager against compiled: {eager.base_title}"
-    return f"{title}\n\n" + tabulate(lines, headers=headers, tablefmt="github")
+    # the eager section's full title: one table per resolution or model, each named apart
+    title = f"### Eager against compiled: {eager.title}"
+    note = ("Each column is its own run (its own processes and rounds): compare the speedups, each over its own "
+            "baseline; the s/image of the two columns come from different processes.")
+    return f"{title}\n\n" + tabulate(lines, headers=headers, tablefmt="github") + f"\n\n{note}"
 
 
 def cell_plain(row: Row | None, key: str) -> str:

@@ -58,10 +58,10 @@ def cells(kind: str) -> list[tuple[str, str]]:
     return out
 
 
-# The cells the default run checks (compiling a tiny U-Net still takes seconds per graph, so not all of them):
-# every fullgraph method and every family at least once, one 20-step generation per family (a count that grew with
-# the steps would pass 4 but not 20) and every composition kind. TOKRED_COMPILE_ALL=1 runs every cell (what
-# benchmarks/compile_matrix.py tabulates).
+# Every method on every family it supports is checked by default (a test per method and family): 4 steps, and 20
+# for the cells below (one or more per family and every method with a step schedule: a count that grew with the
+# steps would pass 4 but not 20). TOKRED_COMPILE_ALL=1 builds SD1.5 with its full layout (two layers per block)
+# instead of one layer per block: the cells benchmarks/compile_matrix.py tabulates.
 DEFAULT = {
     ("sd15", "tome"): 20, ("sd15", "deepcache+todo"): 4, ("sdxl", "todo"): 20, ("sd3", "tome"): 20,
     ("sd3", "todo"): 4, ("pixart", "tome"): 20, ("flux", "todo"): 20, ("flux", "tome"): 4,
@@ -72,12 +72,6 @@ DEFAULT = {
     ("sd15", "cat_pruning"): 20, ("pixart", "cat_pruning"): 20,
 }
 EVERY_CELL = os.environ.get("TOKRED_COMPILE_ALL") == "1"
-
-
-def selected(cell: tuple[str, str]):
-    if cell in DEFAULT or EVERY_CELL:
-        return cell
-    return pytest.param(*cell, marks=pytest.mark.skip(reason="set TOKRED_COMPILE_ALL=1 to check every cell"))
 
 
 def compiled_generation(case_name: str, method: str, steps: int, fullgraph: bool = True):
@@ -97,7 +91,7 @@ def compiled_generation(case_name: str, method: str, steps: int, fullgraph: bool
     return case, eager, compiled, counter.frame_count, breaks
 
 
-@pytest.mark.parametrize("case_name,method", [selected(c) for c in cells("fullgraph")], ids=lambda v: v)
+@pytest.mark.parametrize("case_name,method", cells("fullgraph"), ids=lambda v: v)
 def test_fullgraph_generation_matches_eager_with_bounded_compilation(case_name, method):
     steps = DEFAULT.get((case_name, method), 4)
     case, eager, compiled, frames, breaks = compiled_generation(case_name, method, steps)
@@ -129,7 +123,7 @@ def test_a_step_read_inside_the_compiled_forward_fails_the_bound(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "case_name,method", [c if c[0] == "pixart" or EVERY_CELL else selected(c) for c in cells("island") + cells("no")],
+    "case_name,method", cells("island") + cells("no"),
     ids=lambda v: v,
 )
 def test_documented_islands_and_refusals_break_the_graph_under_fullgraph(case_name, method):
@@ -172,7 +166,7 @@ def frames_by_step(case_name: str, method: str, steps: int):
 
 
 @pytest.mark.parametrize(
-    "case_name,method", [c if c[0] == "pixart" or EVERY_CELL else selected(c) for c in cells("island") + cells("no")],
+    "case_name,method", cells("island") + cells("no"),
     ids=lambda v: v,
 )
 def test_islands_and_refusals_compile_without_fullgraph_to_eager_outputs_with_bounded_compilation(case_name, method):
