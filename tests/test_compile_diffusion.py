@@ -74,10 +74,9 @@ DEFAULT = {
 EVERY_CELL = os.environ.get("TOKRED_COMPILE_ALL") == "1"
 
 
-def compiled_generation(case_name: str, method: str, steps: int, fullgraph: bool = True):
-    """(eager outputs, compiled outputs, compiled frames, graph breaks) of one generation on fresh models."""
+def eager_run_and_fresh_model(case_name: str, method: str, steps: int):
+    """(case, eager outputs of a generation with the method, a fresh model with the method applied), dynamo reset."""
     torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     # SD1.5's layout with one layer per block unless every cell is checked: half the tracing, the same code paths
     case = small_sd15() if case_name == "sd15" and not EVERY_CELL else CASES[case_name]()
     eager_model = case.build()
@@ -85,6 +84,13 @@ def compiled_generation(case_name: str, method: str, steps: int, fullgraph: bool
     eager = generate(eager_model, case, steps)
     model = case.build()
     tokred.apply(model, method, **METHODS[method])
+    return case, eager, model
+
+
+def compiled_generation(case_name: str, method: str, steps: int, fullgraph: bool = True):
+    """(eager outputs, compiled outputs, compiled frames, graph breaks) of one generation on fresh models."""
+    torch._dynamo.utils.counters.clear()
+    case, eager, model = eager_run_and_fresh_model(case_name, method, steps)
     counter = torch._dynamo.testing.CompileCounter()
     compiled = generate(torch.compile(model, backend=counter, fullgraph=fullgraph), case, steps)
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
@@ -146,13 +152,7 @@ UNLIMITED_RECOMPILES = 128
 def frames_by_step(case_name: str, method: str, steps: int):
     """(eager outputs, compiled outputs, frames compiled by the end of each step) of one generation on fresh models,
     compiled without fullgraph."""
-    torch._dynamo.reset()
-    case = small_sd15() if case_name == "sd15" and not EVERY_CELL else CASES[case_name]()
-    eager_model = case.build()
-    tokred.apply(eager_model, method, **METHODS[method])
-    eager = generate(eager_model, case, steps)
-    model = case.build()
-    tokred.apply(model, method, **METHODS[method])
+    case, eager, model = eager_run_and_fresh_model(case_name, method, steps)
     counter, frames = torch._dynamo.testing.CompileCounter(), []
 
     def counted_call(m, i, t):
