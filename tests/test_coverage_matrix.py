@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tiny model builders, also when run as a script
 
 import tokred  # noqa: E402
+from tokred.adapters import resolve_adapter  # noqa: E402
 from tokred.errors import TokredError  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -203,9 +204,13 @@ def builtin_methods() -> list[str]:
 class Cell:
     status: str  # "works", "refused" or "broken"
     detail: str = ""
+    # a working cell's Method.compile_support_for(family), its kind only ("fullgraph", "island", "no"; None: unstated)
+    compiles: str | None = None
 
     def markdown(self) -> str:
-        return "works" if self.status == "works" else f"{self.status}: {self.detail}"
+        if self.status != "works":
+            return f"{self.status}: {self.detail}"
+        return f"works (torch.compile: {self.compiles or 'not stated'})"
 
 
 def tokens_went_down(counts: dict[str, Any]) -> bool:
@@ -239,6 +244,7 @@ def evaluate(family: Family, model: torch.nn.Module, baseline: torch.Tensor, met
             problems.append("the refusal has no message")
         return Cell("broken", "; ".join(problems)) if problems else Cell("refused", refusal_reason(err))
     problems = []
+    support = tokred.get_method(method).compile_support_for(resolve_adapter(model).family)
     try:
         torch.manual_seed(0)
         first = family.run(model)
@@ -255,7 +261,9 @@ def evaluate(family: Family, model: torch.nn.Module, baseline: torch.Tensor, met
         problems.append("no block reduced its tokens")
     if not torch.equal(family.run(model), baseline) or leftover_forwards(model) or tokred.get_patch(model):
         problems.append("remove() is not exact")
-    return Cell("broken", "; ".join(problems)) if problems else Cell("works")
+    if problems:
+        return Cell("broken", "; ".join(problems))
+    return Cell("works", compiles=support.split(":")[0] if support else None)
 
 
 _MODELS: dict[str, tuple[torch.nn.Module, torch.Tensor]] = {}
@@ -393,8 +401,6 @@ ZERO_STRENGTH = {
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f.group != "timm ViT"], ids=lambda f: f.name)
 def test_zero_strength_options_are_accepted_and_exact(family):
-    from tokred.adapters import resolve_adapter
-
     model, baseline = model_and_baseline(family)
     adapter_family = resolve_adapter(model).family
     for method in builtin_methods():
