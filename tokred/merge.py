@@ -579,23 +579,28 @@ def grid_matching(
 
     Exactly one of ``r`` (a fixed count, ToMe) or ``threshold`` (every source whose best cosine similarity
     reaches it, counted as the maximum over the batch, as the official CA-ToMe does) is given. With ``threshold``
-    under torch.compile the count is known at run time only (:func:`threshold_grid_matching`): the result is a
-    merge of ``r >= 0`` pairs, never None.
+    the matching is :func:`threshold_grid_matching`'s and the merge :func:`grid_merge_of`'s: under torch.compile
+    the count is known at run time only, and the result is a merge of ``r >= 0`` pairs, never None.
     """
-    if threshold is not None and torch.compiler.is_compiling():
+    if threshold is not None:
         return grid_merge_of(threshold_grid_matching(metric, a_idx, b_idx, threshold))
     with torch.no_grad():
-        n, _, c = metric.shape
-        a = metric.gather(dim=1, index=a_idx.expand(n, -1, c))
-        b = metric.gather(dim=1, index=b_idx.expand(n, -1, c))
-        node_max, node_idx = best_destinations(a, b)
-        if threshold is not None:
-            r = threshold_count(node_max, threshold)
-        r = min(a.shape[1], int(r or 0))
+        node_max, node_idx = _grid_best_destinations(metric, a_idx, b_idx)
+        r = min(a_idx.shape[1], int(r or 0))
         if r <= 0:
             return None
         pairs = select_pairs(node_max, node_idx, r)
     return GridMerge(*pairs, a_idx=a_idx, b_idx=b_idx)
+
+
+def _grid_best_destinations(
+    metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each grid source's best cosine similarity to a destination and that destination's index."""
+    n, _, c = metric.shape
+    a = metric.gather(dim=1, index=a_idx.expand(n, -1, c))
+    b = metric.gather(dim=1, index=b_idx.expand(n, -1, c))
+    return best_destinations(a, b)
 
 
 GridMatching = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -610,10 +615,7 @@ def threshold_grid_matching(
     :data:`GridMatching`): what a compiled CA-ToMe caches between steps, so that neither the call that matches
     nor a later call that reuses the pairs has a guard on the count (:func:`grid_merge_of` makes the merge)."""
     with torch.no_grad():
-        n, _, c = metric.shape
-        a = metric.gather(dim=1, index=a_idx.expand(n, -1, c))
-        b = metric.gather(dim=1, index=b_idx.expand(n, -1, c))
-        node_max, node_idx = best_destinations(a, b)
+        node_max, node_idx = _grid_best_destinations(metric, a_idx, b_idx)
         order = node_max.argsort(dim=-1, descending=True)[..., None]
         return order, node_idx, count_reaching(node_max, threshold), a_idx, b_idx
 

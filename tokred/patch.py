@@ -198,11 +198,7 @@ class Patch:
         module's hooks as frames of their own, so the hook then runs eagerly before each compiled call: its Python
         state (the step, a host read of the timestep) is neither traced nor guarded, and the compiled forward sees
         only what the hook decided. (Compiling a module *around* the denoiser inlines the hook: a graph break.)"""
-        guarded = self._guard(module, hook)
-        if outside_compile:
-            import torch
-
-            guarded = torch.compiler.disable(guarded)
+        guarded = self._guard_maybe_outside_compile(module, hook, outside_compile)
         self._changes.append(
             _HookChange(module, module.register_forward_pre_hook(guarded, with_kwargs=with_kwargs))
         )
@@ -212,14 +208,19 @@ class Patch:
     ) -> None:
         """``module.register_forward_hook(hook)`` until removal (same guard and ``outside_compile`` as the
         pre-hook: on a denoiser, work after each compiled call that must not be traced, e.g. CAT's selection)."""
+        guarded = self._guard_maybe_outside_compile(module, hook, outside_compile)
+        self._changes.append(
+            _HookChange(module, module.register_forward_hook(guarded, with_kwargs=with_kwargs))
+        )
+
+    def _guard_maybe_outside_compile(self, module: Any, hook: Callable[..., Any], outside_compile: bool):
+        """:meth:`_guard`, as a :func:`torch.compiler.disable` frame with ``outside_compile``."""
         guarded = self._guard(module, hook)
         if outside_compile:
             import torch
 
             guarded = torch.compiler.disable(guarded)
-        self._changes.append(
-            _HookChange(module, module.register_forward_hook(guarded, with_kwargs=with_kwargs))
-        )
+        return guarded
 
     def add_hook(self, handle: Any) -> None:
         """Keep a ``torch.utils.hooks.RemovableHandle`` to remove with the patch (prefer the guarded

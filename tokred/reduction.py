@@ -355,6 +355,14 @@ class ProjectedKVSlot:
 PROJECTED_KV_SLOT_ATTR = "_tokred_projected_kv_slot"
 
 
+def _rewritten(fn: Tokens, out: torch.Tensor, seen: list[int] | None) -> torch.Tensor:
+    """A projection's output rewritten by ``fn``, its key count appended to ``seen`` (when collecting)."""
+    new = fn(out)
+    if seen is not None:
+        seen.append(int(new.shape[1]))
+    return new
+
+
 def install_projected_kv_routing(patch: Any, attn: torch.nn.Module) -> None:
     """Give ``attn`` (diffusers' ``Attention``) a :class:`ProjectedKVSlot` and output hooks on ``to_k`` / ``to_v``
     that apply it, until the patch is removed; :func:`projected_kv` then fills the slot instead of registering
@@ -370,12 +378,7 @@ def install_projected_kv_routing(patch: Any, attn: torch.nn.Module) -> None:
     def rewrite(keys: bool) -> Callable[[Any, Any, torch.Tensor], torch.Tensor | None]:
         def hook(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor | None:
             fn = slot.keys if keys else slot.values
-            if fn is None:
-                return None
-            new = fn(out)
-            if slot.seen is not None:
-                slot.seen.append(int(new.shape[1]))
-            return new
+            return None if fn is None else _rewritten(fn, out, slot.seen)
 
         return hook
 
@@ -405,10 +408,7 @@ def projected_kv(attn: torch.nn.Module, kv: KeyValue, seen: list[int] | None = N
 
     def hook(fn: Tokens) -> Callable[[Any, Any, torch.Tensor], torch.Tensor]:
         def rewrite(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
-            new = fn(out)
-            if seen is not None:
-                seen.append(int(new.shape[1]))
-            return new
+            return _rewritten(fn, out, seen)
 
         return rewrite
 

@@ -181,6 +181,11 @@ class OthersCpu:
         """CPU seconds of the other processes (never below 0: the two counts tick differently)."""
         return max(0.0, self.busy_s - self.own_s)
 
+    def exceeds(self, limit_cores: float) -> bool:
+        """The others used more than ``limit_cores`` over the window, beyond the counting slack (the contention
+        rule of :func:`assess` and the start-up warning)."""
+        return self.window_s > 0 and self.others_s > limit_cores * self.window_s + self.resolution_s
+
     @property
     def others_cores(self) -> float | None:
         """The other processes' mean number of busy cores over the window; None for an empty window."""
@@ -227,7 +232,7 @@ def assess(
     reasons: list[str] = []
     if others is not None:
         limit = others_limit(threads, cores, check_cpu)
-        if others.window_s > 0 and others.others_s > limit * others.window_s + others.resolution_s:
+        if others.exceeds(limit):
             reasons.append(
                 f"other processes used {others.others_cores:.2f} cores (> {limit:.2f}: the {cores} cores less "
                 f"this case's {threads if check_cpu else 1}, plus {OTHERS_TOLERANCE:g})"
@@ -395,14 +400,12 @@ def loaded_warning(
     if others is None and load is None:
         others = sample_others()
     if others is not None and others.others_cores is not None:
-        busy = others.others_cores
-        slack = others.resolution_s / others.window_s if others.window_s > 0 else 0.0
-        if busy <= others_limit(threads, cores) + slack:
+        if not others.exceeds(others_limit(threads, cores)):
             return None
         return (
-            f"tokred: warning: the machine is already loaded (other processes are using {busy:.2f} of {cores} "
-            f"cores, this run needs {threads} {what}): timings may be contended; such cases are marked contended "
-            "in the results"
+            "tokred: warning: the machine is already loaded (other processes are using "
+            f"{others.others_cores:.2f} of {cores} cores, this run needs {threads} {what}): timings may be contended; "
+            "such cases are marked contended in the results"
         )
     load = loadavg() if load is None else load
     if load is None or load[0] < cores - threads + 1:
